@@ -1,0 +1,1 @@
+//! mde-isolation-operator: Microsoft Defender for Endpoint device isolation as Kubernetes resources.
