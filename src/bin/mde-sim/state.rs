@@ -1,0 +1,427 @@
+//! The whole mutable simulator state, behind one mutex, and the operations on it shared by the
+//! API and the admin endpoints (action creation with overlap ordering, cancellation, ground
+//! truth, reset).
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::TokenInfo;
+use crate::calls::CallRecord;
+use crate::clock::{SimClock, add_seconds, fmt7};
+use crate::config::{DuplicateMode, OverlapOrder};
+use crate::faults::{FaultSettings, Faults};
+use crate::lifecycle::{
+    Action, ActionType, ActionView, Cancellation, Delays, IsolationType, Status, plan,
+};
+use crate::quota::{Limits, QuotaBook};
+use crate::tenant::{App, Behaviour, Machine};
+
+/// Settings that can change at run time (`POST /sim/settings`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Settings {
+    /// Calls per app and API per 60 s (0 = unlimited).
+    pub quota_per_minute: u32,
+    /// Calls per app and API per 3600 s (0 = unlimited).
+    pub quota_per_hour: u32,
+    /// Repeated isolate/unisolate handling.
+    pub duplicate_mode: DuplicateMode,
+    /// Completion order of overlapping actions.
+    pub overlap_order: OverlapOrder,
+    /// Lifecycle delays (apply to actions created afterwards).
+    #[serde(flatten)]
+    pub delays: Delays,
+    /// Token lifetime, simulated seconds.
+    pub token_lifetime: u64,
+    /// Server page size.
+    pub page_size: usize,
+    /// Accepted token audiences.
+    pub audiences: Vec<String>,
+    /// 404 for machine filters that match nothing.
+    pub empty_filter_404: bool,
+    /// v1 token numbers as strings.
+    pub v1_string_numbers: bool,
+}
+
+impl Settings {
+    /// The quota limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            per_minute: self.quota_per_minute,
+            per_hour: self.quota_per_hour,
+        }
+    }
+
+    /// Rejects values that would break the simulation.
+    pub fn validate(&self) -> Result<(), String> {
+        let d = self.delays;
+        for v in [d.pending_delay, d.progress_delay, d.offline_timeout] {
+            if !v.is_finite() || !(0.0..=1e9).contains(&v) {
+                return Err("delays must be between 0 and 1e9 seconds".into());
+            }
+        }
+        if self.page_size == 0 || self.page_size > 10000 {
+            return Err("pageSize must be between 1 and 10000".into());
+        }
+        if self.audiences.is_empty() {
+            return Err("audiences must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// Ground truth about one machine (admin API).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroundTruth {
+    /// Machine id.
+    pub id: String,
+    /// Machine name.
+    pub computer_dns_name: String,
+    /// Behaviour.
+    pub behaviour: Behaviour,
+    /// Whether the device is isolated right now.
+    pub isolated: bool,
+    /// Isolation type of the isolate that isolated it (null if released or isolated initially).
+    pub isolation_type: Option<IsolationType>,
+    /// When the state last changed (null: never during this run).
+    pub last_change: Option<String>,
+    /// The action that made the last change.
+    pub last_change_action_id: Option<String>,
+    /// Number of open (Pending/InProgress) actions.
+    pub open_actions: usize,
+    /// Every action on the machine, oldest first, as the API would show it now.
+    pub actions: Vec<ActionView>,
+}
+
+/// What `reset` restores.
+#[derive(Debug, Clone)]
+struct Initial {
+    machines: Vec<Machine>,
+    settings: Settings,
+    faults: FaultSettings,
+    next_number: usize,
+}
+
+/// The simulator state.
+#[derive(Debug)]
+pub struct SimState {
+    /// Simulated clock.
+    pub clock: SimClock,
+    /// Run-time settings.
+    pub settings: Settings,
+    /// Fault injection.
+    pub faults: Faults,
+    /// Quota windows.
+    pub quota: QuotaBook,
+    /// Registered apps.
+    pub apps: Vec<App>,
+    /// Issued tokens.
+    pub tokens: HashMap<String, TokenInfo>,
+    /// Every API call, in arrival order.
+    pub calls: Vec<CallRecord>,
+    /// Number of the next generated machine (host-NNNN).
+    pub next_number: usize,
+    /// Generator of machine ids for machines added at run time.
+    pub machine_rng: StdRng,
+    machines: Vec<Machine>,
+    machine_index: HashMap<String, usize>,
+    actions: Vec<Action>,
+    action_index: HashMap<String, usize>,
+    by_machine: HashMap<String, Vec<usize>>,
+    last_created: Option<DateTime<Utc>>,
+    id_rng: StdRng,
+    overlap_rng: StdRng,
+    rng_seed: u64,
+    initial: Initial,
+}
+
+impl SimState {
+    /// A fresh state; the machines, settings and faults given here are what `reset` restores.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        clock: SimClock,
+        settings: Settings,
+        faults: FaultSettings,
+        apps: Vec<App>,
+        machines: Vec<Machine>,
+        next_number: usize,
+        rng_seed: u64,
+    ) -> Result<Self, String> {
+        let initial = Initial {
+            machines: machines.clone(),
+            settings: settings.clone(),
+            faults: faults.clone(),
+            next_number,
+        };
+        let mut st = Self {
+            clock,
+            faults: Faults::new(faults, rng_seed),
+            settings,
+            quota: QuotaBook::default(),
+            apps,
+            tokens: HashMap::new(),
+            calls: Vec::new(),
+            next_number,
+            machine_rng: StdRng::seed_from_u64(rng_seed ^ 0x6d61_6368),
+            machines: Vec::new(),
+            machine_index: HashMap::new(),
+            actions: Vec::new(),
+            action_index: HashMap::new(),
+            by_machine: HashMap::new(),
+            last_created: None,
+            id_rng: StdRng::seed_from_u64(rng_seed ^ 0xac71_0000),
+            overlap_rng: StdRng::seed_from_u64(rng_seed ^ 0x0e1a_9000),
+            rng_seed,
+            initial,
+        };
+        for m in machines {
+            st.add_machine(m)?;
+        }
+        Ok(st)
+    }
+
+    /// Back to the start: machines, settings and faults as at start; no calls, actions, quota
+    /// use or tokens. The clock keeps running (time never goes back).
+    pub fn reset(&mut self) {
+        let init = self.initial.clone();
+        self.settings = init.settings;
+        self.faults = Faults::new(init.faults, self.rng_seed);
+        self.quota.clear();
+        self.tokens.clear();
+        self.calls.clear();
+        self.next_number = init.next_number;
+        self.machine_rng = StdRng::seed_from_u64(self.rng_seed ^ 0x6d61_6368);
+        self.machines.clear();
+        self.machine_index.clear();
+        self.actions.clear();
+        self.action_index.clear();
+        self.by_machine.clear();
+        self.last_created = None;
+        self.id_rng = StdRng::seed_from_u64(self.rng_seed ^ 0xac71_0000);
+        self.overlap_rng = StdRng::seed_from_u64(self.rng_seed ^ 0x0e1a_9000);
+        for m in init.machines {
+            // They were unique at start, so this cannot fail.
+            let _ = self.add_machine(m);
+        }
+    }
+
+    /// Adds a machine; its id must be new.
+    pub fn add_machine(&mut self, m: Machine) -> Result<(), String> {
+        if self.machine_index.contains_key(&m.id) {
+            return Err(format!("machine id {} already exists", m.id));
+        }
+        self.machine_index.insert(m.id.clone(), self.machines.len());
+        self.machines.push(m);
+        Ok(())
+    }
+
+    /// All machines in listing order.
+    pub fn machines(&self) -> &[Machine] {
+        &self.machines
+    }
+
+    /// The machine with this id.
+    pub fn machine(&self, id: &str) -> Option<&Machine> {
+        self.machine_index.get(id).map(|i| &self.machines[*i])
+    }
+
+    /// The machine with this id, or else the only machine with this name.
+    pub fn find_machine(&self, id_or_name: &str) -> Option<&Machine> {
+        self.machine(id_or_name).or_else(|| {
+            let mut it = self
+                .machines
+                .iter()
+                .filter(|m| m.computer_dns_name == id_or_name);
+            let first = it.next();
+            if it.next().is_some() { None } else { first }
+        })
+    }
+
+    /// Changes a machine's behaviour and re-plans its Pending actions, as a device coming
+    /// online picks them up (and one going offline stops doing so).
+    pub fn set_behaviour(&mut self, id: &str, behaviour: Behaviour, now: DateTime<Utc>) {
+        let Some(i) = self.machine_index.get(id).copied() else {
+            return;
+        };
+        self.machines[i].behaviour = behaviour;
+        let delays = self.settings.delays;
+        for &a in self.by_machine.get(id).into_iter().flatten() {
+            let action = &mut self.actions[a];
+            if action.status_at(now) == Status::Pending {
+                action.plan = plan(behaviour, action.created, now, delays);
+            }
+        }
+    }
+
+    /// Mutable access to a machine's descriptive fields.
+    pub fn machine_mut(&mut self, id: &str) -> Option<&mut Machine> {
+        self.machine_index.get(id).map(|i| &mut self.machines[*i])
+    }
+
+    /// Every action, oldest first.
+    pub fn actions(&self) -> &[Action] {
+        &self.actions
+    }
+
+    /// Mutable access to an action (admin changes to its plan).
+    pub fn action_mut(&mut self, id: &str) -> Option<&mut Action> {
+        self.action_index.get(id).map(|i| &mut self.actions[*i])
+    }
+
+    /// The action with this id.
+    pub fn action(&self, id: &str) -> Option<&Action> {
+        self.action_index.get(id).map(|i| &self.actions[*i])
+    }
+
+    /// Open Isolate/Unisolate actions of a machine at `t`, oldest first.
+    pub fn open_actions(&self, machine_id: &str, t: DateTime<Utc>) -> Vec<&Action> {
+        self.by_machine
+            .get(machine_id)
+            .into_iter()
+            .flatten()
+            .map(|i| &self.actions[*i])
+            .filter(|a| a.is_open_at(t))
+            .collect()
+    }
+
+    fn next_id(&mut self) -> String {
+        let bytes: [u8; 16] = self.id_rng.random();
+        uuid::Builder::from_random_bytes(bytes)
+            .into_uuid()
+            .to_string()
+    }
+
+    /// Creates an action. When other actions on the machine are open, their completion order
+    /// follows the overlap setting: `reversed` makes the new one finish first, as in the public
+    /// report of duplicates completing out of order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_action(
+        &mut self,
+        machine_id: &str,
+        action_type: ActionType,
+        isolation_type: Option<IsolationType>,
+        requestor: String,
+        comment: String,
+        request_source: &'static str,
+        now: DateTime<Utc>,
+    ) -> Option<&Action> {
+        let m = self.machine(machine_id)?.clone();
+        // Strictly increasing creation times keep $orderby and datetime filters unambiguous.
+        let created = match self.last_created {
+            Some(last) if now <= last => add_seconds(last, 1e-7),
+            _ => now,
+        };
+        self.last_created = Some(created);
+        let mut p = plan(m.behaviour, created, created, self.settings.delays);
+        let open: Vec<usize> = self
+            .by_machine
+            .get(&m.id)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|i| self.actions[*i].is_open_at(created))
+            .collect();
+        let completes = |s: Status| matches!(s, Status::Succeeded | Status::Failed);
+        if !open.is_empty() && completes(p.final_status) {
+            let reverse = match self.settings.overlap_order {
+                OverlapOrder::Reversed => true,
+                OverlapOrder::Fifo => false,
+                OverlapOrder::Random => self.overlap_rng.random_bool(0.5),
+            };
+            if reverse {
+                // Newest first: the older open actions end one second apart after this one.
+                for (k, &i) in open.iter().rev().enumerate() {
+                    let a = &mut self.actions[i];
+                    if completes(a.plan.final_status) {
+                        let at = add_seconds(p.final_at, (k + 1) as f64);
+                        a.plan.final_at = a.plan.final_at.max(at);
+                    }
+                }
+            } else if let Some(latest) = open.iter().map(|i| self.actions[*i].plan.final_at).max() {
+                p.final_at = p.final_at.max(add_seconds(latest, 1.0));
+            }
+        }
+        let id = self.next_id();
+        let action = Action {
+            id: id.clone(),
+            action_type,
+            isolation_type,
+            requestor,
+            comment,
+            request_source,
+            machine_id: m.id.clone(),
+            computer_dns_name: m.computer_dns_name.clone(),
+            created,
+            plan: p,
+            cancellation: None,
+        };
+        let idx = self.actions.len();
+        self.actions.push(action);
+        self.action_index.insert(id, idx);
+        self.by_machine.entry(m.id).or_default().push(idx);
+        self.actions.get(idx)
+    }
+
+    /// Cancels an open action; `Err(status)` when it is already final.
+    pub fn cancel(
+        &mut self,
+        id: &str,
+        requestor: String,
+        comment: String,
+        now: DateTime<Utc>,
+    ) -> Result<&Action, Option<Status>> {
+        let i = *self.action_index.get(id).ok_or(None)?;
+        let status = self.actions[i].status_at(now);
+        if status.is_final() {
+            return Err(Some(status));
+        }
+        self.actions[i].cancellation = Some(Cancellation {
+            at: now,
+            requestor,
+            comment,
+        });
+        Ok(&self.actions[i])
+    }
+
+    /// The real isolation state of a machine at `t`: the initial state, changed by every
+    /// Succeeded Isolate/Unisolate in the order they completed.
+    pub fn ground_truth(&self, machine_id: &str, t: DateTime<Utc>) -> Option<GroundTruth> {
+        let m = self.machine(machine_id)?;
+        let mine: Vec<&Action> = self
+            .by_machine
+            .get(machine_id)
+            .into_iter()
+            .flatten()
+            .map(|i| &self.actions[*i])
+            .collect();
+        let mut done: Vec<(DateTime<Utc>, &Action)> = mine
+            .iter()
+            .filter_map(|a| a.succeeded_at(t).map(|at| (at, *a)))
+            .collect();
+        done.sort_by_key(|(at, a)| (*at, a.created));
+        let mut isolated = m.initially_isolated;
+        let mut isolation_type = None;
+        let mut last = None;
+        for (at, a) in &done {
+            isolated = a.action_type == ActionType::Isolate;
+            isolation_type = if isolated { a.isolation_type } else { None };
+            last = Some((*at, a.id.clone()));
+        }
+        Some(GroundTruth {
+            id: m.id.clone(),
+            computer_dns_name: m.computer_dns_name.clone(),
+            behaviour: m.behaviour,
+            isolated,
+            isolation_type,
+            last_change: last.as_ref().map(|(at, _)| fmt7(*at)),
+            last_change_action_id: last.map(|(_, id)| id),
+            open_actions: mine.iter().filter(|a| a.is_open_at(t)).count(),
+            actions: mine.iter().map(|a| a.view(t)).collect(),
+        })
+    }
+}

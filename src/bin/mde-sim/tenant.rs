@@ -1,0 +1,340 @@
+//! The simulated tenant: machines (with the behaviour that drives their actions) and the
+//! registered apps, built from the seed file and/or generated deterministically.
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{add_seconds, fmt7};
+
+/// How a machine reacts to isolation actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Behaviour {
+    /// Picks actions up after the pending delay and completes them.
+    #[default]
+    Online,
+    /// Never picks actions up: they stay Pending, then end as TimeOut.
+    Offline,
+    /// Picks actions up and fails them.
+    Failing,
+    /// Its platform cannot be isolated: isolate/unisolate answer 400 OsPlatformNotSupported.
+    Unsupported,
+}
+
+/// One device record.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    /// 40 lowercase hex characters.
+    pub id: String,
+    /// FQDN as MDE reports it.
+    pub computer_dns_name: String,
+    /// `Windows11`, `WindowsServer2022`, `Linux`, ...
+    pub os_platform: String,
+    /// `Active`, `Inactive`, ...
+    pub health_status: String,
+    /// `Onboarded` normally.
+    pub onboarding_status: String,
+    /// Tags set in the portal.
+    pub machine_tags: Vec<String>,
+    /// Device group name.
+    pub rbac_group_name: String,
+    /// Device group id (a number, as in real responses).
+    pub rbac_group_id: i64,
+    /// First time the sensor reported.
+    pub first_seen: DateTime<Utc>,
+    /// Last time the sensor reported.
+    pub last_seen: DateTime<Utc>,
+    /// Last internal IP address.
+    pub last_ip_address: String,
+    /// Reaction to actions.
+    pub behaviour: Behaviour,
+    /// Isolation state before any action of this run.
+    pub initially_isolated: bool,
+}
+
+impl Machine {
+    /// The API representation (GET /api/machines/{id}).
+    pub fn view(&self) -> MachineView<'_> {
+        MachineView {
+            id: &self.id,
+            computer_dns_name: &self.computer_dns_name,
+            first_seen: fmt7(self.first_seen),
+            last_seen: fmt7(self.last_seen),
+            os_platform: &self.os_platform,
+            version: os_version(&self.os_platform),
+            os_processor: "x64",
+            last_ip_address: &self.last_ip_address,
+            last_external_ip_address: "203.0.113.10",
+            agent_version: "10.8760.19041.5247",
+            os_build: 19045,
+            health_status: &self.health_status,
+            device_value: "Normal",
+            rbac_group_id: self.rbac_group_id,
+            rbac_group_name: &self.rbac_group_name,
+            risk_score: "None",
+            exposure_level: "Low",
+            is_aad_joined: false,
+            aad_device_id: None,
+            machine_tags: &self.machine_tags,
+            defender_av_status: "Updated",
+            onboarding_status: &self.onboarding_status,
+            os_architecture: "64-bit",
+            managed_by: "MicrosoftDefenderForEndpoint",
+            managed_by_status: "Success",
+            ip_addresses: Vec::new(),
+            vm_metadata: None,
+            is_potential_duplication: false,
+            merged_into_machine_id: None,
+        }
+    }
+}
+
+fn os_version(platform: &str) -> &'static str {
+    match platform {
+        "Windows10" => "22H2",
+        "Windows11" => "23H2",
+        "WindowsServer2019" => "1809",
+        "WindowsServer2022" => "21H2",
+        _ => "",
+    }
+}
+
+/// Wire shape of a machine (a representative subset of the real fields).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+#[allow(missing_docs)]
+pub struct MachineView<'a> {
+    pub id: &'a str,
+    pub computer_dns_name: &'a str,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub os_platform: &'a str,
+    pub version: &'static str,
+    pub os_processor: &'static str,
+    pub last_ip_address: &'a str,
+    pub last_external_ip_address: &'static str,
+    pub agent_version: &'static str,
+    pub os_build: i64,
+    pub health_status: &'a str,
+    pub device_value: &'static str,
+    pub rbac_group_id: i64,
+    pub rbac_group_name: &'a str,
+    pub risk_score: &'static str,
+    pub exposure_level: &'static str,
+    pub is_aad_joined: bool,
+    pub aad_device_id: Option<String>,
+    pub machine_tags: &'a [String],
+    pub defender_av_status: &'static str,
+    pub onboarding_status: &'a str,
+    pub os_architecture: &'static str,
+    pub managed_by: &'static str,
+    pub managed_by_status: &'static str,
+    pub ip_addresses: Vec<serde_json::Value>,
+    pub vm_metadata: Option<serde_json::Value>,
+    pub is_potential_duplication: bool,
+    pub merged_into_machine_id: Option<String>,
+}
+
+/// A registered application (client credentials).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct App {
+    /// Client id.
+    pub client_id: String,
+    /// Client secret; `None` for apps that only use assertions.
+    #[serde(skip_serializing)]
+    pub client_secret: Option<String>,
+    /// Application roles (`Machine.Isolate`, `Machine.Read.All`, ...).
+    pub roles: Vec<String>,
+    /// Display name, written as `requestor` on the actions it creates.
+    pub display_name: String,
+    /// Whether a `client_assertion` (certificate or federated token) is accepted.
+    pub allow_assertion: bool,
+}
+
+/// The YAML seed file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SeedFile {
+    /// Machines, in listing order.
+    #[serde(default)]
+    pub machines: Vec<SeedMachine>,
+    /// Apps; when empty the default app of the command line is used.
+    #[serde(default)]
+    pub apps: Vec<SeedApp>,
+}
+
+/// A machine in the seed file (or in POST /sim/machines).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SeedMachine {
+    /// 40 lowercase hex characters; generated when absent.
+    pub id: Option<String>,
+    /// FQDN.
+    pub computer_dns_name: String,
+    /// Default `Windows11`.
+    pub os_platform: Option<String>,
+    /// Default `Active` (`Inactive` for offline machines).
+    pub health_status: Option<String>,
+    /// Default none.
+    #[serde(default)]
+    pub machine_tags: Vec<String>,
+    /// Default online.
+    #[serde(default, alias = "behavior")]
+    pub behaviour: Behaviour,
+    /// Isolated before the run starts.
+    #[serde(default, alias = "initiallyIsolated")]
+    pub isolated: bool,
+    /// Default `UnassignedGroup`.
+    pub rbac_group_name: Option<String>,
+    /// Default `Onboarded`.
+    pub onboarding_status: Option<String>,
+}
+
+/// An app in the seed file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SeedApp {
+    /// Client id.
+    pub client_id: String,
+    /// Client secret (omit for assertion-only apps).
+    pub client_secret: Option<String>,
+    /// Roles.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Default: the client id.
+    pub display_name: Option<String>,
+    /// Default true: accept `client_assertion` JWTs (signature not verified).
+    #[serde(default = "yes")]
+    pub allow_assertion: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl SeedApp {
+    /// The registered app.
+    pub fn into_app(self) -> App {
+        App {
+            display_name: self.display_name.unwrap_or_else(|| self.client_id.clone()),
+            client_id: self.client_id,
+            client_secret: self.client_secret,
+            roles: self.roles,
+            allow_assertion: self.allow_assertion,
+        }
+    }
+}
+
+/// Whether `id` looks like an MDE machine id.
+pub fn is_machine_id(id: &str) -> bool {
+    id.len() == 40
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A random machine id from the seeded generator.
+pub fn random_machine_id(rng: &mut StdRng) -> String {
+    (0..20)
+        .map(|_| format!("{:02x}", rng.random::<u8>()))
+        .collect()
+}
+
+/// Builds a machine from a seed entry; `now` anchors lastSeen.
+pub fn machine_from_seed(
+    seed: SeedMachine,
+    rng: &mut StdRng,
+    now: DateTime<Utc>,
+) -> Result<Machine, String> {
+    let id = match seed.id {
+        Some(id) if is_machine_id(&id) => id,
+        Some(id) => {
+            return Err(format!(
+                "machine id {id:?} is not 40 lowercase hex characters"
+            ));
+        }
+        None => random_machine_id(rng),
+    };
+    if seed.computer_dns_name.is_empty() {
+        return Err(format!("machine {id} has an empty computerDnsName"));
+    }
+    let default_health = if seed.behaviour == Behaviour::Offline {
+        "Inactive"
+    } else {
+        "Active"
+    };
+    let last_seen = if seed.behaviour == Behaviour::Offline {
+        add_seconds(now, -3.0 * 86400.0)
+    } else {
+        add_seconds(now, -(rng.random_range(1..600) as f64))
+    };
+    Ok(Machine {
+        id,
+        computer_dns_name: seed.computer_dns_name,
+        os_platform: seed.os_platform.unwrap_or_else(|| "Windows11".into()),
+        health_status: seed.health_status.unwrap_or_else(|| default_health.into()),
+        onboarding_status: seed.onboarding_status.unwrap_or_else(|| "Onboarded".into()),
+        machine_tags: seed.machine_tags,
+        rbac_group_name: seed
+            .rbac_group_name
+            .unwrap_or_else(|| "UnassignedGroup".into()),
+        rbac_group_id: 0,
+        first_seen: add_seconds(now, -90.0 * 86400.0),
+        last_seen,
+        last_ip_address: format!(
+            "10.0.{}.{}",
+            rng.random_range(0..255),
+            rng.random_range(1..255)
+        ),
+        behaviour: seed.behaviour,
+        initially_isolated: seed.isolated,
+    })
+}
+
+const PLATFORMS: [&str; 5] = [
+    "Windows11",
+    "Windows10",
+    "WindowsServer2022",
+    "WindowsServer2019",
+    "Linux",
+];
+
+/// Generates `count` machines numbered from `first_number` (`host-0001.contoso.local`, ...);
+/// behaviours follow the ratios, drawn from the seeded generator.
+pub fn generate_machines(
+    rng: &mut StdRng,
+    first_number: usize,
+    count: usize,
+    offline_ratio: f64,
+    failing_ratio: f64,
+    now: DateTime<Utc>,
+) -> Vec<Machine> {
+    (0..count)
+        .map(|i| {
+            let n = first_number + i;
+            let roll: f64 = rng.random();
+            let behaviour = if roll < offline_ratio {
+                Behaviour::Offline
+            } else if roll < offline_ratio + failing_ratio {
+                Behaviour::Failing
+            } else {
+                Behaviour::Online
+            };
+            let seed = SeedMachine {
+                id: None,
+                computer_dns_name: format!("host-{n:04}.contoso.local"),
+                os_platform: Some(PLATFORMS[n % PLATFORMS.len()].into()),
+                health_status: None,
+                machine_tags: Vec::new(),
+                behaviour,
+                isolated: false,
+                rbac_group_name: None,
+                onboarding_status: None,
+            };
+            machine_from_seed(seed, rng, now).expect("generated machines are valid")
+        })
+        .collect()
+}
