@@ -1,0 +1,198 @@
+//! Command-line and environment configuration. Every flag has an environment variable; the client
+//! secret has no flag at all (command lines are visible to every local user and in `ps`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use url::Url;
+
+use crate::mde::cloud::Cloud;
+use crate::telemetry::LogFormat;
+
+/// Environment variable holding the client secret, when no secret file is given.
+pub const CLIENT_SECRET_ENV: &str = "MDE_CLIENT_SECRET";
+
+/// mde-isolation-operator: Microsoft Defender for Endpoint device isolation as code.
+#[derive(Parser, Debug)]
+#[command(name = "mde-isolation-operator", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the operator.
+    Run(Box<RunArgs>),
+    /// Print the DeviceIsolation CustomResourceDefinition as YAML.
+    Crd,
+}
+
+/// Settings of `run`.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Namespace to watch; repeat the flag or separate with commas. Ignored with --all-namespaces.
+    #[arg(
+        long = "namespace",
+        env = "MDE_WATCH_NAMESPACES",
+        value_delimiter = ',',
+        required_unless_present = "all_namespaces"
+    )]
+    pub namespaces: Vec<String>,
+
+    /// Watch DeviceIsolations in every namespace (needs a ClusterRole).
+    #[arg(long, env = "MDE_ALL_NAMESPACES")]
+    pub all_namespaces: bool,
+
+    /// Microsoft cloud whose MDE API and sign-in authority to use.
+    #[arg(long, env = "MDE_CLOUD", value_enum, default_value = "commercial")]
+    pub cloud: Cloud,
+
+    /// MDE API base URL, overriding the cloud preset (regional hosts, the simulator).
+    #[arg(long, env = "MDE_API_URL")]
+    pub api_url: Option<Url>,
+
+    /// Entra ID authority URL, overriding the cloud preset.
+    #[arg(long, env = "MDE_AUTHORITY")]
+    pub authority: Option<Url>,
+
+    /// OAuth scope requested for tokens, overriding the cloud preset.
+    #[arg(long, env = "MDE_SCOPE")]
+    pub scope: Option<String>,
+
+    /// Entra ID tenant id.
+    #[arg(long, env = "MDE_TENANT_ID")]
+    pub tenant_id: String,
+
+    /// Application (client) id of the app registration.
+    #[arg(long, env = "MDE_CLIENT_ID")]
+    pub client_id: String,
+
+    /// File holding the client secret (e.g. a mounted Secret). Without it the secret is read from
+    /// the MDE_CLIENT_SECRET environment variable.
+    #[arg(long, env = "MDE_CLIENT_SECRET_FILE")]
+    pub client_secret_file: Option<PathBuf>,
+
+    /// PEM file of extra CA certificates to trust for MDE and the authority (e.g. the
+    /// simulator's). TLS verification is never switched off.
+    #[arg(long, env = "MDE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Share of MDE's per-API quota (100/min, 1,500/h) this operator may use, in (0, 1]. Leave
+    /// room for the SOC's other tools that share the app's quota.
+    #[arg(long, env = "MDE_QUOTA_BUDGET", default_value_t = 1.0, value_parser = parse_share)]
+    pub quota_budget: f64,
+
+    /// Time compression for tests and demos against mde-sim's --time-scale: quota windows, poll
+    /// intervals, retry delays and Retry-After are divided by it. 1 in production.
+    #[arg(long, env = "MDE_TIME_SCALE", default_value_t = 1.0, value_parser = parse_scale)]
+    pub time_scale: f64,
+
+    /// Address of the HTTP endpoint serving /metrics, /livez and /readyz.
+    #[arg(long, env = "MDE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "MDE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Plan and report in status what would be called; make no mutating MDE call.
+    #[arg(long, env = "MDE_DRY_RUN")]
+    pub dry_run: bool,
+
+    /// Timeout of one MDE request, in seconds.
+    #[arg(long, env = "MDE_REQUEST_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub request_timeout_seconds: u64,
+
+    /// Failed or timed-out actions before a resource stalls with RetriesExhausted.
+    #[arg(long, env = "MDE_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+
+    /// How often anyone's new isolation actions are read to detect drift while no action is
+    /// open, in seconds (one list call per interval for the whole tenant).
+    #[arg(long, env = "MDE_DRIFT_INTERVAL_SECONDS", default_value_t = 360)]
+    pub drift_interval_seconds: u64,
+
+    /// Resources reconciled at once.
+    #[arg(long, env = "MDE_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: u16,
+}
+
+impl RunArgs {
+    /// Scales a production duration to the configured time scale.
+    pub fn scaled(&self, d: Duration) -> Duration {
+        d.div_f64(self.time_scale)
+    }
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v > 0.0 && v <= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not in (0, 1]"))
+    }
+}
+
+fn parse_scale(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v >= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} must be a number >= 1"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(
+            [
+                "mde-isolation-operator",
+                "run",
+                "--tenant-id",
+                "t",
+                "--client-id",
+                "c",
+            ]
+            .iter()
+            .chain(args),
+        )
+    }
+
+    #[test]
+    fn namespaces_repeat_or_split_on_commas() {
+        let Command::Run(run) = parse(&["--namespace", "a,b", "--namespace", "c"])
+            .unwrap()
+            .command
+        else {
+            panic!("run expected")
+        };
+        assert_eq!(run.namespaces, ["a", "b", "c"]);
+        assert_eq!(run.quota_budget, 1.0);
+    }
+
+    #[test]
+    fn a_namespace_or_all_namespaces_is_required() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--all-namespaces"]).is_ok());
+    }
+
+    #[test]
+    fn bad_budget_and_scale_are_rejected_with_a_message() {
+        let err = parse(&["--all-namespaces", "--quota-budget", "1.5"]).unwrap_err();
+        assert!(err.to_string().contains("not in (0, 1]"));
+        assert!(parse(&["--all-namespaces", "--time-scale", "0"]).is_err());
+    }
+
+    #[test]
+    fn there_is_no_flag_for_the_client_secret() {
+        assert!(parse(&["--all-namespaces", "--client-secret", "s"]).is_err());
+    }
+}

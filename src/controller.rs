@@ -1,0 +1,412 @@
+//! The reconciler's I/O shell around [`planner::plan`]: gather facts, plan, perform the one effect
+//! the plan asks for (a lookup or a POST), feed the outcome back, and write status only when it
+//! changed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Resource, ResourceExt};
+use tokio::sync::Notify;
+
+use crate::crd::{DeviceIsolation, DeviceIsolationStatus};
+use crate::mde::client::MdeClient;
+use crate::mde::error::{ErrorClass, MdeError};
+use crate::mde::odata::{Filter, ListQuery};
+use crate::metrics::Metrics;
+use crate::planner::{self, CallFailure, Effect, Facts, Lookup, PostOutcome, Sibling, Timing};
+use crate::quota::Api as QuotaApi;
+use crate::view::{ActionView, fact_of};
+
+/// Field manager of the operator's status writes.
+pub const FIELD_MANAGER: &str = "mde-isolation-operator";
+
+/// Plan/act rounds per reconcile: plan, lookup, plan, POST, plan, lookup, plan is the longest
+/// useful chain; a cap keeps a bug from looping against the quota.
+const MAX_ROUNDS: usize = 8;
+
+/// Errors that end a reconcile early; it is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The Kubernetes API refused a status write.
+    #[error("writing status: {0}")]
+    StatusWrite(#[source] kube::Error),
+    /// The resource has no namespace (cannot happen for a namespaced kind).
+    #[error("resource has no namespace")]
+    NoNamespace,
+}
+
+/// State shared by every reconcile.
+pub struct Context {
+    /// Kubernetes client.
+    pub kube: kube::Client,
+    /// MDE client (through the quota gate).
+    pub mde: MdeClient,
+    /// Shared view of isolation actions.
+    pub view: Arc<ActionView>,
+    /// Watch caches of all watched namespaces, for conflict detection across them.
+    pub stores: Mutex<Vec<Store<DeviceIsolation>>>,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Retry timings.
+    pub timing: Timing,
+    /// Plan only.
+    pub dry_run: bool,
+    /// Wakes the batch poller early after a new action.
+    pub poller_nudge: Arc<Notify>,
+    /// Markers whose POST this process knows was never sent (refused by the quota gate, failed
+    /// before sending): they need no lookup before sending. Lost on restart, which is safe.
+    unsent: Mutex<HashSet<String>>,
+    /// One POST at a time per machine, so that two resources for one machine never race.
+    machine_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Consecutive failed reconciles per resource, for exponential error backoff.
+    error_counts: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// Builds the context.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        kube: kube::Client,
+        mde: MdeClient,
+        view: Arc<ActionView>,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        timing: Timing,
+        dry_run: bool,
+        poller_nudge: Arc<Notify>,
+    ) -> Self {
+        Context {
+            kube,
+            mde,
+            view,
+            stores: Mutex::new(Vec::new()),
+            recorder,
+            metrics,
+            timing,
+            dry_run,
+            poller_nudge,
+            unsent: Mutex::new(HashSet::new()),
+            machine_locks: Mutex::new(HashMap::new()),
+            error_counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn siblings(&self, di: &DeviceIsolation) -> Vec<Sibling> {
+        let me = (di.namespace(), di.name_any());
+        let stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+        stores
+            .iter()
+            .flat_map(|s| s.state())
+            .filter(|o| o.spec.machine_id == di.spec.machine_id)
+            .filter(|o| (o.namespace(), o.name_any()) != me)
+            .filter(|o| o.metadata.deletion_timestamp.is_none())
+            .map(|o| Sibling {
+                key: format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()),
+                isolated: o.spec.isolated,
+            })
+            .collect()
+    }
+
+    fn machine_lock(&self, machine: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.machine_locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(machine.to_string()).or_default().clone()
+    }
+
+    fn is_unsent(&self, marker: &str) -> bool {
+        self.unsent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(marker)
+    }
+
+    fn set_unsent(&self, marker: &str, unsent: bool) {
+        let mut set = self.unsent.lock().unwrap_or_else(|e| e.into_inner());
+        if unsent {
+            set.insert(marker.to_string());
+        } else {
+            set.remove(marker);
+        }
+    }
+}
+
+/// Reconciles one DeviceIsolation.
+pub async fn reconcile(di: Arc<DeviceIsolation>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let result = reconcile_inner(&di, &ctx).await;
+    ctx.metrics.reconciled(result.is_ok());
+    if result.is_ok() {
+        ctx.error_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&resource_key(&di));
+    }
+    result
+}
+
+async fn reconcile_inner(di: &DeviceIsolation, ctx: &Context) -> Result<Action, Error> {
+    let namespace = di.namespace().ok_or(Error::NoNamespace)?;
+    let name = di.name_any();
+    let key = format!("{namespace}/{name}");
+    let machine = di.spec.machine_id.clone();
+    if di.metadata.deletion_timestamp.is_some() {
+        ctx.view.unwatch(&(namespace, name));
+        return Ok(Action::await_change());
+    }
+    ctx.view.watch((namespace.clone(), name.clone()), &machine);
+
+    let uid = di.uid().unwrap_or_default();
+    let generation = di.metadata.generation.unwrap_or(1);
+    let siblings = ctx.siblings(di);
+    let persisted = di.status.clone().unwrap_or_default();
+    let mut written = persisted.clone();
+    let mut status = persisted.clone();
+    let mut facts = Facts {
+        synced: ctx.view.is_synced(),
+        actions: ctx.view.actions_for(&machine),
+        ..Facts::default()
+    };
+    let mut machine_guard = None;
+
+    for _ in 0..MAX_ROUNDS {
+        facts.intent_unsent = status
+            .intent
+            .as_ref()
+            .is_some_and(|i| ctx.is_unsent(&i.marker));
+        let plan = planner::plan(&planner::Input {
+            namespace: &namespace,
+            name: &name,
+            uid: &uid,
+            generation,
+            spec: &di.spec,
+            comment: di.comment(),
+            retry_request: di.retry_request(),
+            status: &status,
+            siblings: &siblings,
+            facts: &facts,
+            now: Utc::now(),
+            dry_run: ctx.dry_run,
+            timing: &ctx.timing,
+        });
+        facts.post = None;
+        if waits_for_view(&plan) {
+            // The poller loads the view on demand only, so that a restart over converged
+            // resources makes no MDE call; this resource needs it now.
+            ctx.poller_nudge.notify_one();
+        }
+        publish_events(ctx, di, &plan.events).await;
+        status = plan.status;
+
+        match plan.effect {
+            Effect::None => {
+                write_status(ctx, di, &written, &status).await?;
+                return Ok(match plan.requeue {
+                    Some(after) => Action::requeue(after.max(Duration::from_millis(50))),
+                    None => Action::await_change(),
+                });
+            }
+            Effect::Lookup {
+                machine_id,
+                created_since,
+            } => {
+                facts.lookup = match lookup(ctx, &machine_id, created_since, &key).await {
+                    Ok(()) => Lookup::Done,
+                    Err(failure) => Lookup::Failed(failure),
+                };
+                facts.actions = ctx.view.actions_for(&machine);
+            }
+            Effect::Post {
+                machine_id,
+                kind,
+                isolation_type,
+                comment,
+            } => {
+                if machine_guard.is_none() {
+                    let lock = ctx.machine_lock(&machine_id);
+                    machine_guard = Some(lock.lock_owned().await);
+                }
+                // The intent reaches the API server before the POST leaves: crash safety.
+                write_status(ctx, di, &written, &status).await?;
+                written = status.clone();
+                let marker = status
+                    .intent
+                    .as_ref()
+                    .map(|i| i.marker.clone())
+                    .unwrap_or_default();
+                let result = match kind {
+                    planner::ActionKind::Unisolate => {
+                        ctx.mde.unisolate(&machine_id, &comment, &key).await
+                    }
+                    planner::ActionKind::Isolate => {
+                        ctx.mde
+                            .isolate(&machine_id, &comment, isolation_type, &key)
+                            .await
+                    }
+                };
+                facts.post = Some(match result {
+                    Ok(action) => {
+                        ctx.set_unsent(&marker, false);
+                        ctx.view.upsert(fact_of(&action));
+                        ctx.poller_nudge.notify_one();
+                        match fact_of(&action) {
+                            Some((_, fact)) => PostOutcome::Action(fact),
+                            None => PostOutcome::Failed(CallFailure::Ambiguous(
+                                "MDE answered with an action of an unexpected type".into(),
+                            )),
+                        }
+                    }
+                    Err(e) => {
+                        let api = match kind {
+                            planner::ActionKind::Unisolate => QuotaApi::Unisolate,
+                            planner::ActionKind::Isolate => QuotaApi::Isolate,
+                        };
+                        let failure = to_failure(ctx, api, &e);
+                        let certainly_unsent = !matches!(failure, CallFailure::Ambiguous(_));
+                        ctx.set_unsent(&marker, certainly_unsent);
+                        PostOutcome::Failed(failure)
+                    }
+                });
+                facts.actions = ctx.view.actions_for(&machine);
+            }
+        }
+    }
+    tracing::error!(resource = %key, "planner did not settle; retrying later");
+    write_status(ctx, di, &written, &status).await?;
+    Ok(Action::requeue(ctx.timing.transient_retry))
+}
+
+fn waits_for_view(plan: &planner::Plan) -> bool {
+    crate::conditions::find(&plan.status.conditions, crate::conditions::RECONCILING)
+        .is_some_and(|c| c.reason == planner::WAITING_FOR_VIEW)
+}
+
+/// Lists the machine's Isolate/Unisolate actions (open ones, and recent ones when `since` is
+/// given) into the view.
+async fn lookup(
+    ctx: &Context,
+    machine_id: &str,
+    created_since: Option<chrono::DateTime<Utc>>,
+    key: &str,
+) -> Result<(), CallFailure> {
+    let mut filter =
+        Filter::eq("machineId", machine_id).and(Filter::is_in("type", ["Isolate", "Unisolate"]));
+    if let Some(since) = created_since {
+        filter = filter.and(
+            Filter::is_in("status", ["Pending", "InProgress"])
+                .or(Filter::ge("creationDateTimeUtc", since)),
+        );
+    }
+    let query = ListQuery {
+        filter: Some(filter),
+        top: Some(10_000),
+        orderby: Some("creationDateTimeUtc desc".into()),
+        ..ListQuery::default()
+    };
+    match ctx.mde.list_actions(&query, key).await {
+        Ok(actions) => {
+            ctx.view.upsert(actions.iter().filter_map(fact_of));
+            Ok(())
+        }
+        Err(e) => Err(to_failure(ctx, QuotaApi::MachineActionsRead, &e)),
+    }
+}
+
+/// Converts a client error into the planner's vocabulary, counting quota waits.
+fn to_failure(ctx: &Context, api: QuotaApi, e: &MdeError) -> CallFailure {
+    let msg = e.to_string();
+    match e.class() {
+        ErrorClass::MachineNotFound | ErrorClass::ActionNotFound => {
+            CallFailure::MachineNotFound(msg)
+        }
+        ErrorClass::Forbidden => CallFailure::Forbidden(msg),
+        ErrorClass::AuthenticationFailed => CallFailure::AuthenticationFailed(msg),
+        ErrorClass::UnsupportedPlatform => CallFailure::UnsupportedPlatform(msg),
+        ErrorClass::InvalidRequest => CallFailure::InvalidRequest(msg),
+        ErrorClass::AlreadyInProgress => CallFailure::AlreadyInProgress,
+        ErrorClass::RateLimited { retry_after } => CallFailure::RateLimited(retry_after),
+        ErrorClass::Transient => CallFailure::Transient(msg),
+        ErrorClass::Ambiguous => CallFailure::Ambiguous(msg),
+        ErrorClass::QuotaWait { until } => {
+            let wait = until.saturating_duration_since(tokio::time::Instant::now());
+            ctx.metrics.quota_waited(api, wait);
+            CallFailure::QuotaWait(wait)
+        }
+    }
+}
+
+/// Writes `desired` with server-side apply when it differs from what was last written. Fields
+/// the operator no longer sets are removed because it owns the whole status.
+async fn write_status(
+    ctx: &Context,
+    di: &DeviceIsolation,
+    written: &DeviceIsolationStatus,
+    desired: &DeviceIsolationStatus,
+) -> Result<(), Error> {
+    if written == desired {
+        return Ok(());
+    }
+    let api: Api<DeviceIsolation> =
+        Api::namespaced(ctx.kube.clone(), &di.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": DeviceIsolation::api_version(&()),
+        "kind": DeviceIsolation::kind(&()),
+        "status": desired,
+    });
+    api.patch_status(
+        &di.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::StatusWrite)?;
+    Ok(())
+}
+
+async fn publish_events(ctx: &Context, di: &DeviceIsolation, notes: &[planner::EventNote]) {
+    for note in notes {
+        let event = Event {
+            type_: if note.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: note.reason.clone(),
+            note: Some(note.note.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        // An event that cannot be published must not fail the reconcile; status holds the truth.
+        if let Err(e) = ctx.recorder.publish(&event, &di.object_ref(&())).await {
+            tracing::warn!(error = %e, reason = %note.reason, "could not publish event");
+        }
+    }
+}
+
+fn resource_key(di: &DeviceIsolation) -> String {
+    format!("{}/{}", di.namespace().unwrap_or_default(), di.name_any())
+}
+
+/// Exponential backoff for reconciles that failed on the Kubernetes side (a flat requeue would
+/// hammer an API server that is already in trouble).
+pub fn error_policy(di: Arc<DeviceIsolation>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = resource_key(&di);
+    let failures = {
+        let mut counts = ctx.error_counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = ctx
+        .timing
+        .transient_retry
+        .saturating_mul(1u32 << (failures - 1).min(5))
+        .min(ctx.timing.backoff_max);
+    tracing::warn!(resource = %key, %error, failures, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}

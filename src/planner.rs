@@ -1,0 +1,1043 @@
+//! The reconcile decision as a pure function: (resource, what the operator knows of MDE, the
+//! outcome of the last call) → (the status to hold, the one effect to perform, when to look again).
+//!
+//! No I/O happens here. The controller runs a short loop: plan → perform the effect (a lookup or a
+//! POST) → feed the outcome back into [`Facts`] → plan again, until the plan asks for no effect.
+//! Every rule of design.md §2 is a branch below and a row in the table tests at the bottom.
+
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use crate::audit::{AuditTag, carries_marker, comment_with_marker};
+use crate::conditions::{self, Condition, Phase, STALLED};
+use crate::crd::{DeviceIsolationSpec, DeviceIsolationStatus, DriftPolicy, Intent, TrackedAction};
+use crate::mde::model::{ActionStatus, IsolationType};
+
+/// The two machine actions this operator requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActionKind {
+    /// `POST /api/machines/{id}/isolate`.
+    Isolate,
+    /// `POST /api/machines/{id}/unisolate`.
+    Unisolate,
+}
+
+impl ActionKind {
+    /// The action that reaches `isolated`.
+    pub fn for_desired(isolated: bool) -> Self {
+        if isolated {
+            ActionKind::Isolate
+        } else {
+            ActionKind::Unisolate
+        }
+    }
+
+    /// MDE's spelling of the type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Isolate => "Isolate",
+            ActionKind::Unisolate => "Unisolate",
+        }
+    }
+
+    /// Parses MDE's spelling; other action types are not ours.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "Isolate" => Some(ActionKind::Isolate),
+            "Unisolate" => Some(ActionKind::Unisolate),
+            _ => None,
+        }
+    }
+
+    /// The isolation state a succeeded action of this kind leaves the device in.
+    pub fn leaves_isolated(self) -> bool {
+        self == ActionKind::Isolate
+    }
+}
+
+/// What the operator knows of one Isolate/Unisolate machine action.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActionFact {
+    /// MDE action id.
+    pub id: String,
+    /// Isolate or Unisolate.
+    pub kind: ActionKind,
+    /// Current status.
+    pub status: ActionStatus,
+    /// Who asked for it.
+    pub requestor: Option<String>,
+    /// The comment it was requested with (`requestorComment`).
+    pub comment: Option<String>,
+    /// Creation time.
+    pub created_at: Option<DateTime<Utc>>,
+    /// Last update time (the completion time once final).
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl ActionFact {
+    fn is_open(&self) -> bool {
+        !self.status.is_final()
+    }
+
+    fn tracked(&self) -> TrackedAction {
+        TrackedAction {
+            id: self.id.clone(),
+            action_type: self.kind.as_str().to_string(),
+            status: self.status.as_str().to_string(),
+            requestor: self.requestor.clone(),
+            created_at: self.created_at.map(rfc3339),
+            updated_at: self.updated_at.map(rfc3339),
+        }
+    }
+
+    /// Completion order: MDE may finish two actions out of creation order, so the device's real
+    /// state is the outcome of the action that finished last.
+    fn finished_at(&self) -> Option<DateTime<Utc>> {
+        self.updated_at.or(self.created_at)
+    }
+}
+
+/// Why a call to MDE did not produce an action. Built by the controller from the client's error
+/// classes; durations are already converted to the operator's clock.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CallFailure {
+    /// 404 on the machine.
+    MachineNotFound(String),
+    /// 403: a permission is missing (the message names it).
+    Forbidden(String),
+    /// 401 even after a fresh token.
+    AuthenticationFailed(String),
+    /// 400 OsPlatformNotSupported / ClientVersionNotSupported.
+    UnsupportedPlatform(String),
+    /// Any other 400: the request itself was wrong.
+    InvalidRequest(String),
+    /// 400 ActiveRequestAlreadyExists: an action is already open on the machine.
+    AlreadyInProgress,
+    /// 429: wait for Retry-After.
+    RateLimited(Duration),
+    /// The request was certainly not applied (connection refused, 5xx on a read, ...).
+    Transient(String),
+    /// The request may have been applied (timeout or reset after sending, 5xx on a POST).
+    Ambiguous(String),
+    /// The quota gate has no slot now; one is reserved after this long.
+    QuotaWait(Duration),
+}
+
+/// Result of the last POST of this reconcile pass.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PostOutcome {
+    /// MDE answered with an action (a new one, or an existing open one in return-existing mode).
+    Action(ActionFact),
+    /// MDE did not create an action, or we cannot tell.
+    Failed(CallFailure),
+}
+
+/// State of the per-machine lookup of this reconcile pass.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub enum Lookup {
+    /// Not performed; [`Facts::actions`] holds what the shared view knows.
+    #[default]
+    NotDone,
+    /// Performed after any POST of ours: [`Facts::actions`] holds MDE's answer, so an intent
+    /// whose marker is absent there provably created nothing.
+    Done,
+    /// The lookup failed.
+    Failed(CallFailure),
+}
+
+/// Everything the planner knows of MDE for this resource's machine.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Facts {
+    /// Whether the shared view of isolation actions has been loaded at least once. Before that the
+    /// operator cannot tell whether an action is open, so it requests nothing.
+    pub synced: bool,
+    /// Known Isolate/Unisolate actions on this machine, any status, anyone's.
+    pub actions: Vec<ActionFact>,
+    /// Whether this pass looked the machine up.
+    pub lookup: Lookup,
+    /// The process knows that the POST for the current intent was never sent (it was refused by
+    /// the quota gate or failed before sending), so no lookup is needed before sending it.
+    pub intent_unsent: bool,
+    /// Outcome of the POST made in this pass.
+    pub post: Option<PostOutcome>,
+}
+
+/// Another DeviceIsolation for the same machine.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sibling {
+    /// namespace/name.
+    pub key: String,
+    /// Its desired state.
+    pub isolated: bool,
+}
+
+/// Retry and polling timings, already scaled to the operator's clock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timing {
+    /// Failed/TimeOut attempts before giving up (`Stalled`, `RetriesExhausted`).
+    pub max_attempts: u32,
+    /// First retry delay; doubles per failed attempt.
+    pub backoff_base: Duration,
+    /// Cap on the retry delay.
+    pub backoff_max: Duration,
+    /// Safety-net re-check of an open action (the batch poller normally wakes the resource).
+    pub open_action_recheck: Duration,
+    /// Delay after a transient error or an ambiguous outcome.
+    pub transient_retry: Duration,
+    /// Re-check while the shared view is not loaded yet.
+    pub view_not_synced_retry: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            max_attempts: 5,
+            backoff_base: Duration::from_secs(60),
+            backoff_max: Duration::from_secs(3600),
+            open_action_recheck: Duration::from_secs(1800),
+            transient_retry: Duration::from_secs(10),
+            view_not_synced_retry: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The planner's input: one resource and its facts.
+#[derive(Clone, Debug)]
+pub struct Input<'a> {
+    /// Resource namespace.
+    pub namespace: &'a str,
+    /// Resource name.
+    pub name: &'a str,
+    /// Resource uid.
+    pub uid: &'a str,
+    /// metadata.generation.
+    pub generation: i64,
+    /// The spec.
+    pub spec: &'a DeviceIsolationSpec,
+    /// The comment annotation (trimmed, non-empty).
+    pub comment: Option<&'a str>,
+    /// The retry-request annotation.
+    pub retry_request: Option<&'a str>,
+    /// Current status (default when none).
+    pub status: &'a DeviceIsolationStatus,
+    /// Other resources for the same machine.
+    pub siblings: &'a [Sibling],
+    /// What is known of MDE.
+    pub facts: &'a Facts,
+    /// Current time.
+    pub now: DateTime<Utc>,
+    /// Plan and report only; never POST.
+    pub dry_run: bool,
+    /// Timings.
+    pub timing: &'a Timing,
+}
+
+/// A Kubernetes event to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventNote {
+    /// Warning rather than Normal.
+    pub warning: bool,
+    /// CamelCase reason.
+    pub reason: String,
+    /// Human-readable note.
+    pub note: String,
+}
+
+/// The one effect a plan asks the controller to perform next.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// Nothing: write the status (if changed) and requeue as told.
+    None,
+    /// List this machine's recent Isolate/Unisolate actions, then plan again.
+    Lookup {
+        /// Machine to look up.
+        machine_id: String,
+        /// Only actions created at or after this time are needed.
+        created_since: Option<DateTime<Utc>>,
+    },
+    /// Write the status (it holds the intent), then POST, then plan again with the outcome.
+    Post {
+        /// Machine to act on.
+        machine_id: String,
+        /// Isolate or Unisolate.
+        kind: ActionKind,
+        /// For Isolate.
+        isolation_type: IsolationType,
+        /// Full comment: the annotation text followed by the audit marker.
+        comment: String,
+    },
+}
+
+/// The planner's output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The status to hold after this step (written only when it differs from the current one).
+    pub status: DeviceIsolationStatus,
+    /// What to do next.
+    pub effect: Effect,
+    /// When to reconcile again; `None` waits for a change (of the resource or from the poller).
+    pub requeue: Option<Duration>,
+    /// Events for transitions made by this step.
+    pub events: Vec<EventNote>,
+}
+
+/// Reason of the phase that waits for the shared view's first load.
+pub const WAITING_FOR_VIEW: &str = "WaitingForMdeView";
+
+/// Reasons under which a resource stays `Stalled` until its spec changes or a retry is requested.
+const STICKY_STALLS: &[&str] = &[
+    "MachineNotFound",
+    "Forbidden",
+    "AuthenticationFailed",
+    "UnsupportedPlatform",
+    "InvalidRequest",
+    "ActionCancelled",
+    "RetriesExhausted",
+];
+
+/// Formats a time the way status stores it.
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// Builds plans; holds the evolving status while the rules run.
+struct Planner<'a> {
+    input: &'a Input<'a>,
+    status: DeviceIsolationStatus,
+    events: Vec<EventNote>,
+    desired: ActionKind,
+}
+
+/// Decides the next step for one resource. See the module docs.
+pub fn plan(input: &Input<'_>) -> Plan {
+    let mut p = Planner {
+        input,
+        status: input.status.clone(),
+        events: Vec::new(),
+        desired: ActionKind::for_desired(input.spec.isolated),
+    };
+    p.start_generation();
+    let (phase, effect, requeue) = p.decide();
+    p.finish(phase, effect, requeue)
+}
+
+type Decision = (Phase, Effect, Option<Duration>);
+
+impl<'a> Planner<'a> {
+    fn facts(&self) -> &'a Facts {
+        self.input.facts
+    }
+
+    fn generation(&self) -> i64 {
+        self.input.generation
+    }
+
+    /// Drops what belonged to an older generation: its attempts, its intent, and its action unless
+    /// that action is of the desired type and still open (then it serves the new generation too).
+    /// A finished action is dropped: whether the device is already in the desired state is then
+    /// decided from MDE's history, which also sees actions of generations in between.
+    fn start_generation(&mut self) {
+        if self.status.observed_generation == Some(self.generation()) {
+            return;
+        }
+        let desired = self.desired.as_str();
+        if self.status.action.as_ref().is_some_and(|a| {
+            a.action_type != desired || ActionStatus::from(a.status.as_str()).is_final()
+        }) {
+            self.status.action = None;
+        }
+        if self
+            .status
+            .intent
+            .as_ref()
+            .is_some_and(|i| i.generation != self.generation())
+        {
+            self.status.intent = None;
+        }
+        self.status.requests = 0;
+        self.status.failed_attempts = 0;
+        self.status.next_attempt_at = None;
+    }
+
+    fn decide(&mut self) -> Decision {
+        let retry_now = self.take_retry_request();
+
+        if let Some(d) = self.conflict() {
+            return d;
+        }
+        if !retry_now && let Some(d) = self.sticky_stall() {
+            return d;
+        }
+        if let Some(d) = self.post_outcome() {
+            return d;
+        }
+        if let Some(d) = self.tracked_action(retry_now) {
+            return d;
+        }
+        self.new_action()
+    }
+
+    /// A new value of the retry annotation clears a sticky stall and the failure count once.
+    fn take_retry_request(&mut self) -> bool {
+        let Some(request) = self.input.retry_request else {
+            return false;
+        };
+        if self.status.last_handled_retry.as_deref() == Some(request) {
+            return false;
+        }
+        self.status.last_handled_retry = Some(request.to_string());
+        self.status.failed_attempts = 0;
+        self.status.next_attempt_at = None;
+        true
+    }
+
+    /// Rule 6: two resources for one machine that disagree both stall, and neither calls MDE.
+    fn conflict(&mut self) -> Option<Decision> {
+        let others: Vec<&str> = self
+            .input
+            .siblings
+            .iter()
+            .filter(|s| s.isolated != self.input.spec.isolated)
+            .map(|s| s.key.as_str())
+            .collect();
+        if others.is_empty() {
+            return None;
+        }
+        let message = format!(
+            "machine {} is also managed by {} with the opposite desired state; delete or align one of them",
+            self.input.spec.machine_id,
+            others.join(", ")
+        );
+        Some(stalled("Conflict", message))
+    }
+
+    /// A stall that needs a person stays until the generation changes or a retry is requested, so
+    /// that a 404 or 403 is not retried against the quota on every resync.
+    fn sticky_stall(&self) -> Option<Decision> {
+        let cond = conditions::find(&self.input.status.conditions, STALLED)?;
+        let same_generation = cond.observed_generation == Some(self.generation())
+            && self.input.status.observed_generation == Some(self.generation());
+        if same_generation && STICKY_STALLS.contains(&cond.reason.as_str()) {
+            return Some(stalled(&cond.reason, cond.message.clone()));
+        }
+        None
+    }
+
+    /// Handles the answer to a POST made earlier in this pass.
+    fn post_outcome(&mut self) -> Option<Decision> {
+        let outcome = self.facts().post.as_ref()?;
+        match outcome {
+            PostOutcome::Action(action) => {
+                let ours = self
+                    .status
+                    .intent
+                    .as_ref()
+                    .is_some_and(|i| carries_marker(action.comment.as_deref(), &i.marker));
+                if action.kind != self.desired {
+                    // return-existing mode handed back someone else's opposite action: wait for it.
+                    return Some(self.wait_for_opposite(action));
+                }
+                self.status.intent = None;
+                let reason = if ours {
+                    "ActionRequested"
+                } else {
+                    "ActionAdopted"
+                };
+                self.event(
+                    false,
+                    reason,
+                    format!(
+                        "{} action {} for machine {} is {}",
+                        action.kind.as_str(),
+                        action.id,
+                        self.input.spec.machine_id,
+                        action.status.as_str()
+                    ),
+                );
+                self.status.action = Some(action.tracked());
+                Some(self.follow(action.clone()))
+            }
+            PostOutcome::Failed(failure) => Some(self.post_failure(failure)),
+        }
+    }
+
+    fn post_failure(&mut self, failure: &CallFailure) -> Decision {
+        let t = self.input.timing;
+        match failure {
+            CallFailure::AlreadyInProgress => {
+                // Someone's action is open on the machine: find it, then adopt or wait.
+                self.status.intent = None;
+                if self.facts().lookup == Lookup::Done {
+                    // Looked already and the open action finished meanwhile: try again soon.
+                    return reconciling(
+                        "WaitingForOpenAction",
+                        "MDE reports an action in progress on the machine".into(),
+                        Some(t.transient_retry),
+                        Effect::None,
+                    );
+                }
+                self.lookup_decision(None)
+            }
+            CallFailure::Ambiguous(msg) => {
+                // The action may exist: never re-POST blindly; look it up by its marker first.
+                let since = self.intent_time();
+                let message = format!("outcome of the request is unknown ({msg}); looking it up");
+                let effect = self.lookup_effect(since);
+                reconciling("OutcomeUnknown", message, Some(t.transient_retry), effect)
+            }
+            other => {
+                // Certainly not applied: nothing was created under the intent's marker.
+                self.status.intent = match other {
+                    CallFailure::QuotaWait(_)
+                    | CallFailure::RateLimited(_)
+                    | CallFailure::Transient(_) => self.status.intent.clone(),
+                    _ => None,
+                };
+                self.failure_decision(other)
+            }
+        }
+    }
+
+    /// Maps a failure that certainly created nothing to a phase.
+    fn failure_decision(&self, failure: &CallFailure) -> Decision {
+        let t = self.input.timing;
+        match failure {
+            CallFailure::MachineNotFound(m) => stalled("MachineNotFound", m.clone()),
+            CallFailure::Forbidden(m) => stalled("Forbidden", m.clone()),
+            CallFailure::AuthenticationFailed(m) => stalled("AuthenticationFailed", m.clone()),
+            CallFailure::UnsupportedPlatform(m) => stalled("UnsupportedPlatform", m.clone()),
+            CallFailure::InvalidRequest(m) => stalled("InvalidRequest", m.clone()),
+            CallFailure::RateLimited(after) => reconciling(
+                "RateLimited",
+                "MDE answered 429 Too Many Requests; all calls to this API pause until Retry-After"
+                    .into(),
+                Some(*after),
+                Effect::None,
+            ),
+            CallFailure::QuotaWait(after) => reconciling(
+                "WaitingForQuota",
+                "waiting for a slot in the MDE API quota".into(),
+                Some(*after),
+                Effect::None,
+            ),
+            CallFailure::Transient(m) | CallFailure::Ambiguous(m) => reconciling(
+                "TransientError",
+                format!("MDE call failed and will be retried: {m}"),
+                Some(t.transient_retry),
+                Effect::None,
+            ),
+            CallFailure::AlreadyInProgress => reconciling(
+                "WaitingForOpenAction",
+                "MDE reports an action in progress on the machine".into(),
+                Some(t.transient_retry),
+                Effect::None,
+            ),
+        }
+    }
+
+    /// Rules 1, 4 and 7: an action is recorded for this generation.
+    fn tracked_action(&mut self, retry_now: bool) -> Option<Decision> {
+        let recorded = self.status.action.clone()?;
+        let kind = ActionKind::parse(&recorded.action_type)?;
+        if kind != self.desired {
+            return None;
+        }
+        // The shared view may know a newer state of the action than status does.
+        let fresh = self
+            .facts()
+            .actions
+            .iter()
+            .find(|a| a.id == recorded.id)
+            .cloned();
+        let current = match fresh {
+            Some(a) => a,
+            None => ActionFact {
+                id: recorded.id.clone(),
+                kind,
+                status: ActionStatus::from(recorded.status.as_str()),
+                requestor: recorded.requestor.clone(),
+                comment: None,
+                created_at: recorded.created_at.as_deref().and_then(parse_time),
+                updated_at: recorded.updated_at.as_deref().and_then(parse_time),
+            },
+        };
+        // A failure counts once: when the persisted status first learns that it is final.
+        let was_final = self
+            .input
+            .status
+            .action
+            .as_ref()
+            .filter(|a| a.id == recorded.id)
+            .is_some_and(|a| ActionStatus::from(a.status.as_str()).is_final());
+        self.status.action = Some(current.tracked());
+
+        match &current.status {
+            ActionStatus::Failed | ActionStatus::TimeOut => {
+                if !was_final {
+                    self.status.failed_attempts += 1;
+                    self.event(
+                        true,
+                        "ActionFailed",
+                        format!(
+                            "{} action {} ended {}",
+                            kind.as_str(),
+                            current.id,
+                            current.status.as_str()
+                        ),
+                    );
+                }
+                if retry_now {
+                    return None;
+                }
+                Some(self.schedule_retry(&current))
+            }
+            ActionStatus::Cancelled => {
+                if retry_now {
+                    return None;
+                }
+                Some(stalled(
+                    "ActionCancelled",
+                    format!(
+                        "{} action {} was cancelled in MDE; the operator does not override a person: \
+                         request a retry (annotation isolation.mde.dev/retry-requested-at) to try again",
+                        kind.as_str(),
+                        current.id
+                    ),
+                ))
+            }
+            ActionStatus::Succeeded => self.converged(&current, retry_now),
+            _ => Some(self.follow(current)),
+        }
+    }
+
+    /// Rule 1 and rule 7: converged, unless someone changed the device since.
+    fn converged(&mut self, ours: &ActionFact, retry_now: bool) -> Option<Decision> {
+        let drift = self
+            .facts()
+            .actions
+            .iter()
+            .filter(|a| a.kind != self.desired && a.status == ActionStatus::Succeeded)
+            .filter(|a| a.finished_at() > ours.finished_at())
+            .max_by_key(|a| a.finished_at())
+            .cloned();
+        let Some(foreign) = drift else {
+            self.status.isolated = Some(self.desired.leaves_isolated());
+            return Some(self.ready(ours));
+        };
+        self.status.isolated = Some(foreign.kind.leaves_isolated());
+        if self.input.spec.drift_policy == DriftPolicy::Correct || retry_now {
+            // Re-converge: a new action for this generation, counted afresh.
+            self.status.action = None;
+            return None;
+        }
+        let who = foreign.requestor.as_deref().unwrap_or("someone");
+        let message = format!(
+            "device was {} outside the operator by {who} (action {}); driftPolicy Report leaves it: \
+             set driftPolicy: Correct or request a retry to restore the desired state",
+            if foreign.kind.leaves_isolated() {
+                "isolated"
+            } else {
+                "released"
+            },
+            foreign.id
+        );
+        if self.previous_ready_reason() != Some("Drifted") {
+            self.event(true, "Drifted", message.clone());
+        }
+        Some(stalled("Drifted", message))
+    }
+
+    fn ready(&mut self, action: &ActionFact) -> Decision {
+        let reason = if self.desired.leaves_isolated() {
+            "Isolated"
+        } else {
+            "Released"
+        };
+        let message = format!(
+            "device {} by {} action {}",
+            reason.to_lowercase(),
+            action.kind.as_str(),
+            action.id
+        );
+        if self.previous_ready_reason() != Some(reason) {
+            self.event(false, reason, message.clone());
+        }
+        (
+            Phase::Ready {
+                reason: reason.into(),
+                message,
+            },
+            Effect::None,
+            None,
+        )
+    }
+
+    /// An open action serves this generation: wait; the batch poller wakes us on change.
+    fn follow(&mut self, action: ActionFact) -> Decision {
+        if !action.is_open() {
+            // A final state arrived with the POST answer or a lookup: plan it as tracked.
+            self.status.action = Some(action.tracked());
+            return self
+                .tracked_action(false)
+                .unwrap_or_else(|| self.new_action());
+        }
+        let since = action
+            .created_at
+            .map(rfc3339)
+            .unwrap_or_else(|| "an unknown time".into());
+        reconciling(
+            "ActionPending",
+            format!(
+                "{} action {} is {} since {since}; offline devices can take up to 3 days",
+                action.kind.as_str(),
+                action.id,
+                action.status.as_str()
+            ),
+            Some(self.input.timing.open_action_recheck),
+            Effect::None,
+        )
+    }
+
+    fn schedule_retry(&mut self, failed: &ActionFact) -> Decision {
+        let t = self.input.timing;
+        let attempts = self.status.failed_attempts;
+        if attempts >= t.max_attempts {
+            self.status.next_attempt_at = None;
+            return stalled(
+                "RetriesExhausted",
+                format!(
+                    "{attempts} attempts failed (last: action {} {}); request a retry to try again",
+                    failed.id,
+                    failed.status.as_str()
+                ),
+            );
+        }
+        let due = match self.status.next_attempt_at.as_deref().and_then(parse_time) {
+            Some(due) => due,
+            None => {
+                let exp = t
+                    .backoff_base
+                    .saturating_mul(1u32 << (attempts.saturating_sub(1)).min(16))
+                    .min(t.backoff_max);
+                let due = self.input.now + chrono::Duration::from_std(exp).unwrap_or_default();
+                self.status.next_attempt_at = Some(rfc3339(due));
+                due
+            }
+        };
+        if due <= self.input.now {
+            // Time for the next attempt: a new action under a new marker.
+            self.status.action = None;
+            self.status.next_attempt_at = None;
+            return self.new_action();
+        }
+        let wait = (due - self.input.now).to_std().unwrap_or_default();
+        reconciling(
+            "RetryScheduled",
+            format!(
+                "action {} ended {}; attempt {} of {} at {}",
+                failed.id,
+                failed.status.as_str(),
+                attempts + 1,
+                t.max_attempts,
+                rfc3339(due)
+            ),
+            Some(wait),
+            Effect::None,
+        )
+    }
+
+    /// Rule 5: no action serves this generation yet.
+    fn new_action(&mut self) -> Decision {
+        let t = self.input.timing;
+        let Some(comment) = self.input.comment else {
+            return stalled(
+                "CommentMissing",
+                "annotation isolation.mde.dev/comment is required: MDE records it as the reason \
+                 for the action"
+                    .into(),
+            );
+        };
+        if let Some(due) = self.status.next_attempt_at.as_deref().and_then(parse_time)
+            && due > self.input.now
+        {
+            let wait = (due - self.input.now).to_std().unwrap_or_default();
+            return reconciling(
+                "RetryScheduled",
+                format!("next attempt at {}", rfc3339(due)),
+                Some(wait),
+                Effect::None,
+            );
+        }
+        if let Lookup::Failed(failure) = &self.facts().lookup {
+            return self.failure_decision(failure);
+        }
+        if !self.facts().synced && self.facts().lookup != Lookup::Done {
+            return reconciling(
+                WAITING_FOR_VIEW,
+                "loading the open actions of the tenant before requesting anything".into(),
+                Some(t.view_not_synced_retry),
+                Effect::None,
+            );
+        }
+
+        // Never stack actions on one machine: adopt an open one of our type, wait for the other.
+        let open: Vec<&ActionFact> = self
+            .facts()
+            .actions
+            .iter()
+            .filter(|a| a.is_open())
+            .collect();
+        if let Some(same) = open.iter().find(|a| a.kind == self.desired) {
+            let same = (*same).clone();
+            self.status.intent = None;
+            self.event(
+                false,
+                "ActionAdopted",
+                format!(
+                    "adopted open {} action {} requested by {}",
+                    same.kind.as_str(),
+                    same.id,
+                    same.requestor.as_deref().unwrap_or("someone")
+                ),
+            );
+            self.status.action = Some(same.tracked());
+            return self.follow(same);
+        }
+        if let Some(other) = open.first() {
+            let other = (*other).clone();
+            return self.wait_for_opposite(&other);
+        }
+
+        // An intent without an action: the POST may have happened (crash, ambiguous answer).
+        if let Some(intent) = self.current_intent() {
+            if let Some(found) = self
+                .facts()
+                .actions
+                .iter()
+                .find(|a| carries_marker(a.comment.as_deref(), &intent.marker))
+                .cloned()
+            {
+                self.status.intent = None;
+                self.event(
+                    false,
+                    "ActionRequested",
+                    format!("recovered action {} from its audit marker", found.id),
+                );
+                self.status.action = Some(found.tracked());
+                return self
+                    .tracked_action(false)
+                    .unwrap_or_else(|| self.follow(found));
+            }
+            let provably_absent = self.facts().intent_unsent || self.facts().lookup == Lookup::Done;
+            if !provably_absent {
+                let since = parse_time(&intent.recorded_at);
+                let effect = self.lookup_effect(since);
+                return reconciling(
+                    "OutcomeUnknown",
+                    "looking up whether the last request created an action".into(),
+                    Some(t.transient_retry),
+                    effect,
+                );
+            }
+        }
+
+        // Already in the desired state: the latest finished isolation action says so.
+        if self.status.intent.is_none()
+            && let Some(last) = self.latest_succeeded()
+            && last.kind == self.desired
+        {
+            self.status.action = Some(last.tracked());
+            self.status.isolated = Some(self.desired.leaves_isolated());
+            return self.ready(&last);
+        }
+
+        self.post(comment)
+    }
+
+    fn wait_for_opposite(&self, other: &ActionFact) -> Decision {
+        reconciling(
+            "WaitingForOpenAction",
+            format!(
+                "{} action {} is open on the machine; waiting for it to end before requesting {}",
+                other.kind.as_str(),
+                other.id,
+                self.desired.as_str()
+            ),
+            Some(self.input.timing.open_action_recheck),
+            Effect::None,
+        )
+    }
+
+    fn post(&mut self, comment: &str) -> Decision {
+        let machine_id = self.input.spec.machine_id.clone();
+        if self.input.dry_run {
+            return reconciling(
+                "DryRun",
+                format!(
+                    "dry run: would POST /api/machines/{machine_id}/{}",
+                    self.desired.as_str().to_lowercase()
+                ),
+                None,
+                Effect::None,
+            );
+        }
+        // An intent proven unsent keeps its marker; otherwise this is a new request.
+        let marker = match self.current_intent() {
+            Some(intent) => intent.marker,
+            None => {
+                self.status.requests += 1;
+                let marker = AuditTag {
+                    namespace: self.input.namespace,
+                    name: self.input.name,
+                    uid: self.input.uid,
+                    generation: self.generation(),
+                    attempt: self.status.requests,
+                }
+                .marker();
+                self.status.intent = Some(Intent {
+                    generation: self.generation(),
+                    action_type: self.desired.as_str().into(),
+                    attempt: self.status.requests,
+                    marker: marker.clone(),
+                    recorded_at: rfc3339(self.input.now),
+                });
+                marker
+            }
+        };
+        reconciling(
+            "ActionRequested",
+            format!(
+                "requesting {} for machine {machine_id}",
+                self.desired.as_str()
+            ),
+            Some(self.input.timing.transient_retry),
+            Effect::Post {
+                machine_id,
+                kind: self.desired,
+                isolation_type: self.input.spec.isolation_type,
+                comment: comment_with_marker(comment, &marker),
+            },
+        )
+    }
+
+    fn lookup_decision(&self, since: Option<DateTime<Utc>>) -> Decision {
+        reconciling(
+            "WaitingForOpenAction",
+            "MDE reports an action in progress on the machine; looking it up".into(),
+            Some(self.input.timing.transient_retry),
+            self.lookup_effect(since),
+        )
+    }
+
+    /// A lookup, unless this pass already made one (then the caller's requeue takes over).
+    fn lookup_effect(&self, since: Option<DateTime<Utc>>) -> Effect {
+        if self.facts().lookup != Lookup::NotDone {
+            return Effect::None;
+        }
+        Effect::Lookup {
+            machine_id: self.input.spec.machine_id.clone(),
+            created_since: since.map(|t| t - chrono::Duration::minutes(10)),
+        }
+    }
+
+    fn current_intent(&self) -> Option<Intent> {
+        self.status
+            .intent
+            .clone()
+            .filter(|i| i.generation == self.generation() && i.action_type == self.desired.as_str())
+    }
+
+    fn intent_time(&self) -> Option<DateTime<Utc>> {
+        self.status
+            .intent
+            .as_ref()
+            .and_then(|i| parse_time(&i.recorded_at))
+    }
+
+    fn latest_succeeded(&self) -> Option<ActionFact> {
+        self.facts()
+            .actions
+            .iter()
+            .filter(|a| a.status == ActionStatus::Succeeded)
+            .max_by_key(|a| a.finished_at())
+            .cloned()
+    }
+
+    fn previous_ready_reason(&self) -> Option<&str> {
+        conditions::find(&self.input.status.conditions, conditions::READY)
+            .filter(|c| c.observed_generation == Some(self.generation()))
+            .map(|c| c.reason.as_str())
+    }
+
+    fn event(&mut self, warning: bool, reason: &str, note: String) {
+        self.events.push(EventNote {
+            warning,
+            reason: reason.into(),
+            note,
+        });
+    }
+
+    fn finish(mut self, phase: Phase, effect: Effect, requeue: Option<Duration>) -> Plan {
+        if let Phase::Stalled { reason, message } = &phase {
+            let previous = conditions::find(&self.input.status.conditions, STALLED)
+                .filter(|c| c.observed_generation == Some(self.generation()))
+                .map(|c| c.reason.as_str());
+            if previous != Some(reason.as_str()) && reason != "Drifted" {
+                self.event(true, reason, message.clone());
+            }
+        }
+        let now = rfc3339(self.input.now);
+        let conditions: Vec<Condition> = conditions::conditions_for(
+            &phase,
+            &self.input.status.conditions,
+            self.generation(),
+            &now,
+        );
+        self.status.conditions = conditions;
+        self.status.observed_generation = Some(self.generation());
+        Plan {
+            status: self.status,
+            effect,
+            requeue,
+            events: self.events,
+        }
+    }
+}
+
+fn stalled(reason: &str, message: String) -> Decision {
+    (
+        Phase::Stalled {
+            reason: reason.into(),
+            message,
+        },
+        Effect::None,
+        None,
+    )
+}
+
+fn reconciling(
+    reason: &str,
+    message: String,
+    requeue: Option<Duration>,
+    effect: Effect,
+) -> Decision {
+    (
+        Phase::Reconciling {
+            reason: reason.into(),
+            message,
+        },
+        effect,
+        requeue,
+    )
+}
+
+#[cfg(test)]
+#[path = "planner_tests.rs"]
+mod tests;

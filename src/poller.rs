@@ -1,0 +1,287 @@
+//! The batch poller: one task keeps the shared [`ActionView`] fresh with O(1) list calls per cycle
+//! whatever the number of resources, and wakes the resources whose machines changed.
+//!
+//! One cycle is one `GET /api/machineactions` whose filter asks for every Isolate/Unisolate action
+//! that is open *or* was created recently (young actions finish within minutes, so their final
+//! state arrives in the same call; anyone's new action shows up for drift detection). Only actions
+//! that leave the open set when older than that window need a second call, `id in (...)`, in pages.
+//! The interval is short while young actions are open and grows with their age, so a crowd of
+//! offline devices, pending for days, costs a few reads an hour.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::Health;
+use crate::mde::client::MdeClient;
+use crate::mde::error::ErrorClass;
+use crate::mde::odata::{Filter, ListQuery};
+use crate::metrics::Metrics;
+use crate::view::{ActionView, ResourceKey, fact_of};
+
+/// Quota key of the poller's reads.
+pub const POLLER_KEY: &str = "batch-poller";
+
+/// Largest `id in (...)` list per call (keeps URLs short).
+const IDS_PER_CALL: usize = 40;
+
+/// Poll timings, already scaled to the operator's clock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PollTiming {
+    /// Interval while a young action is open.
+    pub fast: Duration,
+    /// Longest interval while actions are open.
+    pub max_open: Duration,
+    /// Interval while nothing is open: how often anyone's new actions are read for drift
+    /// detection. Also the delay before the first load when no resource asks for the view sooner,
+    /// so that a restart over converged resources makes no call at all for that long.
+    pub idle: Duration,
+    /// Actions younger than this come back whatever their status.
+    pub young_window: Duration,
+    /// Overlap between consecutive "created since" windows (clock skew, slow writes).
+    pub overlap: Duration,
+}
+
+impl PollTiming {
+    /// Production timings divided by `time_scale`, with the given drift interval (unscaled).
+    pub fn scaled(time_scale: f64, drift_interval: Duration) -> Self {
+        let s = |secs: u64| Duration::from_secs(secs).div_f64(time_scale);
+        PollTiming {
+            fast: s(10),
+            max_open: s(600),
+            idle: drift_interval.div_f64(time_scale),
+            young_window: s(300),
+            overlap: s(60),
+        }
+    }
+}
+
+/// The interval after a cycle: `age / 6` of the youngest open action, clamped to
+/// `[fast, max_open]`; `idle` when nothing is open.
+pub fn next_interval(youngest_open_age: Option<Duration>, t: &PollTiming) -> Duration {
+    match youngest_open_age {
+        None => t.idle,
+        Some(age) => (age / 6).clamp(t.fast, t.max_open),
+    }
+}
+
+/// The cycle's filter: Isolate/Unisolate actions that are open or were created at or after `since`.
+pub fn cycle_filter(since: DateTime<Utc>) -> Filter {
+    isolation_types().and(
+        Filter::is_in("status", ["Pending", "InProgress"])
+            .or(Filter::ge("creationDateTimeUtc", since)),
+    )
+}
+
+fn isolation_types() -> Filter {
+    Filter::is_in("type", ["Isolate", "Unisolate"])
+}
+
+/// Query of the first load: the tenant's isolation actions, newest first, in pages of 10,000.
+pub fn initial_query() -> ListQuery {
+    ListQuery {
+        filter: Some(isolation_types()),
+        top: Some(10_000),
+        orderby: Some("creationDateTimeUtc desc".into()),
+        ..ListQuery::default()
+    }
+}
+
+/// Delivers wake-ups to the controllers.
+pub trait Wake: Send + Sync {
+    /// Asks for `resource` to be reconciled soon.
+    fn wake(&self, resource: &ResourceKey);
+}
+
+/// The poller task.
+pub struct Poller {
+    /// MDE client (reads only).
+    pub client: MdeClient,
+    /// Shared view to fill.
+    pub view: Arc<ActionView>,
+    /// Where wake-ups go.
+    pub waker: Arc<dyn Wake>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Liveness heartbeat.
+    pub health: Arc<Health>,
+    /// Timings.
+    pub timing: PollTiming,
+    /// Signalled when a new action was created or a resource needs the view loaded, so the next
+    /// cycle comes soon.
+    pub nudge: Arc<Notify>,
+}
+
+impl Poller {
+    /// Runs until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        // Load the view only when a resource needs it, or for the first drift check.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(self.timing.idle) => {}
+            _ = self.nudge.notified() => {}
+        }
+        let mut last_start: Option<DateTime<Utc>> = None;
+        loop {
+            self.health.poller_beat();
+            let started = Utc::now();
+            let wait = match self.cycle(last_start).await {
+                Ok(()) => {
+                    last_start = Some(started);
+                    next_interval(self.view.youngest_open_age(Utc::now()), &self.timing)
+                }
+                Err(wait) => wait,
+            };
+            self.publish_gauges(wait);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.nudge.notified() => {
+                    // A new action: come back after the fast interval, not the long one.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(self.timing.fast.min(wait)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One cycle. On failure returns how long to wait before the next try.
+    async fn cycle(&self, last_start: Option<DateTime<Utc>>) -> Result<(), Duration> {
+        let first = !self.view.is_synced();
+        let query = match last_start {
+            Some(last) if !first => {
+                let young = Utc::now()
+                    - chrono::Duration::from_std(self.timing.young_window).unwrap_or_default();
+                let since = young.min(
+                    last - chrono::Duration::from_std(self.timing.overlap).unwrap_or_default(),
+                );
+                ListQuery {
+                    filter: Some(cycle_filter(since)),
+                    top: Some(10_000),
+                    ..ListQuery::default()
+                }
+            }
+            _ => initial_query(),
+        };
+        let previously_open: HashSet<String> = self.view.open_action_ids().into_iter().collect();
+        let actions = self.list(&query).await?;
+        let returned: HashSet<String> = actions.iter().map(|a| a.id.clone()).collect();
+        let mut changed = self.view.upsert(actions.iter().filter_map(fact_of));
+
+        // Open actions that left the open set while older than the window: fetch their end.
+        let left: Vec<String> = previously_open
+            .into_iter()
+            .filter(|id| !returned.contains(id))
+            .collect();
+        for chunk in left.chunks(IDS_PER_CALL) {
+            let query = ListQuery {
+                filter: Some(Filter::is_in("id", chunk.iter().map(String::as_str))),
+                top: Some(10_000),
+                ..ListQuery::default()
+            };
+            let ended = self.list(&query).await?;
+            changed.extend(self.view.upsert(ended.iter().filter_map(fact_of)));
+        }
+        if first {
+            self.view.mark_synced();
+            tracing::info!(
+                actions = actions.len(),
+                "loaded the tenant's isolation actions"
+            );
+        }
+        for resource in self.view.watchers_of(changed.iter()) {
+            self.waker.wake(&resource);
+        }
+        Ok(())
+    }
+
+    async fn list(
+        &self,
+        query: &ListQuery,
+    ) -> Result<Vec<crate::mde::model::MachineAction>, Duration> {
+        match self.client.list_actions(query, POLLER_KEY).await {
+            Ok(actions) => Ok(actions),
+            Err(e) => {
+                let wait = match e.class() {
+                    ErrorClass::QuotaWait { until } => {
+                        until.saturating_duration_since(tokio::time::Instant::now())
+                    }
+                    ErrorClass::RateLimited { retry_after } => retry_after,
+                    _ => self.timing.fast,
+                };
+                tracing::warn!(error = %e, retry_in = ?wait, "batch poll failed");
+                Err(wait.max(Duration::from_millis(10)))
+            }
+        }
+    }
+
+    fn publish_gauges(&self, interval: Duration) {
+        let (open, oldest) = self.view.open_summary(Utc::now());
+        self.metrics.open_actions.set(open as i64);
+        self.metrics
+            .oldest_open_action_age_seconds
+            .set(oldest.map(|d| d.as_secs_f64()).unwrap_or(0.0));
+        self.metrics
+            .poll_interval_seconds
+            .set(interval.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interval_is_fast_for_young_actions_and_grows_with_age() {
+        let t = PollTiming::scaled(1.0, Duration::from_secs(360));
+        assert_eq!(next_interval(None, &t), Duration::from_secs(360));
+        assert_eq!(next_interval(Some(Duration::from_secs(5)), &t), t.fast);
+        assert_eq!(
+            next_interval(Some(Duration::from_secs(1200)), &t),
+            Duration::from_secs(200)
+        );
+        assert_eq!(
+            next_interval(Some(Duration::from_secs(86_400)), &t),
+            t.max_open
+        );
+    }
+
+    #[test]
+    fn a_crowd_of_old_offline_actions_costs_a_few_reads_an_hour() {
+        // The youngest pending action is an hour old or more: at most 6 cycles an hour.
+        let t = PollTiming::scaled(1.0, Duration::from_secs(360));
+        let per_hour = 3600.0 / next_interval(Some(Duration::from_secs(3600)), &t).as_secs_f64();
+        assert!(per_hour <= 6.0, "{per_hour} cycles per hour");
+    }
+
+    #[test]
+    fn timings_scale_with_the_time_scale() {
+        let t = PollTiming::scaled(60.0, Duration::from_secs(360));
+        assert_eq!(t.idle, Duration::from_secs(6));
+        assert_eq!(
+            t.fast,
+            Duration::from_millis(166) + Duration::from_nanos(666_667)
+        );
+    }
+
+    #[test]
+    fn cycle_filter_asks_for_open_or_recent_isolation_actions_in_one_call() {
+        let since = DateTime::parse_from_rfc3339("2026-11-28T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let s = cycle_filter(since).to_string();
+        assert!(s.contains("type in ('Isolate','Unisolate')"), "{s}");
+        assert!(s.contains("status in ('Pending','InProgress')"), "{s}");
+        assert!(
+            s.contains("creationDateTimeUtc ge 2026-11-28T10:00:00Z"),
+            "{s}"
+        );
+        assert!(s.contains(" or "), "{s}");
+    }
+}

@@ -1,0 +1,299 @@
+//! The operator's shared view of the tenant's Isolate/Unisolate machine actions.
+//!
+//! The batch poller fills it with a few list calls per cycle whatever the number of resources;
+//! reconcilers read it instead of calling MDE, and add the actions their POSTs and lookups return.
+//! It also remembers which resources care about which machine, so that a change in MDE wakes
+//! exactly the resources it concerns.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::RwLock;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::mde::model::{ActionType, MachineAction};
+use crate::planner::{ActionFact, ActionKind};
+
+/// Finished actions kept per machine beyond the open ones: enough to know the device's current
+/// state, to detect drift, and to find a recent action by its marker.
+const FINISHED_KEPT_PER_MACHINE: usize = 6;
+
+/// Identity of a resource that watches a machine: (namespace, name).
+pub type ResourceKey = (String, String);
+
+#[derive(Default)]
+struct Inner {
+    synced: bool,
+    by_machine: HashMap<String, Vec<ActionFact>>,
+    watchers: HashMap<String, HashSet<ResourceKey>>,
+    machine_of: HashMap<ResourceKey, String>,
+}
+
+/// Thread-safe view; one per process.
+#[derive(Default)]
+pub struct ActionView {
+    inner: RwLock<Inner>,
+}
+
+impl ActionView {
+    /// An empty, not yet synced view.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the first full load has completed.
+    pub fn is_synced(&self) -> bool {
+        self.read().synced
+    }
+
+    /// Marks the first full load as done.
+    pub fn mark_synced(&self) {
+        self.write().synced = true;
+    }
+
+    /// Known actions on `machine_id` (open ones and the latest finished ones).
+    pub fn actions_for(&self, machine_id: &str) -> Vec<ActionFact> {
+        self.read()
+            .by_machine
+            .get(machine_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Records actions (from a poll, a POST answer or a lookup). Returns the machines whose known
+    /// actions changed, so that their watchers can be woken.
+    pub fn upsert<I>(&self, actions: I) -> HashSet<String>
+    where
+        I: IntoIterator<Item = (String, ActionFact)>,
+    {
+        let mut inner = self.write();
+        let mut changed = HashSet::new();
+        for (machine, action) in actions {
+            let list = inner.by_machine.entry(machine.clone()).or_default();
+            match list.iter_mut().find(|a| a.id == action.id) {
+                Some(existing) if *existing == action => continue,
+                Some(existing) => *existing = action,
+                None => list.push(action),
+            }
+            prune(list);
+            changed.insert(machine);
+        }
+        changed
+    }
+
+    /// Ids of open actions, oldest first.
+    pub fn open_action_ids(&self) -> Vec<String> {
+        let inner = self.read();
+        let mut open: Vec<&ActionFact> = inner
+            .by_machine
+            .values()
+            .flatten()
+            .filter(|a| !a.status.is_final())
+            .collect();
+        open.sort_by_key(|a| a.created_at);
+        open.into_iter().map(|a| a.id.clone()).collect()
+    }
+
+    /// Age of the youngest open action at `now`, if any is open.
+    pub fn youngest_open_age(&self, now: DateTime<Utc>) -> Option<Duration> {
+        self.read()
+            .by_machine
+            .values()
+            .flatten()
+            .filter(|a| !a.status.is_final())
+            .filter_map(|a| a.created_at)
+            .max()
+            .map(|created| (now - created).to_std().unwrap_or_default())
+    }
+
+    /// Number of open actions and the age of the oldest, for metrics.
+    pub fn open_summary(&self, now: DateTime<Utc>) -> (usize, Option<Duration>) {
+        let inner = self.read();
+        let open: Vec<&ActionFact> = inner
+            .by_machine
+            .values()
+            .flatten()
+            .filter(|a| !a.status.is_final())
+            .collect();
+        let oldest = open
+            .iter()
+            .filter_map(|a| a.created_at)
+            .min()
+            .map(|c| (now - c).to_std().unwrap_or_default());
+        (open.len(), oldest)
+    }
+
+    /// Registers that `resource` manages `machine_id` (replacing an earlier machine).
+    pub fn watch(&self, resource: ResourceKey, machine_id: &str) {
+        let mut inner = self.write();
+        if inner.machine_of.get(&resource).map(String::as_str) == Some(machine_id) {
+            return;
+        }
+        if let Some(old) = inner
+            .machine_of
+            .insert(resource.clone(), machine_id.to_string())
+            && let Some(set) = inner.watchers.get_mut(&old)
+        {
+            set.remove(&resource);
+        }
+        inner
+            .watchers
+            .entry(machine_id.to_string())
+            .or_default()
+            .insert(resource);
+    }
+
+    /// Forgets a deleted resource.
+    pub fn unwatch(&self, resource: &ResourceKey) {
+        let mut inner = self.write();
+        if let Some(machine) = inner.machine_of.remove(resource)
+            && let Some(set) = inner.watchers.get_mut(&machine)
+        {
+            set.remove(resource);
+            if set.is_empty() {
+                inner.watchers.remove(&machine);
+            }
+        }
+    }
+
+    /// Resources watching any of `machines`.
+    pub fn watchers_of<'a, I>(&self, machines: I) -> Vec<ResourceKey>
+    where
+        I: IntoIterator<Item = &'a String>,
+    {
+        let inner = self.read();
+        let mut out: Vec<ResourceKey> = machines
+            .into_iter()
+            .filter_map(|m| inner.watchers.get(m))
+            .flatten()
+            .cloned()
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (every write is a whole step).
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The planner's view of an MDE action with its machine id; `None` for other action types or an
+/// action without a machine id (nothing to attach it to).
+pub fn fact_of(action: &MachineAction) -> Option<(String, ActionFact)> {
+    let kind = match action.action_type {
+        ActionType::Isolate => ActionKind::Isolate,
+        ActionType::Unisolate => ActionKind::Unisolate,
+        _ => return None,
+    };
+    let machine = action.machine_id.clone()?;
+    Some((
+        machine,
+        ActionFact {
+            id: action.id.clone(),
+            kind,
+            status: action.status.clone(),
+            requestor: action.requestor.clone(),
+            comment: action.requestor_comment.clone(),
+            created_at: action.created_at,
+            updated_at: action.updated_at,
+        },
+    ))
+}
+
+/// Keeps every open action and the latest finished ones, newest last.
+fn prune(list: &mut Vec<ActionFact>) {
+    list.sort_by_key(|a| (a.created_at, a.id.clone()));
+    let finished = list.iter().filter(|a| a.status.is_final()).count();
+    if finished <= FINISHED_KEPT_PER_MACHINE {
+        return;
+    }
+    let mut drop = finished - FINISHED_KEPT_PER_MACHINE;
+    list.retain(|a| {
+        if drop > 0 && a.status.is_final() {
+            drop -= 1;
+            false
+        } else {
+            true
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mde::model::ActionStatus;
+    use crate::planner::ActionKind;
+
+    fn fact(id: &str, status: ActionStatus, minute: i64) -> ActionFact {
+        let at = DateTime::parse_from_rfc3339("2026-11-28T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+            + chrono::Duration::minutes(minute);
+        ActionFact {
+            id: id.into(),
+            kind: ActionKind::Unisolate,
+            status,
+            requestor: None,
+            comment: None,
+            created_at: Some(at),
+            updated_at: Some(at),
+        }
+    }
+
+    #[test]
+    fn upsert_reports_only_real_changes() {
+        let view = ActionView::new();
+        let m = "m1".to_string();
+        let changed = view.upsert([(m.clone(), fact("a", ActionStatus::Pending, 0))]);
+        assert!(changed.contains("m1"));
+        assert!(
+            view.upsert([(m.clone(), fact("a", ActionStatus::Pending, 0))])
+                .is_empty()
+        );
+        assert_eq!(
+            view.upsert([(m.clone(), fact("a", ActionStatus::Succeeded, 0))])
+                .len(),
+            1
+        );
+        assert_eq!(view.actions_for("m1")[0].status, ActionStatus::Succeeded);
+    }
+
+    #[test]
+    fn open_actions_are_never_pruned_and_finished_ones_are_bounded() {
+        let view = ActionView::new();
+        let m = "m1".to_string();
+        view.upsert([(m.clone(), fact("open", ActionStatus::Pending, 0))]);
+        for i in 1..20 {
+            view.upsert([(
+                m.clone(),
+                fact(&format!("f{i}"), ActionStatus::Succeeded, i),
+            )]);
+        }
+        let kept = view.actions_for("m1");
+        assert_eq!(kept.len(), FINISHED_KEPT_PER_MACHINE + 1);
+        assert!(kept.iter().any(|a| a.id == "open"));
+        assert!(
+            kept.iter().any(|a| a.id == "f19"),
+            "the newest finished stays"
+        );
+        assert_eq!(view.open_action_ids(), vec!["open".to_string()]);
+    }
+
+    #[test]
+    fn watchers_follow_the_machine_a_resource_manages() {
+        let view = ActionView::new();
+        let r = ("ns".to_string(), "a".to_string());
+        view.watch(r.clone(), "m1");
+        assert_eq!(view.watchers_of([&"m1".to_string()]), vec![r.clone()]);
+        view.watch(r.clone(), "m2");
+        assert!(view.watchers_of([&"m1".to_string()]).is_empty());
+        view.unwatch(&r);
+        assert!(view.watchers_of([&"m2".to_string()]).is_empty());
+    }
+}
