@@ -272,11 +272,17 @@ impl MdeError {
                 format!("MDE {what}: server error")
             }
         };
+        // A 429's message names the seconds left ("try again in 59 seconds"): it would change
+        // the condition message on every call.
+        let mde_message = match class {
+            ErrorClass::RateLimited { .. } => None,
+            _ => parsed.message.as_deref(),
+        };
         let message = detail(
             lead,
             status,
             parsed.code.as_deref(),
-            parsed.message.as_deref(),
+            mde_message,
             parsed.target.as_deref(),
         );
         Self::build(class, Some(api), Some(status), parsed.code, message)
@@ -613,6 +619,24 @@ mod tests {
             RA,
         );
         assert_eq!(again.to_string(), e.to_string());
+
+        let throttled = |secs: u32| {
+            MdeError::from_response(
+                Api::MachineActionsRead,
+                429,
+                &body(
+                    "TooManyRequests",
+                    &format!("API calls quota exceeded! Please try again in {secs} seconds."),
+                ),
+                RA,
+            )
+            .to_string()
+        };
+        assert_eq!(throttled(59), throttled(12));
+        assert_eq!(
+            throttled(1),
+            "MDE machine actions read: throttled; paused until Retry-After (HTTP 429 TooManyRequests)"
+        );
 
         let long = "x ".repeat(1000);
         let e = MdeError::from_response(Api::Isolate, 400, &body("BadRequest", &long), RA);
