@@ -32,8 +32,14 @@
 //! order (each one against the recorded calls plus the slots ahead of it, and never earlier than the
 //! last recorded call), so a caller that came back late, and was therefore recorded later than its
 //! slot, pushes the reservations behind it instead of letting them violate a window. A caller that
-//! comes back at or after its (current) slot is admitted. Reservations not claimed within
-//! [`QuotaConfig::grace`] after their slot are dropped, so deleted resources do not hold slots forever.
+//! comes back at or after its (current) slot is admitted; one that comes back earlier (woken by
+//! another event) is told the same slot and takes no second one. Reservations not claimed within
+//! [`QuotaConfig::grace`] after the slot last told to their caller are dropped, so deleted
+//! resources do not hold slots forever ([`QuotaGate::release`] drops one at once).
+//!
+//! A late caller's reservation keeps its place and holds capacity for it until it expires;
+//! capacity held for a caller that never comes is not handed to others before then, so a vanished
+//! caller costs at most about one call per short window until its reservation expires.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
