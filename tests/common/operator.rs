@@ -1,0 +1,335 @@
+//! Runs the real `mde-isolation-operator` binary against a test cluster and an `mde-sim`, and
+//! small helpers to create DeviceIsolations and wait for their conditions.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use mde_isolation_operator::crd::{
+    COMMENT_ANNOTATION, DeviceIsolation, DeviceIsolationSpec, DriftPolicy,
+};
+use mde_isolation_operator::mde::model::IsolationType;
+
+use super::sim::Sim;
+
+/// Client secret of the simulator's default app.
+pub const SIM_SECRET: &str = "mde-sim-secret";
+
+/// A running operator process; killed on drop.
+pub struct Operator {
+    child: Option<Child>,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// How to start an operator.
+pub struct OperatorConfig<'a> {
+    /// Admin (or service-account) kubeconfig.
+    pub kubeconfig: &'a Path,
+    /// Namespaces to watch.
+    pub namespaces: Vec<String>,
+    /// Time scale (must match the simulator's).
+    pub time_scale: f64,
+    /// Client id (the simulator's default app unless changed).
+    pub client_id: String,
+    /// Extra arguments.
+    pub extra: Vec<String>,
+}
+
+impl<'a> OperatorConfig<'a> {
+    /// Defaults for one namespace at time scale 60.
+    pub fn new(kubeconfig: &'a Path, namespace: &str) -> Self {
+        OperatorConfig {
+            kubeconfig,
+            namespaces: vec![namespace.to_string()],
+            time_scale: 60.0,
+            client_id: "mde-sim-client".into(),
+            extra: vec![],
+        }
+    }
+}
+
+impl Operator {
+    /// Starts the operator against `sim`.
+    pub fn start(sim: &Sim, cfg: OperatorConfig<'_>) -> Operator {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut args: Vec<String> = vec!["run".into()];
+        for ns in &cfg.namespaces {
+            args.extend(["--namespace".into(), ns.clone()]);
+        }
+        args.extend([
+            "--api-url".into(),
+            format!("{}/", sim.base_url),
+            "--authority".into(),
+            format!("{}/", sim.base_url),
+            "--tenant-id".into(),
+            "test-tenant".into(),
+            "--client-id".into(),
+            cfg.client_id.clone(),
+            "--time-scale".into(),
+            cfg.time_scale.to_string(),
+            "--http-addr".into(),
+            "127.0.0.1:0".into(),
+        ]);
+        args.extend(cfg.extra.iter().cloned());
+        let envs = vec![
+            (
+                "KUBECONFIG".to_string(),
+                cfg.kubeconfig.display().to_string(),
+            ),
+            ("MDE_CLIENT_SECRET".to_string(), SIM_SECRET.to_string()),
+            (
+                "RUST_LOG".to_string(),
+                "info,mde_isolation_operator=debug,kube=warn".to_string(),
+            ),
+        ];
+        let log = dir.path().join("operator.log");
+        let mut op = Operator {
+            child: None,
+            args,
+            envs,
+            log,
+            _dir: dir,
+        };
+        op.spawn();
+        op
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("operator log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_mde-isolation-operator"))
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env_remove("MDE_WATCH_NAMESPACES")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn mde-isolation-operator");
+        self.child = Some(child);
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills and starts the operator again with the same settings.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Everything the operator printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last lines of output, for failure messages.
+    pub fn tail(&self) -> String {
+        let out = self.output();
+        let lines: Vec<&str> = out.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().map(|s| s.is_none()).unwrap_or(false),
+            None => false,
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A DeviceIsolation with the comment annotation.
+pub fn device_isolation(
+    name: &str,
+    machine_id: &str,
+    isolated: bool,
+    comment: Option<&str>,
+) -> DeviceIsolation {
+    let mut di = DeviceIsolation::new(
+        name,
+        DeviceIsolationSpec {
+            machine_id: machine_id.into(),
+            isolated,
+            isolation_type: IsolationType::Full,
+            drift_policy: DriftPolicy::Report,
+        },
+    );
+    if let Some(c) = comment {
+        di.metadata.annotations = Some([(COMMENT_ANNOTATION.to_string(), c.to_string())].into());
+    }
+    di
+}
+
+/// Creates `di` in `ns`.
+pub async fn create(client: &kube::Client, ns: &str, di: &DeviceIsolation) -> DeviceIsolation {
+    let api: Api<DeviceIsolation> = Api::namespaced(client.clone(), ns);
+    api.create(&PostParams::default(), di)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "creating {}: {e}",
+                di.metadata.name.as_deref().unwrap_or("?")
+            )
+        })
+}
+
+/// Server-side applies `di` in `ns` (as `kubectl apply --server-side` would).
+pub async fn apply(client: &kube::Client, ns: &str, di: &DeviceIsolation) {
+    let api: Api<DeviceIsolation> = Api::namespaced(client.clone(), ns);
+    let name = di.metadata.name.clone().expect("name");
+    let mut body = serde_json::to_value(di).expect("json");
+    body["apiVersion"] = "isolation.mde.dev/v1alpha1".into();
+    body["kind"] = "DeviceIsolation".into();
+    if let Some(o) = body.as_object_mut() {
+        o.remove("status");
+    }
+    api.patch(
+        &name,
+        &PatchParams::apply("e2e-test").force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("applying {name}: {e}"));
+}
+
+/// Deletes a DeviceIsolation (no finalizer, so it goes at once).
+pub async fn delete(client: &kube::Client, ns: &str, name: &str) {
+    let api: Api<DeviceIsolation> = Api::namespaced(client.clone(), ns);
+    let _ = api.delete(name, &DeleteParams::default()).await;
+}
+
+/// The condition `type_` of a resource as (status, reason, message).
+pub fn condition(di: &DeviceIsolation, type_: &str) -> Option<(String, String, String)> {
+    di.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Polls `name` until `pred` holds, failing with the operator's log tail after `timeout`.
+pub async fn wait_for<F>(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+    op: &Operator,
+    what: &str,
+    mut pred: F,
+) -> DeviceIsolation
+where
+    F: FnMut(&DeviceIsolation) -> bool,
+{
+    let api: Api<DeviceIsolation> = Api::namespaced(client.clone(), ns);
+    let end = Instant::now() + timeout;
+    loop {
+        if let Ok(di) = api.get(name).await
+            && pred(&di)
+        {
+            return di;
+        }
+        if Instant::now() > end {
+            let last = api.get(name).await.ok().and_then(|d| d.status);
+            panic!(
+                "timed out waiting for {ns}/{name} to be {what}; last status: {last:#?}\noperator log tail:\n{}",
+                op.tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until Ready=True.
+pub async fn wait_ready(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    op: &Operator,
+) -> DeviceIsolation {
+    wait_for(
+        client,
+        ns,
+        name,
+        Duration::from_secs(90),
+        op,
+        "Ready",
+        |di| {
+            condition(di, "Ready").is_some_and(|c| c.0 == "True")
+                && di.status.as_ref().and_then(|s| s.observed_generation) == di.metadata.generation
+        },
+    )
+    .await
+}
+
+/// Waits until Stalled=True and returns its reason and message.
+pub async fn wait_stalled(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    op: &Operator,
+) -> (String, String) {
+    let di = wait_for(
+        client,
+        ns,
+        name,
+        Duration::from_secs(90),
+        op,
+        "Stalled",
+        |di| condition(di, "Stalled").is_some_and(|c| c.0 == "True"),
+    )
+    .await;
+    let (_, reason, message) = condition(&di, "Stalled").expect("stalled");
+    (reason, message)
+}
+
+/// Writes a simulator seed file with the given machines and returns its path inside `dir`.
+pub fn seed_file(dir: &Path, machines: &[SeedMachine<'_>]) -> PathBuf {
+    let mut yaml = String::from("machines:\n");
+    for m in machines {
+        yaml.push_str(&format!(
+            "- id: {}\n  computerDnsName: {}\n  behaviour: {}\n  isolated: {}\n",
+            m.id, m.name, m.behaviour, m.isolated
+        ));
+    }
+    let path = dir.join("seed.yaml");
+    std::fs::write(&path, yaml).expect("seed file");
+    path
+}
+
+/// One machine of a seed file.
+pub struct SeedMachine<'a> {
+    /// 40 hex.
+    pub id: &'a str,
+    /// DNS name.
+    pub name: &'a str,
+    /// online | offline | failing | unsupported.
+    pub behaviour: &'a str,
+    /// Isolated at start.
+    pub isolated: bool,
+}
+
+/// A deterministic machine id for test number `n`.
+pub fn machine_id(n: u32) -> String {
+    format!("{n:040x}")
+}
