@@ -57,6 +57,7 @@ import (
 	_ "time/tzdata" // CronJob time zone validation, as in the upstream kube-apiserver main
 
 	"go.etcd.io/etcd/server/v3/embed"
+	"go.etcd.io/etcd/server/v3/storage/wal"
 	"go.uber.org/zap"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
@@ -157,9 +158,16 @@ func run() int {
 
 	removeDir := false
 	if *dataDir == "" {
-		d, err := os.MkdirTemp("", "kube-control-plane-")
+		sweepStaleTempDirs()
+		d, err := os.MkdirTemp("", tempDirPrefix)
 		if err != nil {
 			logf("create temp dir: %v", err)
+			return 1
+		}
+		// Lets a later run remove this directory if we die without cleaning up.
+		if err := os.WriteFile(filepath.Join(d, pidFile), []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
+			logf("write pid file: %v", err)
+			_ = os.RemoveAll(d)
 			return 1
 		}
 		*dataDir, removeDir = d, true
@@ -269,18 +277,25 @@ func run() int {
 		return code
 	}
 
-	select {
-	case reason := <-stop:
-		return shutdown(reason+" before ready", 1)
-	case code := <-apiDone:
-		logf("API server exited during startup with code %d", code)
+	// Before ready, give up without a graceful stop of the API server: a stop
+	// while its post-start hooks run makes it exit the process fatally (klog)
+	// before we could clean up.
+	abort := func(reason string) int {
+		cancel()
+		logf("giving up: %s", reason)
 		closeEtcd()
 		return 1
+	}
+	select {
+	case reason := <-stop:
+		return abort(reason + " before ready")
+	case code := <-apiDone:
+		return abort(fmt.Sprintf("API server exited during startup with code %d", code))
 	case err := <-etcd.Err():
-		return shutdown(fmt.Sprintf("etcd failed: %v", err), 1)
+		return abort(fmt.Sprintf("etcd failed: %v", err))
 	case err := <-readyErr:
 		if err != nil {
-			return shutdown(fmt.Sprintf("API server not ready: %v", err), 1)
+			return abort(fmt.Sprintf("API server not ready: %v", err))
 		}
 	}
 	cancel()
@@ -319,6 +334,36 @@ func run() int {
 	}
 }
 
+const (
+	// tempDirPrefix names the data directories we create (and may sweep).
+	tempDirPrefix = "kube-control-plane-"
+	// pidFile in such a directory holds the pid of the harness that owns it.
+	pidFile = "harness.pid"
+)
+
+// sweepStaleTempDirs removes data directories that earlier harnesses created
+// and could not remove because they were killed (SIGKILL, OOM). Each holds
+// etcd's preallocated WAL, so leaks add up. A directory is removed only when
+// its pid file names a process that no longer exists; one without a pid file
+// may be in creation and is left alone.
+func sweepStaleTempDirs() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), tempDirPrefix+"*"))
+	for _, d := range dirs {
+		data, err := os.ReadFile(filepath.Join(d, pidFile))
+		if err != nil {
+			continue
+		}
+		pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+		if err != nil || pid <= 0 {
+			continue
+		}
+		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+			logf("removing stale data dir %s (pid %d is gone)", d, pid)
+			_ = os.RemoveAll(d)
+		}
+	}
+}
+
 // logLevel is the embedded etcd's log level, raised before closing it.
 var logLevel zap.AtomicLevel
 
@@ -335,6 +380,10 @@ func startEtcd(dir string) (*embed.Etcd, string, error) {
 	}
 	clientURL := url.URL{Scheme: "http", Host: "127.0.0.1:" + strconv.Itoa(clientPort)}
 	peerURL := url.URL{Scheme: "http", Host: "127.0.0.1:" + strconv.Itoa(peerPort)}
+
+	// etcd preallocates each WAL segment (64 MB by default); tests write
+	// little, so smaller segments keep a run's disk footprint small.
+	wal.SegmentSizeBytes = 8 << 20
 
 	cfg := embed.NewConfig()
 	cfg.Name = "test"
