@@ -10,6 +10,7 @@ use common::cluster::{SA_NAME, SA_NAMESPACE, cluster};
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 
 #[tokio::test]
@@ -52,6 +53,37 @@ async fn kubectl_from_tools_reaches_the_server() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), name);
+}
+
+#[tokio::test]
+async fn crds_install_once_and_are_established() {
+    let c = cluster();
+    // Concurrent callers share one installation.
+    tokio::join!(c.install_crds(), c.install_crds());
+    c.install_crds().await;
+
+    let crds: Api<CustomResourceDefinition> = Api::all(c.client().await);
+    let list = crds.list(&ListParams::default()).await.expect("list CRDs");
+    assert!(
+        !list.items.is_empty(),
+        "crds/*.yaml installed at least one CRD"
+    );
+    let out = c
+        .kubectl()
+        .args([
+            "wait",
+            "--for=condition=Established",
+            "crd",
+            "--all",
+            "--timeout=10s",
+        ])
+        .output()
+        .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "CRDs not Established: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]

@@ -149,10 +149,10 @@ fn start_cluster() -> Result<TestCluster, String> {
         let mut tx = Some(tx);
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(path) = line.strip_prefix("READY ") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(PathBuf::from(path));
-                }
+            if let Some(path) = line.strip_prefix("READY ")
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(PathBuf::from(path));
             }
         }
         // Dropping the sender (if READY never came) wakes the waiter at once.
