@@ -28,7 +28,7 @@ die() { echo "demo: error: $*" >&2; exit 1; }
 
 say "building the operator and mde-sim"
 cargo build --quiet --bins
-target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+target=${CARGO_TARGET_DIR:-$repo/target}
 operator_bin=$target/debug/mde-isolation-operator
 sim_bin=$target/debug/mde-sim
 say "building the local control plane (minutes the first time, seconds after)"
