@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use crate::api::Shared;
-use crate::calls::{ApiName, ApiStats, stats};
+use crate::calls::{ApiName, stats};
 use crate::clock::fmt7;
 use crate::errors::{ApiError, PLAIN_JSON, json_response};
 use crate::lifecycle::{ActionType, IsolationType};
@@ -153,7 +153,7 @@ fn route(
         ["stats"] if get => {
             let mut apis = stats(&st.calls);
             for a in ApiName::ALL {
-                apis.entry(a.as_str()).or_insert_with(ApiStats::default);
+                apis.entry(a.as_str()).or_default();
             }
             ok(json!({
                 "now": fmt7(st.clock.now()),

@@ -139,8 +139,9 @@ pub struct ApiStats {
 /// Statistics per API name, computed from the whole log.
 pub fn stats(calls: &[CallRecord]) -> BTreeMap<&'static str, ApiStats> {
     let mut out: BTreeMap<&'static str, ApiStats> = BTreeMap::new();
-    let mut times: BTreeMap<&'static str, (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>)> =
-        BTreeMap::new();
+    // Per API: times of all calls, and of the quota-consuming ones.
+    type Times = Vec<DateTime<Utc>>;
+    let mut times: BTreeMap<&'static str, (Times, Times)> = BTreeMap::new();
     for c in calls {
         let s = out.entry(c.api.as_str()).or_default();
         s.calls += 1;

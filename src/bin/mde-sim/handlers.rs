@@ -342,7 +342,7 @@ fn find_by_tag(st: &mut SimState, ctx: &Ctx<'_>) -> ApiResult {
     let value: Vec<_> = st
         .machines()
         .iter()
-        .filter(|m| m.machine_tags.iter().any(|t| *t == tag))
+        .filter(|m| m.machine_tags.contains(&tag))
         .map(|m| m.view())
         .collect();
     ok(to_bytes(&ListBody {

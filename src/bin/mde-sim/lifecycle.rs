@@ -257,29 +257,28 @@ impl Action {
 /// Wire shape of a MachineAction (every field of mde-api.md §4).
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-#[allow(missing_docs)]
 pub struct ActionView {
-    pub id: String,
+    id: String,
     #[serde(rename = "type")]
-    pub action_type: ActionType,
-    pub scope: Option<IsolationType>,
-    pub requestor: String,
-    pub requestor_comment: String,
-    pub status: Status,
-    pub machine_id: String,
-    pub computer_dns_name: String,
-    pub creation_date_time_utc: String,
-    pub last_update_date_time_utc: String,
-    pub cancellation_requestor: Option<String>,
-    pub cancellation_comment: Option<String>,
-    pub cancellation_date_time_utc: Option<String>,
-    pub error_h_result: i64,
-    pub external_id: Option<String>,
-    pub request_source: &'static str,
-    pub related_file_info: Option<serde_json::Value>,
-    pub commands: Vec<serde_json::Value>,
-    pub troubleshoot_info: Option<serde_json::Value>,
-    pub title: Option<String>,
+    action_type: ActionType,
+    scope: Option<IsolationType>,
+    requestor: String,
+    requestor_comment: String,
+    status: Status,
+    machine_id: String,
+    computer_dns_name: String,
+    creation_date_time_utc: String,
+    last_update_date_time_utc: String,
+    cancellation_requestor: Option<String>,
+    cancellation_comment: Option<String>,
+    cancellation_date_time_utc: Option<String>,
+    error_h_result: i64,
+    external_id: Option<String>,
+    request_source: &'static str,
+    related_file_info: Option<serde_json::Value>,
+    commands: Vec<serde_json::Value>,
+    troubleshoot_info: Option<serde_json::Value>,
+    title: Option<String>,
 }
 
 #[cfg(test)]

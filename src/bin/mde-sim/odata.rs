@@ -313,8 +313,14 @@ impl Parser<'_> {
                 ));
             }
         };
-        let var = match var.strip_suffix(':') {
-            Some(v) => v.to_string(),
+        // `tag:`, `tag :` and `tag:tag` are all valid spellings of the lambda head.
+        let var = match var.split_once(':') {
+            Some((v, rest)) => {
+                if !rest.is_empty() {
+                    self.toks.insert(self.pos, Tok::Word(rest.to_string()));
+                }
+                v.to_string()
+            }
             None => {
                 self.expect(Tok::Word(":".into()), "':'")?;
                 var
