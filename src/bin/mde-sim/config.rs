@@ -39,7 +39,7 @@ pub enum OverlapOrder {
 /// simulated clock runs `--time-scale` times faster than real time. The admin API under `/sim/`
 /// (no auth) exposes ground truth, the call log and statistics; see docs/mde-sim.md.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "mde-sim", version, about, long_about = None)]
+#[command(name = "mde-sim", version)]
 pub struct Cli {
     /// Address to listen on (port 0 picks a free port). Once bound, exactly one line
     /// `LISTENING http://ADDR` (or https) is printed on stdout.

@@ -20,7 +20,7 @@ mod state;
 mod tenant;
 mod tls;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
@@ -119,6 +119,7 @@ async fn main() -> ExitCode {
             EnvFilter::try_from_env("MDE_SIM_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     if let Err(e) = cli.validate() {
         eprintln!("mde-sim: {e}");
