@@ -203,8 +203,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         let health = health.clone();
         async move {
             for store in stores {
-                // Only fails when the store's writer is dropped, i.e. at shutdown.
-                let _ = store.wait_until_ready().await;
+                // The readiness future registers one waker, and the controller waits on it too,
+                // so one of the two is never woken: poll again every 200 ms instead of relying
+                // on it. An error only means the writer was dropped, i.e. shutdown.
+                loop {
+                    match tokio::time::timeout(Duration::from_millis(200), store.wait_until_ready())
+                        .await
+                    {
+                        Ok(Ok(())) => break,
+                        Ok(Err(_)) => return,
+                        Err(_elapsed) => continue,
+                    }
+                }
             }
             health.caches_synced.store(true, Ordering::Relaxed);
             tracing::info!("watch caches synced");

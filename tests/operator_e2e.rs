@@ -541,3 +541,124 @@ async fn invalid_manifests_are_rejected_naming_the_field() {
         "{msg}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_report_health_and_metrics_and_sigterm_stops_cleanly() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("endpoints").await;
+    let client = c.client().await;
+    let m = machine_id(0x7001);
+    let (sim, _dir) = sim_with(
+        &[SeedMachine {
+            id: &m,
+            name: "e.contoso.local",
+            behaviour: "online",
+            isolated: true,
+        }],
+        &[],
+    )
+    .await;
+    let mut op = Operator::start(&sim, OperatorConfig::new(&c.kubeconfig, &ns));
+    let addr = op.http_addr(Duration::from_secs(60));
+    let http = reqwest::Client::new();
+    let get = |path: &'static str| {
+        let url = format!("http://{addr}{path}");
+        let http = http.clone();
+        async move {
+            let r = http.get(url).send().await.expect("endpoint answers");
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        }
+    };
+    assert_eq!(get("/livez").await.0, 200);
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while get("/readyz").await.0 != 200 {
+        assert!(
+            std::time::Instant::now() < end,
+            "never ready: {}",
+            op.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    apply(
+        &client,
+        &ns,
+        &device_isolation("e", &m, false, Some("release")),
+    )
+    .await;
+    wait_ready(&client, &ns, "e", &op).await;
+    let (status, metrics) = get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(r#"mde_isolation_mde_calls_total{api="unisolate",outcome="ok"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mde_isolation_reconciles_total"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(&m), "no machine id as a label");
+
+    let pid = op.pid().expect("running");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let exit = op
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("did not stop on SIGTERM: {}", op.tail()));
+    assert!(exit.success(), "exit status {exit}: {}", op.tail());
+    assert!(op.output().contains("operator stopped"), "{}", op.tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_reports_the_call_and_makes_no_mutating_call() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("dry-run").await;
+    let client = c.client().await;
+    let m = machine_id(0x7002);
+    let (sim, _dir) = sim_with(
+        &[SeedMachine {
+            id: &m,
+            name: "d.contoso.local",
+            behaviour: "online",
+            isolated: true,
+        }],
+        &[],
+    )
+    .await;
+    let mut cfg = OperatorConfig::new(&c.kubeconfig, &ns);
+    cfg.extra = vec!["--dry-run".into()];
+    let op = Operator::start(&sim, cfg);
+    apply(
+        &client,
+        &ns,
+        &device_isolation("d", &m, false, Some("release")),
+    )
+    .await;
+    let di = wait_for(
+        &client,
+        &ns,
+        "d",
+        Duration::from_secs(60),
+        &op,
+        "DryRun",
+        |di| condition(di, "Reconciling").is_some_and(|c| c.1 == "DryRun"),
+    )
+    .await;
+    let (_, _, message) = condition(&di, "Reconciling").unwrap();
+    assert!(
+        message.contains(&format!("POST /api/machines/{m}/unisolate")),
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let calls = api_calls(&sim).await;
+    assert_eq!(
+        posts(&calls, "unisolate") + posts(&calls, "isolate"),
+        0,
+        "{calls:#?}"
+    );
+    assert_eq!(sim.ground_truth(&m).await["isolated"], true);
+}

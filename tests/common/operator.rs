@@ -143,6 +143,46 @@ impl Operator {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(status) = self.child.as_mut()?.try_wait().ok().flatten() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The address of the HTTP endpoint, once the operator logged it.
+    pub fn http_addr(&self, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            let out = self.output();
+            if let Some(addr) = out
+                .lines()
+                .filter(|l| l.contains("serving /metrics"))
+                .find_map(|l| l.split("addr=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+            {
+                return addr.to_string();
+            }
+            assert!(
+                Instant::now() < end,
+                "no HTTP address logged:\n{}",
+                self.tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
