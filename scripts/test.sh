@@ -22,6 +22,7 @@ step "local control plane"
 scripts/build-control-plane.sh >/dev/null
 step "kubectl and helm"
 scripts/install-tools.sh >/dev/null
+scripts/install-promtool.sh # optional: promtool checks of the alert rules (skipped when missing)
 step "cargo test"
 cargo test --all-targets --no-fail-fast
 step "demo in CI mode"
