@@ -1,5 +1,5 @@
 # The two commands of the README, and a few helpers. Everything real lives in scripts/.
-.PHONY: demo test crd fmt
+.PHONY: demo test bench crd fmt
 
 demo: ## Run the demo: local control plane + mde-sim + operator + examples/
 	scripts/demo.sh
@@ -7,8 +7,14 @@ demo: ## Run the demo: local control plane + mde-sim + operator + examples/
 test: ## Run the whole test suite (what CI runs)
 	scripts/test.sh
 
+bench: ## Run the benchmark; writes docs/benchmarks.md and .json (a subset: make bench SCENARIOS="n100 latency")
+	scripts/build-control-plane.sh >/dev/null
+	scripts/install-tools.sh
+	cargo bench --bench operator -- $(SCENARIOS)
+
 crd: ## Regenerate crds/ and the chart's copy from the Rust types
-	cargo run --quiet --bin mde-isolation-operator -- crd > crds/deviceisolations.isolation.mde.dev.yaml
+	cargo run --quiet --bin mde-isolation-operator -- crd > crds/.crd.yaml.tmp
+	mv crds/.crd.yaml.tmp crds/deviceisolations.isolation.mde.dev.yaml
 	cp crds/deviceisolations.isolation.mde.dev.yaml charts/mde-isolation-operator/crds/
 
 fmt:

@@ -19,8 +19,12 @@ use crate::mde::client::MdeClient;
 use crate::mde::error::{ErrorClass, MdeError};
 use crate::mde::odata::{Filter, ListQuery};
 use crate::metrics::Metrics;
-use crate::planner::{self, CallFailure, Effect, Facts, Lookup, PostOutcome, Sibling, Timing};
+use crate::planner::{
+    self, CallFailure, DeviceCandidate, Effect, Facts, Lookup, PostOutcome, Resolution, Sibling,
+    Timing,
+};
 use crate::quota::Api as QuotaApi;
+use crate::resolver::DeviceResolver;
 use crate::view::{ActionView, fact_of};
 
 /// Field manager of the operator's status writes.
@@ -61,6 +65,8 @@ pub struct Context {
     pub dry_run: bool,
     /// Wakes the batch poller early after a new action.
     pub poller_nudge: Arc<Notify>,
+    /// Batches spec.deviceName lookups.
+    resolver: Arc<DeviceResolver>,
     /// Markers whose POST this process knows was never sent (refused by the quota gate, failed
     /// before sending): they need no lookup before sending. Lost on restart, which is safe.
     unsent: Mutex<HashSet<String>>,
@@ -83,8 +89,11 @@ impl Context {
         dry_run: bool,
         poller_nudge: Arc<Notify>,
     ) -> Self {
+        // Names asked for within a hundredth of the transient retry delay share one call.
+        let resolver = DeviceResolver::new(mde.clone(), timing.transient_retry / 100);
         Context {
             kube,
+            resolver,
             mde,
             view,
             stores: Mutex::new(Vec::new()),
@@ -99,13 +108,16 @@ impl Context {
         }
     }
 
-    fn siblings(&self, di: &DeviceIsolation) -> Vec<Sibling> {
+    fn siblings(&self, di: &DeviceIsolation, machine: Option<&str>) -> Vec<Sibling> {
+        let Some(machine) = machine else {
+            return Vec::new();
+        };
         let me = (di.namespace(), di.name_any());
         let stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
         stores
             .iter()
             .flat_map(|s| s.state())
-            .filter(|o| o.spec.machine_id == di.spec.machine_id)
+            .filter(|o| o.machine_id() == Some(machine))
             .filter(|o| (o.namespace(), o.name_any()) != me)
             .filter(|o| o.metadata.deletion_timestamp.is_none())
             .map(|o| Sibling {
@@ -154,22 +166,28 @@ async fn reconcile_inner(di: &DeviceIsolation, ctx: &Context) -> Result<Action, 
     let namespace = di.namespace().ok_or(Error::NoNamespace)?;
     let name = di.name_any();
     let key = format!("{namespace}/{name}");
-    let machine = di.spec.machine_id.clone();
     if di.metadata.deletion_timestamp.is_some() {
         ctx.view.unwatch(&(namespace, name));
         return Ok(Action::await_change());
     }
-    ctx.view.watch((namespace.clone(), name.clone()), &machine);
+    // Unknown until spec.deviceName is resolved (then recorded in status and reused).
+    let mut machine = di.machine_id().map(str::to_string);
+    if let Some(m) = &machine {
+        ctx.view.watch((namespace.clone(), name.clone()), m);
+    }
 
     let uid = di.uid().unwrap_or_default();
     let generation = di.metadata.generation.unwrap_or(1);
-    let siblings = ctx.siblings(di);
+    let mut siblings = ctx.siblings(di, machine.as_deref());
     let persisted = di.status.clone().unwrap_or_default();
     let mut written = persisted.clone();
     let mut status = persisted.clone();
     let mut facts = Facts {
         synced: ctx.view.is_synced(),
-        actions: ctx.view.actions_for(&machine),
+        actions: machine
+            .as_deref()
+            .map(|m| ctx.view.actions_for(m))
+            .unwrap_or_default(),
         ..Facts::default()
     };
     let mut machine_guard = None;
@@ -203,7 +221,31 @@ async fn reconcile_inner(di: &DeviceIsolation, ctx: &Context) -> Result<Action, 
         publish_events(ctx, di, &plan.events).await;
         status = plan.status;
 
+        if machine.is_none()
+            && let Some(resolved) = status.machine_id.clone()
+        {
+            // The device name was just resolved: from now on this is a machine like any other.
+            ctx.view.watch((namespace.clone(), name.clone()), &resolved);
+            facts.actions = ctx.view.actions_for(&resolved);
+            siblings = ctx.siblings(di, Some(&resolved));
+            machine = Some(resolved);
+        }
+
         match plan.effect {
+            Effect::ResolveDevice { device_name } => {
+                facts.resolution = match ctx.resolver.resolve(&device_name).await {
+                    Ok(found) => Resolution::Found(
+                        found
+                            .into_iter()
+                            .map(|m| DeviceCandidate {
+                                id: m.id,
+                                health_status: m.health_status,
+                            })
+                            .collect(),
+                    ),
+                    Err(e) => Resolution::Failed(to_failure(ctx, QuotaApi::MachinesRead, &e)),
+                };
+            }
             Effect::None => {
                 write_status(ctx, di, &written, &status).await?;
                 return Ok(match plan.requeue {
@@ -219,7 +261,7 @@ async fn reconcile_inner(di: &DeviceIsolation, ctx: &Context) -> Result<Action, 
                     Ok(()) => Lookup::Done,
                     Err(failure) => Lookup::Failed(failure),
                 };
-                facts.actions = ctx.view.actions_for(&machine);
+                facts.actions = ctx.view.actions_for(&machine_id);
             }
             Effect::Post {
                 machine_id,
@@ -272,7 +314,7 @@ async fn reconcile_inner(di: &DeviceIsolation, ctx: &Context) -> Result<Action, 
                         PostOutcome::Failed(failure)
                     }
                 });
-                facts.actions = ctx.view.actions_for(&machine);
+                facts.actions = ctx.view.actions_for(&machine_id);
             }
         }
     }

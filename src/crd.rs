@@ -50,15 +50,35 @@ pub const RETRY_ANNOTATION: &str = "isolation.mde.dev/retry-requested-at";
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Device",
+        type_ = "string",
+        json_path = ".spec.deviceName",
+        priority = 1
     )
 )]
+#[x_kube(validation = kube::core::Rule::new("has(self.machineId) != has(self.deviceName)")
+    .message("exactly one of machineId and deviceName must be set"))]
+#[x_kube(validation = kube::core::Rule::new("has(self.machineId) == has(oldSelf.machineId)")
+    .message("cannot switch between machineId and deviceName; create a new DeviceIsolation"))]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceIsolationSpec {
     /// MDE machine id of the device: 40 lowercase hexadecimal characters. Immutable: create a new
-    /// DeviceIsolation to manage another device.
+    /// DeviceIsolation to manage another device. Exactly one of machineId and deviceName is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 40, max = 40), regex(pattern = r"^[0-9a-f]{40}$"))]
     #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("machineId is immutable"))]
-    pub machine_id: String,
+    pub machine_id: Option<String>,
+
+    /// The device's name as MDE knows it (computerDnsName, matched exactly, e.g.
+    /// laptop-042.contoso.local), as an alternative to machineId. The operator resolves it once
+    /// and records the machine id in status; it refuses when several devices carry the name.
+    /// Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("deviceName is immutable"))]
+    pub device_name: Option<String>,
 
     /// Desired state: true isolates the device from the network, false releases it from
     /// isolation.
@@ -95,6 +115,10 @@ pub struct DeviceIsolationStatus {
     /// The metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+
+    /// The MDE machine id acted on: spec.machineId, or the id resolved from spec.deviceName.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
 
     /// Last known real isolation state of the device, when known (from the outcome of the latest
     /// succeeded Isolate or Unisolate action).
@@ -187,6 +211,14 @@ impl DeviceIsolation {
             .filter(|c| !c.is_empty())
     }
 
+    /// The machine acted on: spec.machineId, else the id resolved from spec.deviceName.
+    pub fn machine_id(&self) -> Option<&str> {
+        self.spec
+            .machine_id
+            .as_deref()
+            .or_else(|| self.status.as_ref()?.machine_id.as_deref())
+    }
+
     /// The retry-request annotation value, if any.
     pub fn retry_request(&self) -> Option<&str> {
         self.metadata
@@ -218,7 +250,21 @@ mod tests {
         .expect("crds/deviceisolations.isolation.mde.dev.yaml is committed");
         assert!(
             committed == crd_yaml(),
-            "crds/ drifted from the Rust types: run `cargo run -- crd > crds/deviceisolations.isolation.mde.dev.yaml`"
+            "crds/ drifted from the Rust types: run `make crd`"
+        );
+    }
+
+    #[test]
+    fn the_charts_crd_is_the_committed_crd() {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let file = "deviceisolations.isolation.mde.dev.yaml";
+        let chart =
+            std::fs::read_to_string(format!("{dir}/charts/mde-isolation-operator/crds/{file}"))
+                .expect("the chart ships the CRD");
+        let committed = std::fs::read_to_string(format!("{dir}/crds/{file}")).unwrap();
+        assert!(
+            chart == committed,
+            "charts/mde-isolation-operator/crds/ drifted: run `make crd`"
         );
     }
 
@@ -266,7 +312,18 @@ mod tests {
             .iter()
             .map(|v| v.as_str().unwrap())
             .collect();
-        assert!(required.contains(&"machineId") && required.contains(&"isolated"));
+        assert_eq!(
+            required,
+            ["isolated"],
+            "machineId or deviceName, by a CEL rule"
+        );
+        let rules: Vec<&str> = spec["x-kubernetes-validations"]
+            .as_array()
+            .expect("spec-level CEL rules")
+            .iter()
+            .map(|r| r["rule"].as_str().unwrap())
+            .collect();
+        assert!(rules.contains(&"has(self.machineId) != has(self.deviceName)"));
         assert_eq!(spec["properties"]["isolationType"]["default"], "Full");
     }
 
@@ -275,7 +332,8 @@ mod tests {
         let mut di = DeviceIsolation::new(
             "x",
             DeviceIsolationSpec {
-                machine_id: "a".repeat(40),
+                machine_id: Some("a".repeat(40)),
+                device_name: None,
                 isolated: false,
                 isolation_type: IsolationType::Full,
                 drift_policy: DriftPolicy::Report,

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod planner;
 pub mod poller;
 pub mod quota;
+pub mod resolver;
 pub mod run;
 pub mod telemetry;
 pub mod view;

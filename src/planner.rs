@@ -161,6 +161,29 @@ pub struct Facts {
     pub intent_unsent: bool,
     /// Outcome of the POST made in this pass.
     pub post: Option<PostOutcome>,
+    /// Outcome of resolving spec.deviceName in this pass.
+    pub resolution: Resolution,
+}
+
+/// A device that carries the name being resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceCandidate {
+    /// MDE machine id.
+    pub id: String,
+    /// MDE health status (Active, Inactive, ...), shown to help a person choose.
+    pub health_status: Option<String>,
+}
+
+/// State of the lookup of spec.deviceName in this pass.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub enum Resolution {
+    /// Not looked up.
+    #[default]
+    NotDone,
+    /// The devices whose computerDnsName equals the name exactly.
+    Found(Vec<DeviceCandidate>),
+    /// The lookup failed.
+    Failed(CallFailure),
 }
 
 /// Another DeviceIsolation for the same machine.
@@ -249,6 +272,11 @@ pub struct EventNote {
 pub enum Effect {
     /// Nothing: write the status (if changed) and requeue as told.
     None,
+    /// Find the devices named `device_name` (exact computerDnsName), then plan again.
+    ResolveDevice {
+        /// The name from spec.deviceName.
+        device_name: String,
+    },
     /// List this machine's recent Isolate/Unisolate actions, then plan again.
     Lookup {
         /// Machine to look up.
@@ -288,6 +316,7 @@ pub const WAITING_FOR_VIEW: &str = "WaitingForMdeView";
 /// Reasons under which a resource stays `Stalled` until its spec changes or a retry is requested.
 const STICKY_STALLS: &[&str] = &[
     "MachineNotFound",
+    "AmbiguousDevice",
     "Forbidden",
     "AuthenticationFailed",
     "UnsupportedPlatform",
@@ -313,6 +342,8 @@ struct Planner<'a> {
     status: DeviceIsolationStatus,
     events: Vec<EventNote>,
     desired: ActionKind,
+    /// The machine acted on, once known (spec.machineId, or resolved from spec.deviceName).
+    machine: Option<String>,
 }
 
 /// Decides the next step for one resource. See the module docs.
@@ -322,6 +353,11 @@ pub fn plan(input: &Input<'_>) -> Plan {
         status: input.status.clone(),
         events: Vec::new(),
         desired: ActionKind::for_desired(input.spec.isolated),
+        machine: input
+            .spec
+            .machine_id
+            .clone()
+            .or_else(|| input.status.machine_id.clone()),
     };
     p.start_generation();
     let (phase, effect, requeue) = p.decide();
@@ -369,10 +405,16 @@ impl<'a> Planner<'a> {
     fn decide(&mut self) -> Decision {
         let retry_now = self.take_retry_request();
 
-        if let Some(d) = self.conflict() {
+        if !retry_now && let Some(d) = self.sticky_stall() {
             return d;
         }
-        if !retry_now && let Some(d) = self.sticky_stall() {
+        if self.machine.is_none()
+            && let Some(d) = self.resolve_device()
+        {
+            return d;
+        }
+        self.status.machine_id = self.machine.clone();
+        if let Some(d) = self.conflict() {
             return d;
         }
         if let Some(d) = self.post_outcome() {
@@ -382,6 +424,65 @@ impl<'a> Planner<'a> {
             return d;
         }
         self.new_action()
+    }
+
+    /// The machine id; only called once it is known.
+    fn machine_id(&self) -> String {
+        self.machine.clone().unwrap_or_default()
+    }
+
+    /// Resolves spec.deviceName by an exact computerDnsName match; refuses when several devices
+    /// carry the name (never pick one) or none does.
+    fn resolve_device(&mut self) -> Option<Decision> {
+        let Some(name) = self.input.spec.device_name.clone() else {
+            return Some(stalled(
+                "InvalidSpec",
+                "neither spec.machineId nor spec.deviceName is set".into(),
+            ));
+        };
+        match &self.facts().resolution {
+            Resolution::NotDone => Some(reconciling(
+                "ResolvingDevice",
+                format!("looking up the MDE device named {name}"),
+                Some(self.input.timing.transient_retry),
+                Effect::ResolveDevice { device_name: name },
+            )),
+            Resolution::Failed(failure) => Some(self.failure_decision(failure)),
+            Resolution::Found(found) => match found.as_slice() {
+                [] => Some(stalled(
+                    "MachineNotFound",
+                    format!(
+                        "no MDE device is named {name} (exact computerDnsName match); check the \
+                         name or set spec.machineId"
+                    ),
+                )),
+                [one] => {
+                    self.machine = Some(one.id.clone());
+                    None
+                }
+                many => {
+                    let listed: Vec<String> = many
+                        .iter()
+                        .map(|c| {
+                            format!(
+                                "{} ({})",
+                                c.id,
+                                c.health_status.as_deref().unwrap_or("health unknown")
+                            )
+                        })
+                        .collect();
+                    Some(stalled(
+                        "AmbiguousDevice",
+                        format!(
+                            "{} MDE devices are named {name}: {}; the operator never picks one: \
+                             use spec.machineId in a new DeviceIsolation",
+                            many.len(),
+                            listed.join(", ")
+                        ),
+                    ))
+                }
+            },
+        }
     }
 
     /// A new value of the retry annotation clears a sticky stall and the failure count once.
@@ -412,7 +513,7 @@ impl<'a> Planner<'a> {
         }
         let message = format!(
             "machine {} is also managed by {} with the opposite desired state; delete or align one of them",
-            self.input.spec.machine_id,
+            self.machine_id(),
             others.join(", ")
         );
         Some(stalled("Conflict", message))
@@ -457,7 +558,7 @@ impl<'a> Planner<'a> {
                         "{} action {} for machine {} is {}",
                         action.kind.as_str(),
                         action.id,
-                        self.input.spec.machine_id,
+                        self.machine_id(),
                         action.status.as_str()
                     ),
                 );
@@ -876,7 +977,7 @@ impl<'a> Planner<'a> {
     }
 
     fn post(&mut self, comment: &str) -> Decision {
-        let machine_id = self.input.spec.machine_id.clone();
+        let machine_id = self.machine_id();
         if self.input.dry_run {
             return reconciling(
                 "DryRun",
@@ -942,7 +1043,7 @@ impl<'a> Planner<'a> {
             return Effect::None;
         }
         Effect::Lookup {
-            machine_id: self.input.spec.machine_id.clone(),
+            machine_id: self.machine_id(),
             created_since: since.map(|t| t - chrono::Duration::minutes(10)),
         }
     }

@@ -28,6 +28,7 @@ fn action(id: &str, kind: ActionKind, status: ActionStatus, created: i64) -> Act
 /// One row of the table: everything the planner sees.
 #[derive(Clone)]
 struct Case {
+    device_name: Option<&'static str>,
     isolated: bool,
     drift: DriftPolicy,
     generation: i64,
@@ -43,6 +44,7 @@ struct Case {
 impl Case {
     fn release() -> Self {
         Case {
+            device_name: None,
             isolated: false,
             drift: DriftPolicy::Report,
             generation: 1,
@@ -68,7 +70,11 @@ impl Case {
 
     fn plan(&self) -> Plan {
         let spec = DeviceIsolationSpec {
-            machine_id: MACHINE.into(),
+            machine_id: match self.device_name {
+                Some(_) => None,
+                None => Some(MACHINE.into()),
+            },
+            device_name: self.device_name.map(String::from),
             isolated: self.isolated,
             isolation_type: IsolationType::Selective,
             drift_policy: self.drift,
@@ -97,6 +103,7 @@ impl Case {
         self.status = plan.status.clone();
         self.facts.post = None;
         self.facts.lookup = Lookup::NotDone;
+        self.facts.resolution = Resolution::NotDone;
         (self, plan)
     }
 }
@@ -664,4 +671,74 @@ fn a_new_generation_with_the_same_state_reuses_the_device_state_without_a_post()
     assert_eq!(ready_reason(&plan), "True:Released");
     let ready = conditions::find(&plan.status.conditions, READY).unwrap();
     assert_eq!(ready.observed_generation, Some(2));
+}
+
+// ---- Device names (spec.deviceName) --------------------------------------------------------
+
+fn by_name() -> Case {
+    Case {
+        device_name: Some("laptop-042.contoso.local"),
+        ..Case::release()
+    }
+}
+
+fn candidate(id: &str) -> DeviceCandidate {
+    DeviceCandidate {
+        id: id.into(),
+        health_status: Some("Active".into()),
+    }
+}
+
+#[test]
+fn a_device_name_is_resolved_before_anything_else() {
+    let plan = by_name().plan();
+    assert_eq!(
+        plan.effect,
+        Effect::ResolveDevice {
+            device_name: "laptop-042.contoso.local".into()
+        }
+    );
+    assert_eq!(
+        reason(&plan, RECONCILING).as_deref(),
+        Some("ResolvingDevice")
+    );
+}
+
+#[test]
+fn one_match_is_recorded_in_status_and_reused_without_another_lookup() {
+    let mut case = by_name();
+    case.facts.resolution = Resolution::Found(vec![candidate(MACHINE)]);
+    let (case, plan) = case.settle();
+    assert_eq!(plan.status.machine_id.as_deref(), Some(MACHINE));
+    assert!(matches!(&plan.effect, Effect::Post { machine_id, .. } if machine_id == MACHINE));
+    // Next pass: the id comes from status; no ResolveDevice.
+    let again = case.plan();
+    assert!(!matches!(again.effect, Effect::ResolveDevice { .. }));
+}
+
+#[test]
+fn several_matches_stall_as_ambiguous_listing_the_candidates() {
+    let mut case = by_name();
+    case.facts.resolution = Resolution::Found(vec![candidate("aaa1"), candidate("bbb2")]);
+    let (case, plan) = case.settle();
+    let stall = conditions::find(&plan.status.conditions, STALLED).unwrap();
+    assert_eq!(stall.reason, "AmbiguousDevice");
+    assert!(stall.message.contains("aaa1") && stall.message.contains("bbb2"));
+    assert!(plan.status.machine_id.is_none());
+    assert_eq!(case.plan().effect, Effect::None, "sticky: no second lookup");
+}
+
+#[test]
+fn no_match_stalls_as_machine_not_found() {
+    let mut case = by_name();
+    case.facts.resolution = Resolution::Found(vec![]);
+    let plan = case.plan();
+    assert_eq!(reason(&plan, STALLED).as_deref(), Some("MachineNotFound"));
+    assert_eq!(plan.effect, Effect::None);
+}
+
+#[test]
+fn a_machine_id_is_recorded_in_status_too() {
+    let plan = Case::release().plan();
+    assert_eq!(plan.status.machine_id.as_deref(), Some(MACHINE));
 }

@@ -468,10 +468,7 @@ async fn three_hundred_resources_converge_within_a_shortened_quota() {
         posts(&calls, "unisolate") + posts(&calls, "isolate"),
         N as usize
     );
-    // The quota was the bottleneck: the POSTs filled the minute window.
-    let unisolate = &stats["apis"]["unisolate"];
-    assert_eq!(unisolate["maxCallsPerMinute"], 20, "{unisolate}");
-    eprintln!("simulator stats: {stats}");
+    // How fully the window was used is a throughput figure: the benchmark reports it.
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

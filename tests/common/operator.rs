@@ -208,7 +208,8 @@ pub fn device_isolation(
     let mut di = DeviceIsolation::new(
         name,
         DeviceIsolationSpec {
-            machine_id: machine_id.into(),
+            machine_id: Some(machine_id.into()),
+            device_name: None,
             isolated,
             isolation_type: IsolationType::Full,
             drift_policy: DriftPolicy::Report,
