@@ -134,6 +134,12 @@ func run() int {
 		return 2
 	}
 
+	// A parent that reads our stdout/stderr through pipes closes them when it
+	// dies. Go kills a process that writes to a broken stdout/stderr with
+	// SIGPIPE unless the signal is ignored; that would skip the cleanup below
+	// (the logs are lost anyway once nobody reads them).
+	signal.Ignore(syscall.SIGPIPE)
+
 	// Everything that can ask us to stop funnels into one channel, so that the
 	// startup wait and the steady state handle it the same way.
 	stop := make(chan string, 4)
