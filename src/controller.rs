@@ -74,6 +74,8 @@ pub struct Context {
     machine_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Consecutive failed reconciles per resource, for exponential error backoff.
     error_counts: Mutex<HashMap<String, u32>>,
+    /// When the per-phase resource gauges were last recounted (ms since the epoch).
+    phases_counted_ms: std::sync::atomic::AtomicI64,
 }
 
 impl Context {
@@ -105,6 +107,7 @@ impl Context {
             unsent: Mutex::new(HashSet::new()),
             machine_locks: Mutex::new(HashMap::new()),
             error_counts: Mutex::new(HashMap::new()),
+            phases_counted_ms: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -125,6 +128,49 @@ impl Context {
                 isolated: o.spec.isolated,
             })
             .collect()
+    }
+
+    /// Recounts resources by phase from the watch caches, at most once a second (a scan of the
+    /// caches is O(resources); deleted resources never reach reconcile, so counting from the
+    /// caches is what keeps the gauges true).
+    fn count_phases(&self) {
+        use std::sync::atomic::Ordering;
+        let now = Utc::now().timestamp_millis();
+        let last = self.phases_counted_ms.load(Ordering::Relaxed);
+        if now - last < 1000
+            || self
+                .phases_counted_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let (mut ready, mut reconciling, mut stalled, mut unknown) = (0, 0, 0, 0);
+        let stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+        for di in stores.iter().flat_map(|s| s.state()) {
+            let conds = di
+                .status
+                .as_ref()
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or_default();
+            let is_true =
+                |t: &str| crate::conditions::find(conds, t).is_some_and(|c| c.status == "True");
+            if is_true(crate::conditions::STALLED) {
+                stalled += 1;
+            } else if is_true(crate::conditions::READY) {
+                ready += 1;
+            } else if is_true(crate::conditions::RECONCILING) {
+                reconciling += 1;
+            } else {
+                unknown += 1;
+            }
+        }
+        self.metrics.set_phase_counts(&[
+            ("ready", ready),
+            ("reconciling", reconciling),
+            ("stalled", stalled),
+            ("unknown", unknown),
+        ]);
     }
 
     fn machine_lock(&self, machine: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -153,6 +199,7 @@ impl Context {
 pub async fn reconcile(di: Arc<DeviceIsolation>, ctx: Arc<Context>) -> Result<Action, Error> {
     let result = reconcile_inner(&di, &ctx).await;
     ctx.metrics.reconciled(result.is_ok());
+    ctx.count_phases();
     if result.is_ok() {
         ctx.error_counts
             .lock()

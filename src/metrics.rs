@@ -39,6 +39,13 @@ pub struct WindowLabels {
     pub window: String,
 }
 
+/// Labels of a resource count.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// `ready`, `reconciling`, `stalled` or `unknown` (no status yet).
+    pub phase: String,
+}
+
 /// Labels of a reconcile.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
@@ -65,6 +72,8 @@ pub struct Metrics {
     pub oldest_open_action_age_seconds: Gauge<f64, AtomicU64>,
     /// Current interval of the batch poller, in seconds.
     pub poll_interval_seconds: Gauge<f64, AtomicU64>,
+    /// Watched DeviceIsolations by phase (from their conditions).
+    pub resources: Family<PhaseLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -123,8 +132,15 @@ impl Metrics {
             "Current interval of the batch poller",
             poll_interval_seconds.clone(),
         );
+        let resources = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "resources",
+            "Watched DeviceIsolations by phase: ready, reconciling, stalled, unknown",
+            resources.clone(),
+        );
         Metrics {
             registry,
+            resources,
             reconciles,
             mde_calls,
             mde_call_seconds,
@@ -144,6 +160,17 @@ impl Metrics {
                 result: result.into(),
             })
             .inc();
+    }
+
+    /// Sets the per-phase resource counts.
+    pub fn set_phase_counts(&self, counts: &[(&str, i64)]) {
+        for (phase, n) in counts {
+            self.resources
+                .get_or_create(&PhaseLabels {
+                    phase: (*phase).into(),
+                })
+                .set(*n);
+        }
     }
 
     /// Adds time a request was told to wait for quota.
@@ -205,6 +232,7 @@ mod tests {
         m.reconciled(true);
         m.observe(Api::Unisolate, "ok", Duration::from_millis(20));
         m.quota_waited(Api::Unisolate, Duration::from_secs(3));
+        m.set_phase_counts(&[("stalled", 2)]);
         let text = m.encode();
         for name in [
             "mde_isolation_reconciles_total",
@@ -213,9 +241,11 @@ mod tests {
             "mde_isolation_quota_wait_seconds_total",
             "mde_isolation_open_actions",
             "mde_isolation_poll_interval_seconds",
+            "mde_isolation_resources",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
         assert!(text.contains(r#"api="unisolate",outcome="ok""#));
+        assert!(text.contains(r#"mde_isolation_resources{phase="stalled"} 2"#));
     }
 }
