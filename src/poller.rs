@@ -21,10 +21,14 @@ use crate::mde::client::MdeClient;
 use crate::mde::error::ErrorClass;
 use crate::mde::odata::{Filter, ListQuery};
 use crate::metrics::Metrics;
+use crate::quota::Priority;
 use crate::view::{ActionView, ResourceKey, fact_of};
 
-/// Quota key of the poller's reads.
+/// Quota key of the poller's reads while young actions are open (served first).
 pub const POLLER_KEY: &str = "batch-poller";
+
+/// Quota key of the poller's reads otherwise: old open actions and drift checks (served last).
+pub const DRIFT_KEY: &str = "drift-poller";
 
 /// Largest `id in (...)` list per call (keeps URLs short).
 const IDS_PER_CALL: usize = 40;
@@ -119,6 +123,11 @@ pub struct Poller {
 impl Poller {
     /// Runs until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
+        // Reads are served in this order when quota is short: the status of young actions that
+        // people are watching, then per-resource lookups (Normal), then background drift reads.
+        let gate = self.client.gate();
+        gate.set_priority(POLLER_KEY, Priority::High);
+        gate.set_priority(DRIFT_KEY, Priority::Low);
         // Load the view only when a resource needs it, or for the first drift check.
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -205,7 +214,12 @@ impl Poller {
         &self,
         query: &ListQuery,
     ) -> Result<Vec<crate::mde::model::MachineAction>, Duration> {
-        match self.client.list_actions(query, POLLER_KEY).await {
+        let young = self
+            .view
+            .youngest_open_age(Utc::now())
+            .is_some_and(|age| age < self.timing.young_window);
+        let key = if young { POLLER_KEY } else { DRIFT_KEY };
+        match self.client.list_actions(query, key).await {
             Ok(actions) => Ok(actions),
             Err(e) => {
                 let wait = match e.class() {

@@ -176,6 +176,19 @@ impl QuotaConfig {
     }
 }
 
+/// Order among waiting callers of one API. Callers of a more urgent class are given slots ahead
+/// of less urgent ones that are still waiting; within a class, slots follow arrival order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    /// Status of young actions: what users are watching right now.
+    High,
+    /// Per-resource lookups before a request (the default).
+    #[default]
+    Normal,
+    /// Background reads such as drift checks.
+    Low,
+}
+
 /// The gate's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {
@@ -195,6 +208,7 @@ struct Window {
 #[derive(Debug)]
 struct Reservation {
     seq: u64,
+    priority: Priority,
     key: String,
     /// Current slot; recomputation may move it later.
     slot: Instant,
@@ -207,7 +221,7 @@ struct Reservation {
 struct ApiState {
     /// Admitted call times, non-decreasing; only those that can still matter are kept.
     calls: VecDeque<Instant>,
-    /// Reservations in FIFO order; `seq` and `slot` are both non-decreasing along the queue.
+    /// Reservations by priority class, then arrival; `slot` is non-decreasing along the queue.
     pending: VecDeque<Reservation>,
     /// Key → `seq` of its pending reservation.
     keys: HashMap<String, u64>,
@@ -250,7 +264,7 @@ impl ApiState {
 
     fn position(&self, key: &str) -> Option<usize> {
         let seq = *self.keys.get(key)?;
-        self.pending.binary_search_by_key(&seq, |r| r.seq).ok()
+        self.pending.iter().position(|r| r.seq == seq)
     }
 
     fn remove_at(&mut self, idx: usize) {
@@ -305,7 +319,13 @@ impl ApiState {
         }
     }
 
-    fn reserve(&mut self, key: &str, now: Instant, windows: &[Window]) -> Admission {
+    fn reserve(
+        &mut self,
+        key: &str,
+        priority: Priority,
+        now: Instant,
+        windows: &[Window],
+    ) -> Admission {
         if let Some(idx) = self.position(key) {
             let slot = self.pending[idx].slot;
             if now < slot {
@@ -330,15 +350,21 @@ impl ApiState {
             };
         }
 
+        // Behind every waiting caller of the same or a more urgent class.
+        let at = self
+            .pending
+            .iter()
+            .position(|r| r.priority > priority)
+            .unwrap_or(self.pending.len());
         let mut lower = now;
-        if let Some(last) = self.pending.back() {
-            lower = lower.max(last.slot);
+        if at > 0 {
+            lower = lower.max(self.pending[at - 1].slot);
         }
         if let Some(p) = self.paused_until {
             lower = lower.max(p);
         }
-        let slot = self.earliest(self.pending.len(), lower, windows);
-        if slot <= now && self.fits(now, windows) {
+        let slot = self.earliest(at, lower, windows);
+        if at == self.pending.len() && slot <= now && self.fits(now, windows) {
             self.record(now);
             // Reservations whose callers are late now sit before the last call: move them behind it.
             self.recompute(windows);
@@ -347,12 +373,22 @@ impl ApiState {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.keys.insert(key.to_owned(), seq);
-        self.pending.push_back(Reservation {
-            seq,
-            key: key.to_owned(),
-            slot,
-            told: slot,
-        });
+        self.pending.insert(
+            at,
+            Reservation {
+                seq,
+                priority,
+                key: key.to_owned(),
+                slot,
+                told: slot,
+            },
+        );
+        if at + 1 < self.pending.len() {
+            // Less urgent callers behind it move later (slots only ever move later).
+            self.recompute(windows);
+        }
+        let slot = self.pending[at].slot;
+        self.pending[at].told = slot;
         Admission::WaitUntil(slot)
     }
 
@@ -376,6 +412,8 @@ pub struct QuotaGate {
     keep: Duration,
     grace: Duration,
     state: Mutex<[ApiState; 5]>,
+    /// Priority class per key; keys not listed are [`Priority::Normal`].
+    priorities: Mutex<HashMap<String, Priority>>,
 }
 
 impl QuotaGate {
@@ -390,7 +428,25 @@ impl QuotaGate {
             keep,
             grace,
             state: Mutex::new(Default::default()),
+            priorities: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Puts every future reservation of `key` in `priority`'s class (e.g. the batch poller's keys).
+    pub fn set_priority(&self, key: &str, priority: Priority) {
+        self.priorities
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_owned(), priority);
+    }
+
+    fn priority_of(&self, key: &str) -> Priority {
+        self.priorities
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// The configuration this gate enforces.
@@ -413,10 +469,11 @@ impl QuotaGate {
     /// it admits the call.
     pub fn reserve(&self, api: Api, key: &str, now: Instant) -> Admission {
         let (windows, keep, grace) = (self.windows, self.keep, self.grace);
+        let priority = self.priority_of(key);
         self.with_state(api, |st| {
             let now = st.calls.back().map_or(now, |&last| now.max(last));
             st.prune(now, keep, grace);
-            st.reserve(key, now, &windows)
+            st.reserve(key, priority, now, &windows)
         })
     }
 
@@ -1104,5 +1161,49 @@ mod tests {
     fn gate_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<QuotaGate>();
+    }
+
+    #[test]
+    fn an_urgent_caller_is_served_before_waiting_background_callers() {
+        let gate = QuotaGate::new(small(2, 100));
+        let t0 = Instant::now();
+        gate.set_priority("poller", Priority::High);
+        gate.set_priority("drift", Priority::Low);
+        let api = Api::MachineActionsRead;
+        assert_eq!(gate.reserve(api, "a", t0), Admission::Admit);
+        assert_eq!(gate.reserve(api, "b", t0), Admission::Admit);
+        // The window is full: a background read and a lookup wait, in arrival order.
+        let Admission::WaitUntil(drift) = gate.reserve(api, "drift", t0) else {
+            panic!("must wait")
+        };
+        let Admission::WaitUntil(lookup) = gate.reserve(api, "lookup", t0) else {
+            panic!("must wait")
+        };
+        assert!(lookup > drift || lookup == drift);
+        // The urgent poller arrives last and is given the first slot; the others move later.
+        let Admission::WaitUntil(poller) = gate.reserve(api, "poller", t0) else {
+            panic!("must wait")
+        };
+        let Admission::WaitUntil(lookup_now) = gate.reserve(api, "lookup", t0) else {
+            panic!("still waiting")
+        };
+        let Admission::WaitUntil(drift_now) = gate.reserve(api, "drift", t0) else {
+            panic!("still waiting")
+        };
+        assert!(poller <= lookup_now && lookup_now <= drift_now);
+        assert!(poller < drift_now, "the background read gave way");
+        // Served in that order, and never more than the budget in a window.
+        let mut admitted = Vec::new();
+        for (key, at) in [
+            ("poller", poller),
+            ("lookup", lookup_now),
+            ("drift", drift_now),
+        ] {
+            assert_eq!(gate.reserve(api, key, at), Admission::Admit, "{key}");
+            admitted.push(at);
+        }
+        let mut all = vec![t0, t0];
+        all.extend(admitted);
+        assert!(max_in_window(&all, secs(61)) <= 2);
     }
 }
