@@ -295,6 +295,17 @@ async fn reconcile_inner(di: &DeviceIsolation, ctx: &Context) -> Result<Action, 
             }
             Effect::None => {
                 write_status(ctx, di, &written, &status).await?;
+                if plan.requeue.is_none() {
+                    // Ready or Stalled: a slot reserved earlier (a request that had to wait,
+                    // then was adopted or stalled) would only hold quota from others.
+                    for api in [
+                        QuotaApi::Isolate,
+                        QuotaApi::Unisolate,
+                        QuotaApi::MachineActionsRead,
+                    ] {
+                        ctx.mde.gate().release(api, &key);
+                    }
+                }
                 return Ok(match plan.requeue {
                     Some(after) => Action::requeue(after.max(Duration::from_millis(50))),
                     None => Action::await_change(),
