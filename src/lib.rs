@@ -12,6 +12,7 @@ pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod http;
+pub mod leader;
 pub mod mde;
 pub mod metrics;
 pub mod planner;
