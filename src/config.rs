@@ -120,6 +120,32 @@ pub struct RunArgs {
     /// Resources reconciled at once.
     #[arg(long, env = "MDE_CONCURRENCY", default_value_t = 32)]
     pub concurrency: u16,
+
+    /// Elect a leader through a coordination.k8s.io/v1 Lease so that several replicas can run:
+    /// only the holder reconciles and talks to MDE, the others keep their watch caches warm and
+    /// take over when it stops renewing.
+    #[arg(long, env = "MDE_LEADER_ELECTION")]
+    pub leader_election: bool,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "MDE_LEASE_NAME", default_value = "mde-isolation-operator")]
+    pub lease_name: String,
+
+    /// Namespace of the leader-election Lease [default: the POD_NAMESPACE environment variable,
+    /// else the first watched namespace].
+    #[arg(long, env = "MDE_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// How long a leader's lease lasts without renewal, in seconds: a standby takes over this
+    /// long after the leader's last renewal (at once when it released the lease). Not divided
+    /// by --time-scale: it concerns Kubernetes, not MDE.
+    #[arg(
+        long,
+        env = "MDE_LEASE_DURATION_SECONDS",
+        default_value_t = 15,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    pub lease_duration_seconds: u64,
 }
 
 impl RunArgs {
@@ -127,6 +153,38 @@ impl RunArgs {
     pub fn scaled(&self, d: Duration) -> Duration {
         d.div_f64(self.time_scale)
     }
+
+    /// Namespace of the leader-election Lease: `--lease-namespace`, else the pod's namespace
+    /// (`POD_NAMESPACE`, which the chart sets), else the first watched namespace. `None` with
+    /// `--all-namespaces` and neither of the first two.
+    pub fn lease_namespace(&self) -> Option<String> {
+        lease_namespace_from(
+            self.lease_namespace.as_deref(),
+            std::env::var("POD_NAMESPACE").ok().as_deref(),
+            self.all_namespaces,
+            &self.namespaces,
+        )
+    }
+}
+
+fn lease_namespace_from(
+    flag: Option<&str>,
+    pod_namespace: Option<&str>,
+    all_namespaces: bool,
+    watched: &[String],
+) -> Option<String> {
+    fn non_empty(s: Option<&str>) -> Option<&str> {
+        s.map(str::trim).filter(|s| !s.is_empty())
+    }
+    non_empty(flag)
+        .or(non_empty(pod_namespace))
+        .or_else(|| {
+            // --namespace is ignored with --all-namespaces, so it names no namespace then.
+            (!all_namespaces)
+                .then(|| non_empty(watched.first().map(String::as_str)))
+                .flatten()
+        })
+        .map(str::to_string)
 }
 
 fn parse_share(s: &str) -> Result<f64, String> {
@@ -189,6 +247,59 @@ mod tests {
         let err = parse(&["--all-namespaces", "--quota-budget", "1.5"]).unwrap_err();
         assert!(err.to_string().contains("not in (0, 1]"));
         assert!(parse(&["--all-namespaces", "--time-scale", "0"]).is_err());
+    }
+
+    #[test]
+    fn leader_election_is_off_by_default_with_a_15_second_lease() {
+        let Command::Run(run) = parse(&["--namespace", "a"]).unwrap().command else {
+            panic!("run expected")
+        };
+        assert!(!run.leader_election);
+        assert_eq!(run.lease_name, "mde-isolation-operator");
+        assert_eq!(run.lease_duration_seconds, 15);
+        let Command::Run(run) = parse(&[
+            "--namespace",
+            "a",
+            "--leader-election",
+            "--lease-name",
+            "l",
+            "--lease-namespace",
+            "n",
+            "--lease-duration-seconds",
+            "4",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("run expected")
+        };
+        assert!(run.leader_election);
+        assert_eq!(run.lease_name, "l");
+        assert_eq!(run.lease_namespace(), Some("n".into()));
+        assert_eq!(run.lease_duration_seconds, 4);
+        assert!(parse(&["--namespace", "a", "--lease-duration-seconds", "0"]).is_err());
+    }
+
+    #[test]
+    fn the_lease_namespace_defaults_to_the_pods_then_the_first_watched() {
+        let watched = ["w1".to_string(), "w2".to_string()];
+        assert_eq!(
+            lease_namespace_from(Some("flag"), Some("pod"), false, &watched),
+            Some("flag".into())
+        );
+        assert_eq!(
+            lease_namespace_from(None, Some("pod"), false, &watched),
+            Some("pod".into())
+        );
+        assert_eq!(
+            lease_namespace_from(Some(""), Some(" "), false, &watched),
+            Some("w1".into())
+        );
+        assert_eq!(lease_namespace_from(None, None, true, &watched), None);
+        assert_eq!(
+            lease_namespace_from(None, Some("pod"), true, &[]),
+            Some("pod".into())
+        );
     }
 
     #[test]

@@ -1,26 +1,31 @@
 //! `mde-isolation-operator run`: wires the clients, the quota gate, the shared view, the batch
 //! poller, the controllers (one per watched namespace, or one for the cluster), and the HTTP
 //! endpoint, and stops them all on one shutdown signal.
+//!
+//! With `--leader-election` the controllers start at once, so a standby's watch caches are warm,
+//! but their reconciles do nothing and the poller does not start until this replica holds the
+//! [`leader`](crate::leader) Lease. Then everything in the caches is reconciled afresh.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures::StreamExt;
 use futures::future::join_all;
+use futures::{Stream, StreamExt};
 use kube::api::Api;
-use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CLIENT_SECRET_ENV, RunArgs};
 use crate::controller::{self, Context};
 use crate::crd::DeviceIsolation;
 use crate::http::{self, Health};
+use crate::leader::{self, Election, LeaseConfig, LeaseTiming, Role};
 use crate::mde::client::{MdeClient, MdeClientConfig};
 use crate::mde::cloud::resolve_endpoints;
 use crate::mde::token::ClientSecret;
@@ -52,6 +57,11 @@ pub enum RunError {
     /// No Kubernetes configuration.
     #[error("Kubernetes client: {0}")]
     Kube(#[from] kube::Error),
+    /// Leader election needs a namespace for its Lease.
+    #[error(
+        "no namespace for the leader-election Lease: set --lease-namespace (MDE_LEASE_NAMESPACE) or POD_NAMESPACE"
+    )]
+    NoLeaseNamespace,
     /// The HTTP endpoint could not bind.
     #[error("HTTP endpoint {addr}: {source}")]
     Http {
@@ -95,9 +105,76 @@ fn load_secret(args: &RunArgs) -> Result<ClientSecret, RunError> {
     }
 }
 
+fn lease_config(args: &RunArgs) -> Result<LeaseConfig, RunError> {
+    Ok(LeaseConfig {
+        name: args.lease_name.clone(),
+        namespace: args.lease_namespace().ok_or(RunError::NoLeaseNamespace)?,
+        identity: leader::default_identity(),
+        timing: LeaseTiming::from_duration(Duration::from_secs(args.lease_duration_seconds)),
+    })
+}
+
+/// The controllers' reconcile: nothing at all (no MDE call, no status write) until this replica
+/// leads. A standby runs its controllers only to keep the watch caches warm; when it starts
+/// leading, `reconcile_all_on` reconciles every cached resource from its state at that moment.
+async fn reconcile_when_leading(
+    di: Arc<DeviceIsolation>,
+    ctx: Arc<Context>,
+    health: Arc<Health>,
+) -> Result<Action, controller::Error> {
+    if !health.leading.load(Ordering::SeqCst) {
+        return Ok(Action::await_change());
+    }
+    controller::reconcile(di, ctx).await
+}
+
+/// One item once `leading` turns true (never, if it does not).
+fn once_leading(mut leading: watch::Receiver<bool>) -> impl Stream<Item = ()> + Send + 'static {
+    futures::stream::once(async move { leading.wait_for(|l| *l).await.is_ok() })
+        .filter_map(|led| futures::future::ready(led.then_some(())))
+}
+
+/// Follows the election: on becoming leader, opens the reconcile gate and then signals
+/// `leading` (in that order, so the bulk reconcile it triggers passes the gate); on losing the
+/// lease, exits the process.
+async fn follow_election(
+    mut role: watch::Receiver<Role>,
+    health: Arc<Health>,
+    leading: watch::Sender<bool>,
+) {
+    let Ok(first) = role.wait_for(|r| *r != Role::Candidate).await.map(|r| *r) else {
+        return; // stopped while standing by
+    };
+    if first == Role::Leader {
+        // The poller beats only after its first sleep: count its silence from now, not from
+        // start-up, or a standby that waited long would fail liveness right after taking over.
+        health.poller_beat();
+        health.leading.store(true, Ordering::SeqCst);
+        leading.send_replace(true);
+        tracing::info!("leading: reconciling and polling MDE");
+        if role.wait_for(|r| *r == Role::Lost).await.is_err() {
+            return; // released on shutdown
+        }
+    }
+    // A standby may take the lease over soon. Reconciles in flight cannot be trusted any more:
+    // one may be about to send a request that the new leader also sends (a second action on a
+    // machine). A graceful stop would let them run on, so end the process now; the pod
+    // restarts as a standby, and anything left half done is recovered by the new leader from
+    // status intents and audit tags, as after a crash.
+    tracing::error!(
+        code = leader::LOST_EXIT_CODE,
+        "lost the leader-election lease: exiting at once so that this replica stops calling MDE"
+    );
+    std::process::exit(leader::LOST_EXIT_CODE);
+}
+
 /// Runs the operator until SIGTERM or Ctrl-C.
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let secret = load_secret(&args)?;
+    let lease = args
+        .leader_election
+        .then(|| lease_config(&args))
+        .transpose()?;
     let endpoints = resolve_endpoints(
         args.cloud,
         args.api_url.clone(),
@@ -131,8 +208,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         Duration::from_secs(args.drift_interval_seconds),
     );
     let health = Arc::new(Health::new(poll_timing.max_open.max(poll_timing.idle) * 3));
-    // Without leader election this replica is the only one talking to MDE.
-    health.leading.store(true, Ordering::Relaxed);
+    // Without leader election this replica is the only one talking to MDE; with it, it may only
+    // once it holds the lease (`follow_election`).
+    health.leading.store(lease.is_none(), Ordering::SeqCst);
+    let (leading_tx, leading_rx) = watch::channel(lease.is_none());
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
 
@@ -183,13 +262,21 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             }
         }
         let wakeups = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        let controller = Controller::new(api, watcher::Config::default())
+        let mut controller = Controller::new(api, watcher::Config::default())
             .with_config(ControllerConfig::default().concurrency(args.concurrency))
             .reconcile_on(wakeups)
             .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+        if lease.is_some() {
+            controller = controller.reconcile_all_on(once_leading(leading_rx.clone()));
+        }
         stores.push(controller.store());
+        let gate = health.clone();
         let run = controller
-            .run(controller::reconcile, controller::error_policy, ctx.clone())
+            .run(
+                move |di, ctx| reconcile_when_leading(di, ctx, gate.clone()),
+                controller::error_policy,
+                ctx.clone(),
+            )
             .for_each(|result| async move {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "controller event");
@@ -230,7 +317,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         timing: poll_timing,
         nudge,
     };
-    tokio::spawn(poller.run(shutdown.clone()));
+    let poller_task = tokio::spawn({
+        let (mut leading, shutdown) = (leading_rx.clone(), shutdown.clone());
+        async move {
+            let lead = tokio::select! {
+                led = leading.wait_for(|l| *l) => led.is_ok(),
+                _ = shutdown.cancelled() => false,
+            };
+            if lead {
+                poller.run(shutdown).await;
+            }
+        }
+    });
     tokio::spawn({
         let (metrics, gate, shutdown) = (metrics.clone(), gate.clone(), shutdown.clone());
         async move {
@@ -255,14 +353,32 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         health.clone(),
         shutdown.clone().cancelled_owned(),
     ));
+    // Campaign only now that nothing can fail any more: a replica that took the lease and then
+    // stopped on a start-up error would make the standby wait for the lease to expire.
+    let election = lease.map(|cfg| {
+        let election = Election::start(kube.clone(), cfg);
+        tokio::spawn(follow_election(election.role(), health.clone(), leading_tx));
+        election
+    });
 
-    tracing::info!(dry_run = args.dry_run, "operator running");
+    tracing::info!(
+        dry_run = args.dry_run,
+        leader_election = election.is_some(),
+        "operator running"
+    );
     join_all(runs).await;
     if !shutdown.is_cancelled() {
         health.controllers_running.store(false, Ordering::Relaxed);
         tracing::error!("a controller stopped unexpectedly");
     }
     shutdown.cancel();
+    // Every reconcile has finished; the poller may be in the middle of a read: end it too, so
+    // that nothing here calls MDE once the lease is released.
+    poller_task.abort();
+    let _ = poller_task.await;
+    if let Some(election) = election {
+        election.release().await;
+    }
     tracing::info!("operator stopped");
     Ok(())
 }
