@@ -7,13 +7,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::cluster::cluster;
+use common::cluster::{SA_NAME, SA_NAMESPACE, cluster};
 use common::operator::{
     Operator, OperatorConfig, create, device_isolation, machine_id, wait_ready,
 };
 use common::sim::Sim;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, ObjectMeta, PostParams};
 use serde_json::Value;
 
 const SCALE: f64 = 60.0;
@@ -426,4 +427,154 @@ async fn a_leader_that_loses_its_lease_exits_at_once() {
     );
     assert!(op.output().contains("lost the lease"), "{}", op.tail());
     eprintln!("lost lease: exited after {:?}", taken_at.elapsed());
+}
+
+/// Runs `tool` (a `Command` of the cluster helper) with `stdin`, failing on a non-zero exit.
+fn run_tool(mut tool: std::process::Command, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = tool
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    let mut pipe = child.stdin.take().expect("stdin");
+    pipe.write_all(stdin.unwrap_or_default().as_bytes())
+        .expect("write stdin");
+    drop(pipe);
+    let out = child.wait_with_output().expect("tool output");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The chart's leader-election Role (create; get and update of the release's Lease only) plus
+/// its watch Role are all an operator with `--leader-election` needs: under the chart's
+/// ServiceAccount it acquires the Lease, leads, and reconciles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_election_works_under_the_charts_rbac() {
+    let c = cluster();
+    c.install_crds().await;
+    let client = c.client().await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(SA_NAMESPACE.into()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    match namespaces.create(&PostParams::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {} // shared cluster: already there
+        Err(e) => panic!("namespace {SA_NAMESPACE}: {e}"),
+    }
+
+    // A release of its own (a shared cluster may hold earlier runs' Leases and Roles).
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let release = format!("le-{suffix}");
+    let fullname = format!("{release}-mde-isolation-operator");
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/mde-isolation-operator");
+    let sa = format!("serviceAccount.name={SA_NAME}");
+    let rendered = run_tool(
+        c.helm(),
+        &[
+            "template",
+            &release,
+            chart,
+            "-n",
+            SA_NAMESPACE,
+            "--set",
+            "mde.tenantId=t",
+            "--set",
+            "mde.clientId=c",
+            "--set",
+            "mde.existingSecret=s",
+            "--set",
+            "serviceAccount.create=false",
+            "--set",
+            &sa,
+            "--set",
+            "leaderElection.enabled=true",
+        ],
+        None,
+    );
+    let mut rbac = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&rendered) {
+        let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).expect("yaml");
+        if matches!(value["kind"].as_str(), Some("Role" | "RoleBinding")) {
+            rbac.push(serde_yaml::to_string(&value).expect("yaml"));
+        }
+    }
+    assert_eq!(
+        rbac.len(),
+        4,
+        "watch and leader-election Roles and bindings:\n{rendered}"
+    );
+    run_tool(
+        c.kubectl(),
+        &["apply", "-f", "-"],
+        Some(&rbac.join("---\n")),
+    );
+
+    let (sim, _dir, machines) = sim_with_two_apps(0x21_0000, 1, 0);
+    let sa_kubeconfig = c.service_account_kubeconfig(SA_NAMESPACE, SA_NAME);
+    let mut cfg = OperatorConfig::new(&sa_kubeconfig, SA_NAMESPACE);
+    cfg.time_scale = SCALE;
+    cfg.client_id = "replica-a".into();
+    cfg.extra = vec![
+        "--leader-election".into(),
+        "--lease-name".into(),
+        fullname.clone(),
+        "--lease-duration-seconds".into(),
+        "6".into(),
+    ];
+    let op = Operator::start(&sim, cfg);
+    let addr = op.http_addr(Duration::from_secs(60));
+    let http = reqwest::Client::new();
+    let end = Instant::now() + Duration::from_secs(60);
+    while readyz(&http, &addr).await.0 != 200 {
+        assert!(
+            Instant::now() < end,
+            "never led under the chart's RBAC:\n{}",
+            op.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lease = Api::<Lease>::namespaced(client.clone(), SA_NAMESPACE)
+        .get(&fullname)
+        .await
+        .expect("the release's Lease");
+    assert!(
+        is_identity_of(
+            &lease.spec.and_then(|s| s.holder_identity),
+            op.pid().expect("running")
+        ),
+        "{}",
+        op.tail()
+    );
+
+    let name = format!("le-rbac-{suffix}");
+    let di = device_isolation(&name, &machines[0], false, Some("rbac test"));
+    create(&client, SA_NAMESPACE, &di).await;
+    wait_ready(&client, SA_NAMESPACE, &name, &op).await;
+    assert_eq!(sim.ground_truth(&machines[0]).await["isolated"], false);
+    // A few renewals later, still no refusal from the API server.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let out = op.output();
+    let refused: Vec<&str> = out
+        .lines()
+        .filter(|l| {
+            let l = l.to_lowercase();
+            l.contains("lease") && l.contains("forbidden")
+        })
+        .collect();
+    assert!(refused.is_empty(), "{refused:#?}");
 }
