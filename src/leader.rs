@@ -293,53 +293,85 @@ async fn campaign(
     let mut seen = Observation::default();
     let mut last_holder: Option<String> = None;
     loop {
-        let wait = match api.get_opt(&cfg.name).await {
-            Err(e) => {
-                tracing::warn!(lease = %cfg.name, error = %e, "reading the lease");
-                retry
-            }
-            Ok(current) => {
-                let spec = current.as_ref().map(|l| l.spec.as_ref());
-                let unchanged = spec.map_or(Duration::ZERO, |s| seen.observe(s, Instant::now()));
-                match decide(spec, &cfg.identity, unchanged, &cfg.timing) {
-                    Decision::Wait(left) => {
-                        let holder = spec.flatten().and_then(|s| s.holder_identity.clone());
-                        if holder != last_holder {
-                            tracing::info!(lease = %cfg.name, holder = ?holder, "standing by: the lease is held");
-                            last_holder = holder;
-                        }
-                        left.min(retry)
-                    }
-                    decision => {
-                        let started = Instant::now();
-                        let written = match (decision, current) {
-                            (Decision::Take, Some(mut lease)) => {
-                                lease.spec = Some(claim(
-                                    lease.spec.as_ref(),
-                                    &cfg.identity,
-                                    &cfg.timing,
-                                    Timestamp::now(),
-                                ));
-                                api.replace(&cfg.name, &PostParams::default(), &lease).await
-                            }
-                            _ => api.create(&PostParams::default(), &new_lease(cfg)).await,
-                        };
-                        match written {
-                            Ok(lease) => return Some((lease, started)),
-                            // Another candidate wrote first: read again at once to see who.
-                            Err(kube::Error::Api(s)) if s.code == 409 => Duration::ZERO,
-                            Err(e) => {
-                                tracing::warn!(lease = %cfg.name, error = %e, "taking the lease");
-                                retry
-                            }
-                        }
-                    }
+        // Bounded, so that a hung API server neither stalls the campaign nor delays shutdown. A
+        // write that went through unanswered is harmless: the next read shows this identity as
+        // the holder, and it is taken (renewed) again.
+        let step = tokio::time::timeout(
+            cfg.timing.renew_deadline,
+            campaign_step(api, cfg, &mut seen, &mut last_holder),
+        );
+        let wait = tokio::select! {
+            _ = stop.cancelled() => return None,
+            step = step => match step {
+                Ok(Step::Won(lease, started)) => return Some((*lease, started)),
+                Ok(Step::Again(wait)) => wait,
+                Err(_) => {
+                    tracing::warn!(lease = %cfg.name, "the API server did not answer in time");
+                    retry
                 }
-            }
+            },
         };
         tokio::select! {
             _ = stop.cancelled() => return None,
             _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// What one read (and possibly one write) of the campaign came to.
+enum Step {
+    /// This replica holds the Lease; the winning request started at that instant.
+    Won(Box<Lease>, Instant),
+    /// Try again after this long.
+    Again(Duration),
+}
+
+async fn campaign_step(
+    api: &Api<Lease>,
+    cfg: &LeaseConfig,
+    seen: &mut Observation,
+    last_holder: &mut Option<String>,
+) -> Step {
+    let retry = cfg.timing.retry_period;
+    let current = match api.get_opt(&cfg.name).await {
+        Ok(current) => current,
+        Err(e) => {
+            tracing::warn!(lease = %cfg.name, error = %e, "reading the lease");
+            return Step::Again(retry);
+        }
+    };
+    let spec = current.as_ref().map(|l| l.spec.as_ref());
+    let unchanged = spec.map_or(Duration::ZERO, |s| seen.observe(s, Instant::now()));
+    let decision = decide(spec, &cfg.identity, unchanged, &cfg.timing);
+    if let Decision::Wait(left) = decision {
+        let holder = spec.flatten().and_then(|s| s.holder_identity.clone());
+        if holder != *last_holder {
+            let shown = holder.as_deref().unwrap_or_default();
+            tracing::info!(lease = %cfg.name, holder = shown, "standing by: the lease is held");
+            *last_holder = holder;
+        }
+        return Step::Again(left.min(retry));
+    }
+    let started = Instant::now();
+    let written = match (decision, current) {
+        (Decision::Take, Some(mut lease)) => {
+            lease.spec = Some(claim(
+                lease.spec.as_ref(),
+                &cfg.identity,
+                &cfg.timing,
+                Timestamp::now(),
+            ));
+            api.replace(&cfg.name, &PostParams::default(), &lease).await
+        }
+        _ => api.create(&PostParams::default(), &new_lease(cfg)).await,
+    };
+    match written {
+        Ok(lease) => Step::Won(Box::new(lease), started),
+        // Another candidate wrote first: read again at once to see who.
+        Err(kube::Error::Api(s)) if s.code == 409 => Step::Again(Duration::ZERO),
+        Err(e) => {
+            tracing::warn!(lease = %cfg.name, error = %e, "taking the lease");
+            Step::Again(retry)
         }
     }
 }
