@@ -23,8 +23,12 @@ scripts/build-control-plane.sh >/dev/null
 step "kubectl and helm"
 scripts/install-tools.sh >/dev/null
 scripts/install-promtool.sh # optional: promtool checks of the alert rules (skipped when missing)
+scripts/install-lua.sh # lua5.1 and lua5.4 for tests/argocd_health.rs (it fails without them)
 step "cargo test"
 cargo test --all-targets --no-fail-fast
+step "go test in tests/control-plane (kstatus)"
+# The flags of scripts/build-control-plane.sh, so the test reuses the compiled Kubernetes packages.
+(cd tests/control-plane && CGO_ENABLED=0 GOTOOLCHAIN=local go test -trimpath -count=1 ./...)
 step "demo in CI mode"
 scripts/demo.sh --exit-when-settled >/dev/null
 echo "test suite finished in $((SECONDS - start))s"
