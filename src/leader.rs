@@ -652,6 +652,132 @@ mod tests {
         assert_eq!(free.acquire_time, held.acquire_time);
     }
 
+    /// How the fake API server answers renewals (PUTs).
+    #[derive(Clone, Copy)]
+    enum Renewals {
+        Succeed,
+        Fail,
+        Hang,
+    }
+
+    /// A fake Lease API for namespace `ns`: no Lease at first, creates succeed, renewals answer
+    /// as told. Returns the client and the bodies of the PUTs received.
+    async fn fake_api(
+        renewals: Renewals,
+    ) -> (kube::Client, std::sync::Arc<std::sync::Mutex<Vec<Lease>>>) {
+        use axum::Json;
+        use axum::http::StatusCode;
+        use axum::routing::{get, post};
+        let puts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let not_found = || async {
+            let status = serde_json::json!({"kind": "Status", "apiVersion": "v1",
+                "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+            (StatusCode::NOT_FOUND, Json(status))
+        };
+        let created = |Json(mut lease): Json<Lease>| async move {
+            lease.metadata.resource_version = Some("1".into());
+            (StatusCode::CREATED, Json(lease))
+        };
+        let recorded = puts.clone();
+        let renewed = move |Json(lease): Json<Lease>| {
+            let recorded = recorded.clone();
+            async move {
+                recorded.lock().unwrap().push(lease.clone());
+                match renewals {
+                    Renewals::Succeed => Ok(Json(lease)),
+                    Renewals::Fail => Err(StatusCode::INTERNAL_SERVER_ERROR),
+                    Renewals::Hang => std::future::pending().await,
+                }
+            }
+        };
+        let app = axum::Router::new()
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/ns/leases/l",
+                get(not_found).put(renewed),
+            )
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/ns/leases",
+                post(created),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let config = kube::Config::new(url.parse().unwrap());
+        (kube::Client::try_from(config).unwrap(), puts)
+    }
+
+    fn fake_config(duration: Duration) -> LeaseConfig {
+        LeaseConfig {
+            name: "l".into(),
+            namespace: "ns".into(),
+            identity: ME.into(),
+            timing: LeaseTiming::from_duration(duration),
+        }
+    }
+
+    /// Starts an election against the fake API and waits until it leads; returns when.
+    async fn leading(election: &Election) -> Instant {
+        let mut role = election.role();
+        let led = tokio::time::timeout(
+            Duration::from_secs(5),
+            role.wait_for(|r| *r == Role::Leader),
+        )
+        .await;
+        assert!(matches!(led, Ok(Ok(_))), "never led");
+        Instant::now()
+    }
+
+    async fn lost_after(renewals: Renewals) -> Duration {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (client, puts) = fake_api(renewals).await;
+        let cfg = fake_config(Duration::from_secs(3));
+        let election = Election::start(client, cfg.clone());
+        let led_at = leading(&election).await;
+        let mut role = election.role();
+        let lost =
+            tokio::time::timeout(Duration::from_secs(5), role.wait_for(|r| *r == Role::Lost)).await;
+        assert!(matches!(lost, Ok(Ok(_))), "never lost");
+        assert!(!puts.lock().unwrap().is_empty(), "renewals were tried");
+        led_at.elapsed()
+    }
+
+    #[tokio::test]
+    async fn failing_renewals_lose_the_lease_at_the_renew_deadline() {
+        // 3 s lease: renewals every 400 ms, all answered 500; lost 2 s after the last success,
+        // and in any case before the 3 s after which a standby may take over.
+        let after = lost_after(Renewals::Fail).await;
+        assert!(
+            after >= Duration::from_millis(1_900) && after < Duration::from_secs(3),
+            "lost after {after:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_renewal_loses_the_lease_at_the_renew_deadline() {
+        let after = lost_after(Renewals::Hang).await;
+        assert!(
+            after >= Duration::from_millis(1_900) && after < Duration::from_secs(3),
+            "lost after {after:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_leader_renews_past_the_deadline_and_releases_on_stop() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (client, puts) = fake_api(Renewals::Succeed).await;
+        let election = Election::start(client, fake_config(Duration::from_secs(3)));
+        leading(&election).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(*election.role().borrow(), Role::Leader);
+        let renewals = puts.lock().unwrap().len();
+        assert!(renewals >= 3, "{renewals} renewals in 3 s");
+        election.release().await;
+        let last = puts.lock().unwrap().last().cloned().expect("a release");
+        let spec = last.spec.expect("spec");
+        assert_eq!(spec.holder_identity, None, "released");
+        assert_eq!(spec.lease_transitions, Some(0));
+    }
+
     #[test]
     fn identity_is_the_pod_name_else_host_and_pid() {
         assert_eq!(
