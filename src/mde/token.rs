@@ -7,7 +7,7 @@
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::header::{ACCEPT, CONTENT_TYPE};
@@ -15,7 +15,8 @@ use serde_json::Value;
 use tokio::time::Instant;
 use url::Url;
 
-use super::error::MdeError;
+use super::assertion::{AssertionAlgorithm, CertificateCredential, CertificateError};
+use super::error::{ErrorClass, MdeError};
 
 /// Refresh this long before expiry (divided by the time scale; at most half the lifetime).
 const REFRESH_MARGIN: Duration = Duration::from_secs(300);
@@ -23,6 +24,14 @@ const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 const DEFAULT_LIFETIME_SECS: f64 = 3599.0;
 /// A token response larger than this is not a token response.
 const MAX_TOKEN_BODY: usize = 1 << 20;
+/// After the endpoint refused a credential, it is not sent again for this long (divided by the
+/// time scale), doubling on each further refusal up to [`REFUSAL_BACKOFF_MAX`], unless the
+/// credential changes (a rotated secret, certificate or token file is tried at once).
+const REFUSAL_BACKOFF_BASE: Duration = Duration::from_secs(60);
+/// Longest wait between two attempts with a refused credential.
+const REFUSAL_BACKOFF_MAX: Duration = Duration::from_secs(900);
+/// `client_assertion_type` of JWT bearer assertions (RFC 7523).
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// A string that must never be printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -64,6 +73,9 @@ pub enum ClientSecret {
     /// `AZURE_FEDERATED_TOKEN_FILE`) sent as a `client_assertion`; re-read every time (it
     /// rotates).
     FederatedTokenFile(PathBuf),
+    /// A certificate credential: a client assertion signed with the certificate's private key,
+    /// made fresh for every token request.
+    Certificate(Arc<CertificateCredential>),
 }
 
 impl fmt::Debug for ClientSecret {
@@ -111,8 +123,106 @@ impl ClientSecret {
         ClientSecret::FederatedTokenFile(path.into())
     }
 
-    /// The form fields carrying the credential.
-    fn form_fields(&self) -> Result<Vec<(&'static str, SecretString)>, MdeError> {
+    /// A certificate credential (see [`CertificateCredential::load`]).
+    pub fn certificate(
+        cert_path: impl Into<PathBuf>,
+        key_path: Option<PathBuf>,
+        algorithm: AssertionAlgorithm,
+    ) -> Result<Self, CertificateError> {
+        Ok(ClientSecret::Certificate(Arc::new(
+            CertificateCredential::load(cert_path, key_path, algorithm)?,
+        )))
+    }
+
+    /// The one credential configured among `sources`; an error when there is none or more
+    /// than one, or when it cannot be read now.
+    pub fn from_sources(sources: CredentialSources<'_>) -> Result<Self, CredentialError> {
+        let mut given = Vec::new();
+        if sources.client_secret_file.is_some() {
+            given.push("--client-secret-file");
+        }
+        if sources.client_secret.is_some() {
+            given.push(CLIENT_SECRET_VARIABLE);
+        }
+        if sources.client_certificate_file.is_some() {
+            given.push("--client-certificate-file");
+        }
+        if sources.federated_token_file.is_some() {
+            given.push("--federated-token-file");
+        }
+        if given.len() > 1 {
+            return Err(CredentialError::Several(given.join(", ")));
+        }
+        if sources.client_key_file.is_some() && sources.client_certificate_file.is_none() {
+            return Err(CredentialError::KeyWithoutCertificate);
+        }
+        if let Some(path) = sources.client_secret_file {
+            return ClientSecret::from_file(path).map_err(|source| CredentialError::File {
+                what: "client secret",
+                path: path.display().to_string(),
+                source,
+            });
+        }
+        if let Some(secret) = sources.client_secret {
+            return Ok(ClientSecret::Value(secret));
+        }
+        if let Some(cert) = sources.client_certificate_file {
+            let credential = CertificateCredential::load(
+                cert,
+                sources.client_key_file.map(Path::to_path_buf),
+                sources.assertion_algorithm,
+            )?;
+            tracing::info!(
+                thumbprint = %credential.thumbprint(),
+                algorithm = %credential.algorithm(),
+                "authenticating with a client certificate"
+            );
+            return Ok(ClientSecret::Certificate(Arc::new(credential)));
+        }
+        if let Some(path) = sources.federated_token_file {
+            // Checked now so that a wrong path fails at startup; read again for every request.
+            read_trimmed(path).map_err(|source| CredentialError::File {
+                what: "federated token",
+                path: path.display().to_string(),
+                source,
+            })?;
+            tracing::info!(file = %path.display(), "authenticating with a federated token (workload identity)");
+            return Ok(ClientSecret::federated_token_file(path));
+        }
+        Err(CredentialError::None)
+    }
+
+    /// A digest of the credential's current material, to tell whether it changed since the
+    /// endpoint refused it. `None` when it cannot be read.
+    fn fingerprint(&self) -> Option<[u8; 32]> {
+        let sha = |s: &str| {
+            let mut out = [0; 32];
+            out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref());
+            out
+        };
+        match self {
+            ClientSecret::Value(s) => Some(sha(s.expose())),
+            ClientSecret::File { path, initial } => Some(sha(
+                &read_trimmed(path).unwrap_or_else(|_| initial.expose().to_owned())
+            )),
+            ClientSecret::FederatedTokenFile(path) => read_trimmed(path).ok().map(|t| sha(&t)),
+            ClientSecret::Certificate(c) => Some(c.fingerprint()),
+        }
+    }
+
+    /// The form fields carrying the credential; assertions are addressed to `audience` (the
+    /// token URL) and name `client_id`.
+    fn form_fields(
+        &self,
+        client_id: &str,
+        audience: &str,
+    ) -> Result<Vec<(&'static str, SecretString)>, MdeError> {
+        let assertion = |jwt: SecretString| {
+            vec![
+                ("client_assertion_type", SecretString::new(JWT_BEARER)),
+                ("client_assertion", jwt),
+            ]
+        };
         Ok(match self {
             ClientSecret::Value(s) => vec![("client_secret", s.clone())],
             ClientSecret::File { path, initial } => {
@@ -127,27 +237,91 @@ impl ClientSecret {
                 vec![("client_secret", current)]
             }
             ClientSecret::FederatedTokenFile(path) => {
-                let assertion = read_trimmed(path).map_err(|e| {
+                let token = read_trimmed(path).map_err(|e| {
                     MdeError::config_with(
                         format!("reading the federated token file {}", path.display()),
                         e,
                     )
                 })?;
-                vec![
-                    (
-                        "client_assertion_type",
-                        SecretString::new("urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
-                    ),
-                    ("client_assertion", SecretString(assertion)),
-                ]
+                assertion(SecretString(token))
             }
+            ClientSecret::Certificate(c) => assertion(
+                c.assertion(client_id, audience)
+                    .map_err(|e| MdeError::config(format!("client certificate: {e}")))?,
+            ),
         })
     }
+}
+
+/// Name of the environment variable that may hold the client secret.
+const CLIENT_SECRET_VARIABLE: &str = "MDE_CLIENT_SECRET";
+
+/// Everything that can name the app's credential; exactly one must.
+#[derive(Debug, Default, Clone)]
+pub struct CredentialSources<'a> {
+    /// `--client-secret-file`.
+    pub client_secret_file: Option<&'a Path>,
+    /// The `MDE_CLIENT_SECRET` environment variable (blank counts as unset).
+    pub client_secret: Option<SecretString>,
+    /// `--client-certificate-file`.
+    pub client_certificate_file: Option<&'a Path>,
+    /// `--client-key-file` (else the key is looked for in the certificate file).
+    pub client_key_file: Option<&'a Path>,
+    /// `--assertion-algorithm`.
+    pub assertion_algorithm: AssertionAlgorithm,
+    /// `--federated-token-file` (`AZURE_FEDERATED_TOKEN_FILE`).
+    pub federated_token_file: Option<&'a Path>,
+}
+
+/// Why no credential could be set up. Never contains a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    /// Nothing configured.
+    #[error(
+        "no credential configured: set exactly one of --client-secret-file (MDE_CLIENT_SECRET_FILE), \
+         the MDE_CLIENT_SECRET environment variable, --client-certificate-file \
+         (MDE_CLIENT_CERTIFICATE_FILE) with --client-key-file (MDE_CLIENT_KEY_FILE), or \
+         --federated-token-file (AZURE_FEDERATED_TOKEN_FILE, set by Azure workload identity)"
+    )]
+    None,
+    /// More than one configured.
+    #[error(
+        "more than one credential configured ({0}): set exactly one of a client secret, a client certificate or a federated token file"
+    )]
+    Several(String),
+    /// A key without its certificate.
+    #[error(
+        "--client-key-file (MDE_CLIENT_KEY_FILE) needs --client-certificate-file (MDE_CLIENT_CERTIFICATE_FILE)"
+    )]
+    KeyWithoutCertificate,
+    /// A credential file could not be read (or is empty).
+    #[error("reading the {what} file {path}: {source}")]
+    File {
+        /// Which credential.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The certificate or its key is unusable.
+    #[error("client certificate: {0}")]
+    Certificate(#[from] CertificateError),
 }
 
 struct Cached {
     token: SecretString,
     refresh_at: Instant,
+}
+
+/// The endpoint's last refusal of the credential, answered again without a request until
+/// `retry_at` unless the credential changed.
+struct Refused {
+    fingerprint: Option<[u8; 32]>,
+    status: u16,
+    body: Vec<u8>,
+    retry_at: Instant,
+    backoff: Duration,
 }
 
 /// A cached source of access tokens for one application.
@@ -159,6 +333,7 @@ pub struct TokenSource {
     secret: ClientSecret,
     time_scale: f64,
     cache: Mutex<Option<Cached>>,
+    refused: Mutex<Option<Refused>>,
     /// Held while fetching, so that concurrent callers share one request.
     refresh: tokio::sync::Mutex<()>,
 }
@@ -195,13 +370,20 @@ impl TokenSource {
         time_scale: f64,
     ) -> Result<Self, MdeError> {
         let tenant_id = tenant_id.trim();
+        if tenant_id.is_empty() {
+            return Err(MdeError::config(
+                "no tenant id: set --tenant-id (MDE_TENANT_ID, or AZURE_TENANT_ID as set by workload identity)",
+            ));
+        }
         if !valid_tenant(tenant_id) {
             return Err(MdeError::config(
                 "the tenant id must be a GUID or a domain name",
             ));
         }
         if client_id.trim().is_empty() {
-            return Err(MdeError::config("the client id is empty"));
+            return Err(MdeError::config(
+                "no client id: set --client-id (MDE_CLIENT_ID, or AZURE_CLIENT_ID as set by workload identity)",
+            ));
         }
         let mut token_url = authority.clone();
         token_url
@@ -217,6 +399,7 @@ impl TokenSource {
             secret,
             time_scale: sane_scale(time_scale),
             cache: Mutex::new(None),
+            refused: Mutex::new(None),
             refresh: tokio::sync::Mutex::new(()),
         })
     }
@@ -245,7 +428,12 @@ impl TokenSource {
         if let Some(t) = self.cached() {
             return Ok(t);
         }
-        let (token, lifetime) = self.fetch().await?;
+        let fingerprint = self.secret.fingerprint();
+        if let Some(e) = self.still_refused(fingerprint) {
+            return Err(e);
+        }
+        let (token, lifetime) = self.fetch(fingerprint).await?;
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let margin = (REFRESH_MARGIN.div_f64(self.time_scale)).min(lifetime / 2);
         let refresh_at = Instant::now() + lifetime.saturating_sub(margin);
         let value = token.expose().to_owned();
@@ -267,13 +455,49 @@ impl TokenSource {
         }
     }
 
-    async fn fetch(&self) -> Result<(SecretString, Duration), MdeError> {
+    /// The last refusal again, without a request, while its backoff runs and the credential
+    /// is unchanged: a wrong credential must not hammer the endpoint (Entra ID throttles and
+    /// flags clients that loop on failing sign-ins).
+    fn still_refused(&self, fingerprint: Option<[u8; 32]>) -> Option<MdeError> {
+        let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        let r = refused.as_ref()?;
+        (fingerprint.is_some() && r.fingerprint == fingerprint && Instant::now() < r.retry_at)
+            .then(|| MdeError::token_response(r.status, &r.body))
+    }
+
+    /// Remembers a refusal of the credential with `fingerprint`.
+    fn record_refusal(&self, fingerprint: Option<[u8; 32]>, status: u16, body: &[u8]) {
+        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        let base = REFUSAL_BACKOFF_BASE.div_f64(self.time_scale);
+        let backoff = match refused.as_ref() {
+            Some(r) if r.fingerprint == fingerprint => {
+                (r.backoff * 2).min(REFUSAL_BACKOFF_MAX.div_f64(self.time_scale))
+            }
+            _ => base,
+        };
+        tracing::info!(retry_in = ?backoff, "the credential is not sent again until it changes or this wait ends");
+        *refused = Some(Refused {
+            fingerprint,
+            status,
+            body: body.to_vec(),
+            retry_at: Instant::now() + backoff,
+            backoff,
+        });
+    }
+
+    async fn fetch(
+        &self,
+        fingerprint: Option<[u8; 32]>,
+    ) -> Result<(SecretString, Duration), MdeError> {
         // Built in a block: the serializer is not `Send` and must not live across an await.
         let body = {
             let mut form = url::form_urlencoded::Serializer::new(String::new());
             form.append_pair("grant_type", "client_credentials");
             form.append_pair("client_id", &self.client_id);
-            for (name, value) in self.secret.form_fields()? {
+            for (name, value) in self
+                .secret
+                .form_fields(&self.client_id, self.token_url.as_str())?
+            {
                 form.append_pair(name, value.expose());
             }
             form.append_pair("scope", &self.scope);
@@ -309,6 +533,9 @@ impl TokenSource {
         if !(200..300).contains(&status) {
             let err = MdeError::token_response(status, &bytes);
             tracing::warn!(status, error = %err, "token request refused");
+            if err.class() == ErrorClass::AuthenticationFailed {
+                self.record_refusal(fingerprint, status, &bytes);
+            }
             return Err(err);
         }
         let v: Value = serde_json::from_slice(&bytes)
@@ -536,9 +763,159 @@ mod tests {
             !text.contains("wrong") && !text.contains("Trace ID"),
             "{text}"
         );
-        // Not cached: the next call asks again.
-        let _ = ts.token().await;
+        // The refusal is answered again without a request while the credential is unchanged.
+        let again = ts.token().await.unwrap_err();
+        assert_eq!(
+            again.class(),
+            super::super::error::ErrorClass::AuthenticationFailed
+        );
+        assert_eq!(again.to_string(), e.to_string());
+        assert_eq!(server.hits.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_credential_is_retried_when_it_changes_or_after_a_backoff() {
+        let server = Arc::new(Server {
+            fail_with: Some((
+                401,
+                r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided."}"#.into(),
+            )),
+            ..Server::default()
+        });
+        let url = serve(server.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "old").unwrap();
+        let ts = source(&url, ClientSecret::from_file(&path).unwrap());
+        for _ in 0..5 {
+            assert!(ts.token().await.is_err());
+        }
+        assert_eq!(server.hits.load(Ordering::SeqCst), 1);
+        // A rotated secret is tried at once.
+        std::fs::write(&path, "new").unwrap();
+        assert!(ts.token().await.is_err());
+        assert!(ts.token().await.is_err());
         assert_eq!(server.hits.load(Ordering::SeqCst), 2);
+        let backoff = ts.refused.lock().unwrap().as_ref().unwrap().backoff;
+        assert_eq!(backoff, REFUSAL_BACKOFF_BASE);
+
+        // The backoff is divided by the time scale and doubles on each refusal.
+        let fast = TokenSource::new(
+            reqwest::Client::new(),
+            &url,
+            "t",
+            "c",
+            "s",
+            ClientSecret::from_value("x".into()),
+            6000.0,
+        )
+        .unwrap();
+        assert!(fast.token().await.is_err());
+        let first = fast.refused.lock().unwrap().as_ref().unwrap().backoff;
+        assert_eq!(first, Duration::from_millis(10));
+        tokio::time::sleep(first + Duration::from_millis(5)).await;
+        assert!(fast.token().await.is_err());
+        assert_eq!(server.hits.load(Ordering::SeqCst), 4);
+        let second = fast.refused.lock().unwrap().as_ref().unwrap().backoff;
+        assert_eq!(second, first * 2);
+    }
+
+    #[tokio::test]
+    async fn certificate_credentials_send_a_fresh_signed_assertion_each_time() {
+        let server = Arc::new(Server {
+            lifetimes: vec![0],
+            ..Server::default()
+        });
+        let url = serve(server.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = crate::mde::assertion::test_keys::pair(dir.path(), "a", false);
+        let secret = ClientSecret::certificate(
+            &cert,
+            Some(key),
+            crate::mde::assertion::AssertionAlgorithm::Rs256,
+        )
+        .unwrap();
+        assert!(!format!("{secret:?}").contains("PRIVATE"));
+        let ts = source(&url, secret);
+        ts.token().await.unwrap();
+        ts.token().await.unwrap();
+        let bodies = server.bodies.lock().unwrap().clone();
+        let assertions: Vec<String> = bodies
+            .iter()
+            .map(|(_, body)| {
+                let pairs: Vec<(String, String)> = url::form_urlencoded::parse(body.as_bytes())
+                    .into_owned()
+                    .collect();
+                assert!(!pairs.iter().any(|p| p.0 == "client_secret"));
+                let get = |k: &str| pairs.iter().find(|p| p.0 == k).map(|p| p.1.clone());
+                assert_eq!(get("client_assertion_type").as_deref(), Some(JWT_BEARER));
+                get("client_assertion").unwrap()
+            })
+            .collect();
+        assert_ne!(assertions[0], assertions[1], "each request has its own jti");
+        let claims = crate::mde::assertion::test_keys::verify(&assertions[0], &cert);
+        assert_eq!(claims["aud"], ts.token_url().as_str());
+        assert_eq!(claims["iss"], "app-id");
+    }
+
+    #[test]
+    fn exactly_one_credential_is_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "s").unwrap();
+        let missing = dir.path().join("missing");
+        let err = |sources: CredentialSources<'_>| ClientSecret::from_sources(sources).unwrap_err();
+
+        let none = err(CredentialSources::default()).to_string();
+        for option in [
+            "--client-secret-file",
+            "MDE_CLIENT_SECRET",
+            "--client-certificate-file",
+            "--client-key-file",
+            "--federated-token-file",
+            "AZURE_FEDERATED_TOKEN_FILE",
+        ] {
+            assert!(none.contains(option), "{none}");
+        }
+        let several = err(CredentialSources {
+            client_secret_file: Some(&file),
+            client_secret: Some(SecretString::new("hunter2")),
+            federated_token_file: Some(&file),
+            ..CredentialSources::default()
+        })
+        .to_string();
+        assert!(
+            several.contains("--client-secret-file, MDE_CLIENT_SECRET, --federated-token-file")
+                && !several.contains("hunter2"),
+            "{several}"
+        );
+        assert!(matches!(
+            err(CredentialSources {
+                client_key_file: Some(&file),
+                ..CredentialSources::default()
+            }),
+            CredentialError::KeyWithoutCertificate
+        ));
+        let unreadable = err(CredentialSources {
+            federated_token_file: Some(&missing),
+            ..CredentialSources::default()
+        })
+        .to_string();
+        assert!(unreadable.contains("federated token file"), "{unreadable}");
+        assert!(matches!(
+            ClientSecret::from_sources(CredentialSources {
+                client_secret: Some(SecretString::new("s")),
+                ..CredentialSources::default()
+            }),
+            Ok(ClientSecret::Value(_))
+        ));
+        assert!(matches!(
+            ClientSecret::from_sources(CredentialSources {
+                federated_token_file: Some(&file),
+                ..CredentialSources::default()
+            }),
+            Ok(ClientSecret::FederatedTokenFile(_))
+        ));
     }
 
     #[tokio::test]
@@ -571,12 +948,12 @@ mod tests {
         let secret_path = dir.path().join("secret");
         std::fs::write(&secret_path, "first\n").unwrap();
         let secret = ClientSecret::from_file(&secret_path).unwrap();
-        let fields = secret.form_fields().unwrap();
-        assert_eq!(fields[0].1.expose(), "first");
+        let fields = |s: &ClientSecret| s.form_fields("app", "https://aud");
+        assert_eq!(fields(&secret).unwrap()[0].1.expose(), "first");
         std::fs::write(&secret_path, "rotated").unwrap();
-        assert_eq!(secret.form_fields().unwrap()[0].1.expose(), "rotated");
+        assert_eq!(fields(&secret).unwrap()[0].1.expose(), "rotated");
         std::fs::remove_file(&secret_path).unwrap();
-        assert_eq!(secret.form_fields().unwrap()[0].1.expose(), "first");
+        assert_eq!(fields(&secret).unwrap()[0].1.expose(), "first");
 
         std::fs::write(&secret_path, "  \n").unwrap();
         assert!(ClientSecret::from_file(&secret_path).is_err());
@@ -585,17 +962,23 @@ mod tests {
         let jwt = dir.path().join("token");
         std::fs::write(&jwt, "eyJhbGciOi.payload.sig\n").unwrap();
         let fed = ClientSecret::federated_token_file(&jwt);
-        let fields = fed.form_fields().unwrap();
-        assert_eq!(fields[0].0, "client_assertion_type");
+        let sent = fields(&fed).unwrap();
+        assert_eq!(sent[0].0, "client_assertion_type");
         assert_eq!(
-            fields[1],
+            sent[1],
             (
                 "client_assertion",
                 SecretString::new("eyJhbGciOi.payload.sig")
             )
         );
+        // Re-read for every request: a rotated token is sent as it is.
+        std::fs::write(&jwt, "eyJrotated.payload.sig").unwrap();
+        assert_eq!(
+            fields(&fed).unwrap()[1].1.expose(),
+            "eyJrotated.payload.sig"
+        );
         std::fs::remove_file(&jwt).unwrap();
-        assert!(fed.form_fields().is_err());
+        assert!(fields(&fed).is_err());
     }
 
     #[test]
