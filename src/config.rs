@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use url::Url;
 
+use crate::mde::assertion::AssertionAlgorithm;
 use crate::mde::cloud::Cloud;
 use crate::telemetry::LogFormat;
 
@@ -56,26 +57,63 @@ pub struct RunArgs {
     #[arg(long, env = "MDE_API_URL")]
     pub api_url: Option<Url>,
 
-    /// Entra ID authority URL, overriding the cloud preset.
-    #[arg(long, env = "MDE_AUTHORITY")]
+    /// Entra ID authority URL, overriding the cloud preset. Falls back to AZURE_AUTHORITY_HOST
+    /// (set by Azure workload identity).
+    #[arg(long, env = "MDE_AUTHORITY", default_value = azure_env("AZURE_AUTHORITY_HOST"))]
     pub authority: Option<Url>,
 
     /// OAuth scope requested for tokens, overriding the cloud preset.
     #[arg(long, env = "MDE_SCOPE")]
     pub scope: Option<String>,
 
-    /// Entra ID tenant id.
-    #[arg(long, env = "MDE_TENANT_ID")]
+    /// Entra ID tenant id. Falls back to AZURE_TENANT_ID (set by Azure workload identity).
+    #[arg(
+        long,
+        env = "MDE_TENANT_ID",
+        default_value = azure_env("AZURE_TENANT_ID"),
+        required = azure_env("AZURE_TENANT_ID").is_none()
+    )]
     pub tenant_id: String,
 
-    /// Application (client) id of the app registration.
-    #[arg(long, env = "MDE_CLIENT_ID")]
+    /// Application (client) id of the app registration. Falls back to AZURE_CLIENT_ID (set by
+    /// Azure workload identity).
+    #[arg(
+        long,
+        env = "MDE_CLIENT_ID",
+        default_value = azure_env("AZURE_CLIENT_ID"),
+        required = azure_env("AZURE_CLIENT_ID").is_none()
+    )]
     pub client_id: String,
 
     /// File holding the client secret (e.g. a mounted Secret). Without it the secret is read from
     /// the MDE_CLIENT_SECRET environment variable.
     #[arg(long, env = "MDE_CLIENT_SECRET_FILE")]
     pub client_secret_file: Option<PathBuf>,
+
+    /// Certificate credential: PEM file with the certificate registered on the app (the first
+    /// certificate in the file is used). It may also hold the private key.
+    #[arg(long, env = "MDE_CLIENT_CERTIFICATE_FILE")]
+    pub client_certificate_file: Option<PathBuf>,
+
+    /// PEM file with the certificate's unencrypted RSA private key (PKCS#8 or PKCS#1). Without
+    /// it the key is read from --client-certificate-file.
+    #[arg(long, env = "MDE_CLIENT_KEY_FILE")]
+    pub client_key_file: Option<PathBuf>,
+
+    /// Signature algorithm of certificate assertions.
+    #[arg(
+        long,
+        env = "MDE_ASSERTION_ALGORITHM",
+        value_enum,
+        ignore_case = true,
+        default_value_t = AssertionAlgorithm::Ps256
+    )]
+    pub assertion_algorithm: AssertionAlgorithm,
+
+    /// Workload identity: file holding a federated token (the projected service-account token
+    /// that Azure workload identity mounts), read again for every token request.
+    #[arg(long, env = "AZURE_FEDERATED_TOKEN_FILE")]
+    pub federated_token_file: Option<PathBuf>,
 
     /// PEM file of extra CA certificates to trust for MDE and the authority (e.g. the
     /// simulator's). TLS verification is never switched off.
@@ -187,6 +225,15 @@ fn lease_namespace_from(
         .map(str::to_string)
 }
 
+/// The value of `AZURE_*` variable `name` (set by Azure workload identity), when set and not
+/// blank: the default of the matching `MDE_*` setting. Leaked: clap defaults are `'static`, and
+/// the command is built once per process.
+fn azure_env(name: &str) -> Option<&'static str> {
+    let value = std::env::var(name).ok()?;
+    let value = value.trim();
+    (!value.is_empty()).then(|| &*Box::leak(value.to_owned().into_boxed_str()))
+}
+
 fn parse_share(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
     if v > 0.0 && v <= 1.0 {
@@ -240,6 +287,35 @@ mod tests {
     fn a_namespace_or_all_namespaces_is_required() {
         assert!(parse(&[]).is_err());
         assert!(parse(&["--all-namespaces"]).is_ok());
+    }
+
+    #[test]
+    fn certificate_and_workload_identity_flags() {
+        let Command::Run(run) = parse(&[
+            "--all-namespaces",
+            "--client-certificate-file",
+            "/c.pem",
+            "--client-key-file",
+            "/k.pem",
+            "--assertion-algorithm",
+            "rs256",
+            "--federated-token-file",
+            "/token",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("run expected")
+        };
+        assert_eq!(run.client_certificate_file, Some(PathBuf::from("/c.pem")));
+        assert_eq!(run.client_key_file, Some(PathBuf::from("/k.pem")));
+        assert_eq!(run.assertion_algorithm, AssertionAlgorithm::Rs256);
+        assert_eq!(run.federated_token_file, Some(PathBuf::from("/token")));
+        let Command::Run(run) = parse(&["--all-namespaces"]).unwrap().command else {
+            panic!("run expected")
+        };
+        assert_eq!(run.assertion_algorithm, AssertionAlgorithm::Ps256);
+        assert!(parse(&["--all-namespaces", "--assertion-algorithm", "ES256"]).is_err());
     }
 
     #[test]
