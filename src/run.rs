@@ -28,7 +28,7 @@ use crate::http::{self, Health};
 use crate::leader::{self, Election, LeaseConfig, LeaseTiming, Role};
 use crate::mde::client::{MdeClient, MdeClientConfig};
 use crate::mde::cloud::resolve_endpoints;
-use crate::mde::token::ClientSecret;
+use crate::mde::token::{ClientSecret, CredentialError, CredentialSources, SecretString};
 use crate::metrics::Metrics;
 use crate::planner::Timing;
 use crate::poller::{PollTiming, Poller, Wake};
@@ -38,19 +38,9 @@ use crate::view::{ActionView, ResourceKey};
 /// Why the operator could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// No client secret configured.
-    #[error(
-        "no client secret: set --client-secret-file (MDE_CLIENT_SECRET_FILE) or the {CLIENT_SECRET_ENV} environment variable"
-    )]
-    NoSecret,
-    /// The secret file could not be read.
-    #[error("reading the client secret file {path}: {source}")]
-    SecretFile {
-        /// The file.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
+    /// No usable credential: none or several configured, or unreadable.
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
     /// The MDE client could not be built (e.g. an unreadable CA file).
     #[error("MDE client: {0}")]
     Mde(String),
@@ -91,18 +81,20 @@ impl Wake for Router {
     }
 }
 
+/// The one credential configured: a client secret (file or variable), a client certificate or
+/// a federated token file.
 fn load_secret(args: &RunArgs) -> Result<ClientSecret, RunError> {
-    match &args.client_secret_file {
-        Some(path) => ClientSecret::from_file(path).map_err(|source| RunError::SecretFile {
-            path: path.display().to_string(),
-            source,
-        }),
-        None => std::env::var(CLIENT_SECRET_ENV)
+    Ok(ClientSecret::from_sources(CredentialSources {
+        client_secret_file: args.client_secret_file.as_deref(),
+        client_secret: std::env::var(CLIENT_SECRET_ENV)
             .ok()
             .filter(|s| !s.trim().is_empty())
-            .map(ClientSecret::from_value)
-            .ok_or(RunError::NoSecret),
-    }
+            .map(|s| SecretString::new(s.trim())),
+        client_certificate_file: args.client_certificate_file.as_deref(),
+        client_key_file: args.client_key_file.as_deref(),
+        assertion_algorithm: args.assertion_algorithm,
+        federated_token_file: args.federated_token_file.as_deref(),
+    })?)
 }
 
 fn lease_config(args: &RunArgs) -> Result<LeaseConfig, RunError> {
@@ -111,6 +103,7 @@ fn lease_config(args: &RunArgs) -> Result<LeaseConfig, RunError> {
         namespace: args.lease_namespace().ok_or(RunError::NoLeaseNamespace)?,
         identity: leader::default_identity(),
         timing: LeaseTiming::from_duration(Duration::from_secs(args.lease_duration_seconds)),
+        leader_seen: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     })
 }
 
@@ -208,6 +201,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         Duration::from_secs(args.drift_interval_seconds),
     );
     let health = Arc::new(Health::new(poll_timing.max_open.max(poll_timing.idle) * 3));
+    // The election reports a live holder straight into readiness (a standby is ready).
+    let lease = lease.map(|cfg| LeaseConfig {
+        leader_seen: health.leader_known.clone(),
+        ..cfg
+    });
     // Without leader election this replica is the only one talking to MDE; with it, it may only
     // once it holds the lease (`follow_election`).
     health.leading.store(lease.is_none(), Ordering::SeqCst);
