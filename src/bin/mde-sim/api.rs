@@ -83,6 +83,7 @@ impl CallInfo {
             counted,
             fault: fault.map(FaultKind::as_str),
             action_id,
+            credential: None,
             sim_at: at,
         });
     }
@@ -286,6 +287,8 @@ async fn token_call(
         return e.into_response();
     }
     let query = req.uri().query().map(str::to_string);
+    // What certificate assertions must name as their audience.
+    let token_url = format!("{}{}", shared.base(req.headers()), req.uri().path());
     let (_, body) = match read_body(req).await {
         Ok(x) => x,
         Err(e) => return e.into_response(),
@@ -301,7 +304,7 @@ async fn token_call(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let (resp, cut) = process_token(shared, info, &tenant, &form, endpoint);
+    let (resp, cut) = process_token(shared, info, &tenant, &form, endpoint, &token_url);
     finish(resp, cut, abort).await
 }
 
@@ -311,6 +314,7 @@ fn process_token(
     tenant: &str,
     form: &[(String, String)],
     endpoint: Endpoint,
+    token_url: &str,
 ) -> (Response<Body>, bool) {
     let mut st = shared.lock();
     let now = st.clock.now();
@@ -326,19 +330,22 @@ fn process_token(
         }
         _ => {}
     }
-    let (app, result) = auth::issue(&mut st, tenant, form, endpoint, now);
-    let resp = match result {
+    let issued = auth::issue(&mut st, tenant, form, endpoint, token_url, now, Utc::now());
+    let resp = match issued.result {
         Ok(v) => json_response(StatusCode::OK, &v, PLAIN_JSON),
         Err(e) => e.into_response(),
     };
     info.log(
         &mut st,
         now,
-        app,
+        issued.client_id,
         resp.status().as_u16(),
         false,
         fault,
         None,
     );
+    if let Some(record) = st.calls.last_mut() {
+        record.credential = issued.credential;
+    }
     (resp, fault == Some(FaultKind::LostResponse))
 }

@@ -1,6 +1,7 @@
-//! Entra ID client-credentials token issuance (v1 and v2 endpoints) and bearer-token checks
-//! on the API: 401 for a missing, unknown or expired token, 403 for a wrong audience or a
-//! missing role.
+//! Entra ID client-credentials token issuance (v1 and v2 endpoints) with a client secret, a
+//! certificate assertion or a federated token (workload identity), and bearer-token checks on
+//! the API: 401 for a missing, unknown or expired token, 403 for a wrong audience or a missing
+//! role.
 
 use axum::http::HeaderMap;
 use chrono::{DateTime, Utc};
@@ -11,6 +12,10 @@ use serde_json::{Value, json};
 use crate::clock::add_seconds;
 use crate::errors::{AadError, ApiError};
 use crate::state::SimState;
+use crate::tenant::App;
+
+/// Clock skew tolerated on assertion times (`nbf`, `exp`), as Entra ID's validation does.
+const CLOCK_SKEW_SECS: i64 = 300;
 
 /// An issued access token.
 #[derive(Debug, Clone)]
@@ -51,17 +56,32 @@ fn normalize_audience(a: &str) -> String {
     a.trim().trim_end_matches('/').to_ascii_lowercase()
 }
 
-/// Handles a token request; `form` is the decoded form body. Returns the client id (for the
-/// call log, once known) and the JSON answer.
+/// The answer to a token request, with what the call log records about it.
+pub struct Issued {
+    /// The client id (for the call log), once known.
+    pub client_id: Option<String>,
+    /// The credential presented, once recognised: `secret`, `certificate:<x5t#S256>`,
+    /// `federated:<subject>` or `assertion-unverified`.
+    pub credential: Option<String>,
+    /// The JSON answer or the Entra error.
+    pub result: Result<Value, AadError>,
+}
+
+/// Handles a token request; `form` is the decoded form body and `token_url` the URL the client
+/// posted to (the audience certificate assertions must name). Assertion times are checked
+/// against `real_now`: clients sign with the real clock, not the simulated one.
 pub fn issue(
     st: &mut SimState,
     tenant: &str,
     form: &[(String, String)],
     endpoint: Endpoint,
+    token_url: &str,
     now: DateTime<Utc>,
-) -> (Option<String>, Result<Value, AadError>) {
+    real_now: DateTime<Utc>,
+) -> Issued {
     let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let client_id = get("client_id").map(str::to_string);
+    let mut credential = None;
     let result = (|| {
         let grant = get("grant_type").ok_or_else(|| AadError::missing("grant_type"))?;
         if grant != "client_credentials" {
@@ -100,6 +120,7 @@ pub fn issue(
             )
         })?;
         if let Some(secret) = get("client_secret") {
+            credential = Some("secret".to_string());
             if app.client_secret.as_deref() != Some(secret) {
                 return Err(AadError::invalid_client(
                     7000215,
@@ -114,7 +135,13 @@ pub fn issue(
                     "The request body must contain the following parameter: 'client_assertion_type'.",
                 ));
             }
-            check_assertion(assertion, client_id, app.allow_assertion)?;
+            check_assertion(
+                assertion,
+                &app,
+                token_url,
+                real_now.timestamp(),
+                &mut credential,
+            )?;
         } else {
             return Err(AadError::invalid_client(
                 7000218,
@@ -165,46 +192,239 @@ pub fn issue(
             }
         })
     })();
-    (client_id, result)
+    Issued {
+        client_id,
+        credential,
+        result,
+    }
 }
 
-/// Structural check of a client assertion: a JWT whose payload names the client as `iss` and
-/// `sub`. The signature is not verified: the simulator has no keys to verify it with.
-fn check_assertion(jwt: &str, client_id: &str, allowed: bool) -> Result<(), AadError> {
-    let malformed = || {
-        AadError::bad_request(
-            "invalid_request",
-            50027,
-            "JWT token is invalid or malformed.",
-        )
-    };
-    if !allowed {
-        return Err(AadError::invalid_client(
-            700027,
-            "Client assertion failed signature validation.",
-        ));
-    }
+/// A decoded JWT: header, claims, the signed part and the signature.
+struct Jwt<'a> {
+    header: Value,
+    claims: Value,
+    signed: &'a str,
+    signature: Vec<u8>,
+}
+
+fn malformed() -> AadError {
+    AadError::bad_request(
+        "invalid_request",
+        50027,
+        "JWT token is invalid or malformed.",
+    )
+}
+
+fn decode_jwt(jwt: &str) -> Result<Jwt<'_>, AadError> {
     let mut parts = jwt.split('.');
-    let (Some(_), Some(payload), Some(_), None) =
+    let (Some(h), Some(c), Some(sig), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(malformed());
     };
-    let bytes = base64url_decode(payload).ok_or_else(malformed)?;
-    let claims: Value = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
-    let iss = claims.get("iss").and_then(Value::as_str);
-    let sub = claims.get("sub").and_then(Value::as_str);
-    if iss != Some(client_id) || sub != Some(client_id) {
+    let json = |part: &str| {
+        base64url_decode(part)
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .filter(Value::is_object)
+            .ok_or_else(malformed)
+    };
+    Ok(Jwt {
+        header: json(h)?,
+        claims: json(c)?,
+        signed: &jwt[..h.len() + 1 + c.len()],
+        signature: base64url_decode(sig).ok_or_else(malformed)?,
+    })
+}
+
+impl Jwt<'_> {
+    fn claim(&self, name: &str) -> Option<&str> {
+        self.claims.get(name).and_then(Value::as_str)
+    }
+
+    fn header_str(&self, name: &str) -> Option<&str> {
+        self.header.get(name).and_then(Value::as_str)
+    }
+
+    /// `aud` as a list (a JWT may carry one audience or several).
+    fn audiences(&self) -> Vec<&str> {
+        match self.claims.get("aud") {
+            Some(Value::String(s)) => vec![s.as_str()],
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Checks `nbf` and `exp` (required) against `now`, with [`CLOCK_SKEW_SECS`].
+    fn check_times(&self, now: i64) -> Result<(), AadError> {
+        let time = |name: &str| self.claims.get(name).and_then(Value::as_i64);
+        let exp = time("exp");
+        let nbf = time("nbf").or(time("iat"));
+        let ok = exp.is_some_and(|exp| now < exp + CLOCK_SKEW_SECS)
+            && nbf.is_none_or(|nbf| nbf <= now + CLOCK_SKEW_SECS);
+        if ok {
+            Ok(())
+        } else {
+            Err(AadError::invalid_client(
+                700024,
+                format!(
+                    "Client assertion is not within its valid time range. Current time: {now}, assertion valid from {}, expiry time of assertion {}.",
+                    nbf.map_or("-".into(), |t| t.to_string()),
+                    exp.map_or("-".into(), |t| t.to_string()),
+                ),
+            ))
+        }
+    }
+}
+
+fn bad_signature(detail: &str) -> AadError {
+    AadError::invalid_client(
+        700027,
+        format!("Client assertion failed signature validation. {detail}"),
+    )
+}
+
+/// Checks a client assertion for `app`: a certificate assertion when its `iss` is the client
+/// id, else a federated token. Sets `credential` to what was presented once recognised.
+fn check_assertion(
+    jwt: &str,
+    app: &App,
+    token_url: &str,
+    now: i64,
+    credential: &mut Option<String>,
+) -> Result<(), AadError> {
+    let token = decode_jwt(jwt)?;
+    let client_id = app.client_id.as_str();
+    if app.allow_assertion {
+        *credential = Some("assertion-unverified".into());
+        if token.claim("iss") != Some(client_id) || token.claim("sub") != Some(client_id) {
+            return Err(AadError::invalid_client(
+                700021,
+                "Client assertion application identifier doesn't match 'client_id' parameter.",
+            ));
+        }
+        return Ok(());
+    }
+    if token.claim("iss") == Some(client_id) {
+        check_certificate_assertion(&token, app, token_url, now, credential)
+    } else {
+        check_federated_token(&token, app, now, credential)
+    }
+}
+
+fn check_certificate_assertion(
+    token: &Jwt<'_>,
+    app: &App,
+    token_url: &str,
+    now: i64,
+    credential: &mut Option<String>,
+) -> Result<(), AadError> {
+    let s256 = token.header_str("x5t#S256");
+    let sha1 = token.header_str("x5t");
+    let Some(thumbprint) = s256.or(sha1) else {
+        return Err(bad_signature(
+            "The assertion names no certificate: its header has neither 'x5t#S256' nor 'x5t'.",
+        ));
+    };
+    *credential = Some(format!("certificate:{thumbprint}"));
+    let cert = app
+        .certificates
+        .iter()
+        .find(|c| s256.is_none_or(|t| t == c.x5t_s256) && sha1.is_none_or(|t| t == c.x5t))
+        .ok_or_else(|| {
+            AadError::invalid_client(
+                700027,
+                format!(
+                    "The certificate with identifier used to sign the client assertion is not registered on application. [Reason - The key was not found., Thumbprint of key used by client: '{thumbprint}']"
+                ),
+            )
+        })?;
+    let alg = token.header_str("alg").unwrap_or("none");
+    if !matches!(alg, "RS256" | "PS256") {
+        return Err(bad_signature(&format!(
+            "'{alg}' is not a supported signing algorithm; use RS256 or PS256."
+        )));
+    }
+    if !cert.verify(alg, token.signed.as_bytes(), &token.signature) {
+        return Err(bad_signature(
+            "The signature does not match the registered certificate's key.",
+        ));
+    }
+    if token.claim("sub") != Some(app.client_id.as_str()) {
         return Err(AadError::invalid_client(
             700021,
             "Client assertion application identifier doesn't match 'client_id' parameter.",
         ));
     }
-    Ok(())
+    let want = token_url.trim_end_matches('/');
+    if !token
+        .audiences()
+        .iter()
+        .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(want))
+    {
+        return Err(AadError::invalid_client(
+            700027,
+            format!(
+                "Client assertion contains an invalid audience: it must be the token endpoint '{token_url}'."
+            ),
+        ));
+    }
+    token.check_times(now)
+}
+
+fn check_federated_token(
+    token: &Jwt<'_>,
+    app: &App,
+    now: i64,
+    credential: &mut Option<String>,
+) -> Result<(), AadError> {
+    let iss = token.claim("iss").unwrap_or("");
+    let sub = token.claim("sub").unwrap_or("");
+    let no_match = |code: u32, what: &str, value: &str| {
+        AadError::invalid_client(
+            code,
+            format!(
+                "No matching federated identity record found for presented assertion {what} '{value}'. Please note that the matching is done using a case-sensitive comparison."
+            ),
+        )
+    };
+    if app.federated.is_empty() {
+        return Err(AadError::invalid_client(
+            700021,
+            "Client assertion application identifier doesn't match 'client_id' parameter.",
+        ));
+    }
+    let by_issuer: Vec<_> = app.federated.iter().filter(|f| f.issuer == iss).collect();
+    if by_issuer.is_empty() {
+        return Err(no_match(700211, "issuer", iss));
+    }
+    let rules: Vec<_> = by_issuer.into_iter().filter(|f| f.subject == sub).collect();
+    if rules.is_empty() {
+        return Err(no_match(700213, "subject", sub));
+    }
+    *credential = Some(format!("federated:{sub}"));
+    let audiences = token.audiences();
+    let rules: Vec<_> = rules
+        .into_iter()
+        .filter(|f| audiences.contains(&f.audience.as_str()))
+        .collect();
+    if rules.is_empty() {
+        return Err(no_match(700212, "audience", &audiences.join(",")));
+    }
+    let alg = token.header_str("alg").unwrap_or("none");
+    let kid = token.header_str("kid");
+    if !rules
+        .iter()
+        .any(|f| f.verify(alg, kid, token.signed.as_bytes(), &token.signature))
+    {
+        return Err(bad_signature(
+            "The token's signature does not verify with the issuer's keys.",
+        ));
+    }
+    token.check_times(now)
 }
 
 /// Decodes unpadded (or padded) base64url.
-fn base64url_decode(s: &str) -> Option<Vec<u8>> {
+pub fn base64url_decode(s: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
     let mut acc: u32 = 0;
     let mut bits = 0;
@@ -303,5 +523,284 @@ mod tests {
             br#"{"iss":"a"}"#.to_vec()
         );
         assert!(base64url_decode("a b").is_none());
+    }
+
+    use std::path::Path;
+
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use ring::signature::{self, EcdsaKeyPair, RsaKeyPair};
+    use serde_json::json;
+
+    use crate::credentials::{FederatedCredential, RegisteredCertificate};
+
+    const URL: &str = "http://127.0.0.1:1/tenant/oauth2/v2.0/token";
+
+    /// An RSA certificate made by the openssl command, and its key.
+    fn rsa_cert(dir: &Path, name: &str) -> (String, RsaKeyPair) {
+        let cert = dir.join(format!("{name}.crt"));
+        let key = dir.join(format!("{name}.key"));
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=sim-test", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("the openssl command is needed to make RSA test keys");
+        assert!(out.status.success());
+        let pem = std::fs::read(&key).unwrap();
+        let der = rustls_pemfile::private_key(&mut &pem[..]).unwrap().unwrap();
+        let key = RsaKeyPair::from_pkcs8(der.secret_der()).unwrap();
+        (std::fs::read_to_string(cert).unwrap(), key)
+    }
+
+    fn b64(v: &[u8]) -> String {
+        URL_SAFE_NO_PAD.encode(v)
+    }
+
+    fn rsa_jwt(key: &RsaKeyPair, header: Value, claims: Value) -> String {
+        let signed = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let padding: &dyn signature::RsaEncoding = match header["alg"].as_str() {
+            Some("RS256") => &signature::RSA_PKCS1_SHA256,
+            _ => &signature::RSA_PSS_SHA256,
+        };
+        let mut sig = vec![0; key.public().modulus_len()];
+        key.sign(
+            padding,
+            &ring::rand::SystemRandom::new(),
+            signed.as_bytes(),
+            &mut sig,
+        )
+        .unwrap();
+        format!("{signed}.{}", b64(&sig))
+    }
+
+    fn app(certificates: Vec<RegisteredCertificate>, federated: Vec<FederatedCredential>) -> App {
+        App {
+            client_id: "app".into(),
+            client_secret: None,
+            roles: vec![],
+            display_name: "app".into(),
+            allow_assertion: false,
+            certificates,
+            federated,
+        }
+    }
+
+    /// The AADSTS code of a refusal (and that it is a 401 invalid_client), or 0 when accepted;
+    /// with the credential recorded.
+    fn check(app: &App, jwt: &str, now: i64) -> (u32, Option<String>) {
+        let mut credential = None;
+        let code = match check_assertion(jwt, app, URL, now, &mut credential) {
+            Ok(()) => 0,
+            Err(e) => {
+                assert_eq!(
+                    (e.status.as_u16(), e.error),
+                    (401, "invalid_client"),
+                    "{e:?}"
+                );
+                e.aadsts
+            }
+        };
+        (code, credential)
+    }
+
+    #[test]
+    fn certificate_assertions_are_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pem, key) = rsa_cert(dir.path(), "registered");
+        let (_, other_key) = rsa_cert(dir.path(), "other");
+        let cert = RegisteredCertificate::parse(&pem, dir.path()).unwrap();
+        // Registered by path too (relative to the seed file's directory).
+        let by_path = RegisteredCertificate::parse("registered.crt", dir.path()).unwrap();
+        assert_eq!(by_path.x5t_s256, cert.x5t_s256);
+        let app = app(vec![cert.clone()], vec![]);
+        let now = 1_800_000_000;
+        let claims = json!({"aud": URL, "iss": "app", "sub": "app", "jti": "1",
+            "nbf": now, "iat": now, "exp": now + 600});
+        let header = |alg: &str| json!({"alg": alg, "typ": "JWT", "x5t#S256": cert.x5t_s256});
+        let thumb = Some(format!("certificate:{}", cert.x5t_s256));
+
+        for alg in ["PS256", "RS256"] {
+            assert_eq!(
+                check(&app, &rsa_jwt(&key, header(alg), claims.clone()), now),
+                (0, thumb.clone())
+            );
+        }
+        let sha1_only = json!({"alg": "RS256", "x5t": cert.x5t});
+        assert_eq!(
+            check(&app, &rsa_jwt(&key, sha1_only, claims.clone()), now).0,
+            0
+        );
+        // Within the clock skew either side.
+        assert_eq!(
+            check(
+                &app,
+                &rsa_jwt(&key, header("PS256"), claims.clone()),
+                now - 299
+            )
+            .0,
+            0
+        );
+        assert_eq!(
+            check(
+                &app,
+                &rsa_jwt(&key, header("PS256"), claims.clone()),
+                now + 899
+            )
+            .0,
+            0
+        );
+
+        let cases: Vec<(Value, Value, &RsaKeyPair, i64, u32)> = vec![
+            // Signed by another key under the registered thumbprint.
+            (header("PS256"), claims.clone(), &other_key, now, 700027),
+            // A thumbprint that is not registered.
+            (
+                json!({"alg": "PS256", "x5t#S256": "AAAA"}),
+                claims.clone(),
+                &key,
+                now,
+                700027,
+            ),
+            // No thumbprint at all.
+            (json!({"alg": "PS256"}), claims.clone(), &key, now, 700027),
+            // Unsupported algorithm name (the signature is PS256).
+            (header("HS256"), claims.clone(), &key, now, 700027),
+            // Audience is not this token endpoint.
+            (
+                header("RS256"),
+                json!({"aud": "https://elsewhere/token", "iss": "app", "sub": "app", "nbf": now, "exp": now + 600}),
+                &key,
+                now,
+                700027,
+            ),
+            // sub is not the client.
+            (
+                header("RS256"),
+                json!({"aud": URL, "iss": "app", "sub": "x", "nbf": now, "exp": now + 600}),
+                &key,
+                now,
+                700021,
+            ),
+            // Expired, not yet valid, or without exp.
+            (header("RS256"), claims.clone(), &key, now + 901, 700024),
+            (header("RS256"), claims.clone(), &key, now - 301, 700024),
+            (
+                header("RS256"),
+                json!({"aud": URL, "iss": "app", "sub": "app", "nbf": now}),
+                &key,
+                now,
+                700024,
+            ),
+        ];
+        for (i, (h, c, k, at, code)) in cases.into_iter().enumerate() {
+            assert_eq!(check(&app, &rsa_jwt(k, h, c), at).0, code, "case {i}");
+        }
+        let (_, credential) = check(
+            &app,
+            &rsa_jwt(
+                &key,
+                json!({"alg": "PS256", "x5t#S256": "AAAA"}),
+                claims.clone(),
+            ),
+            now,
+        );
+        assert_eq!(credential.as_deref(), Some("certificate:AAAA"));
+
+        // An app without certificates refuses certificate assertions; malformed ones are 400.
+        let bare = super::tests::app(vec![], vec![]);
+        assert_eq!(
+            check(&bare, &rsa_jwt(&key, header("PS256"), claims), now).0,
+            700027
+        );
+        let mut c = None;
+        let e = check_assertion("a.b", &bare, URL, now, &mut c).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.aadsts), (400, 50027));
+    }
+
+    #[test]
+    fn federated_tokens_are_verified_against_their_rule() {
+        let rng = ring::rand::SystemRandom::new();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let signer = EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &key.serialize_der(),
+            &rng,
+        )
+        .unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let other_signer = EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &other.serialize_der(),
+            &rng,
+        )
+        .unwrap();
+        let issuer = "https://kubernetes.default.svc.cluster.local";
+        let subject = "system:serviceaccount:secops:mde-isolation-operator";
+        let rule = FederatedCredential::new(
+            issuer.into(),
+            subject.into(),
+            crate::credentials::TOKEN_EXCHANGE_AUDIENCE.into(),
+            None,
+            Some(&key.public_key_pem()),
+            Path::new("."),
+        )
+        .unwrap();
+        let app = app(vec![], vec![rule]);
+        let now = 1_800_000_000;
+        let jwt = |signer: &EcdsaKeyPair, claims: Value| {
+            let signed = format!(
+                "{}.{}",
+                b64(json!({"alg": "ES256", "kid": "k"}).to_string().as_bytes()),
+                b64(claims.to_string().as_bytes())
+            );
+            let sig = signer.sign(&rng, signed.as_bytes()).unwrap();
+            format!("{signed}.{}", b64(sig.as_ref()))
+        };
+        let claims = |iss: &str, sub: &str, aud: Value, exp: i64| json!({"iss": iss, "sub": sub, "aud": aud, "iat": now, "nbf": now, "exp": exp});
+        let aud = json!(["api://AzureADTokenExchange"]);
+        let good = claims(issuer, subject, aud.clone(), now + 3600);
+        assert_eq!(
+            check(&app, &jwt(&signer, good.clone()), now),
+            (0, Some(format!("federated:{subject}")))
+        );
+        for (token, code) in [
+            (jwt(&other_signer, good), 700027),
+            (
+                jwt(
+                    &signer,
+                    claims("https://other", subject, aud.clone(), now + 60),
+                ),
+                700211,
+            ),
+            (
+                jwt(
+                    &signer,
+                    claims(issuer, "system:serviceaccount:x:y", aud.clone(), now + 60),
+                ),
+                700213,
+            ),
+            (
+                jwt(
+                    &signer,
+                    claims(issuer, subject, json!("api://other"), now + 60),
+                ),
+                700212,
+            ),
+            (
+                jwt(&signer, claims(issuer, subject, aud, now - 301)),
+                700024,
+            ),
+        ] {
+            assert_eq!(check(&app, &token, now).0, code);
+        }
     }
 }

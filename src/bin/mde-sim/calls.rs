@@ -107,6 +107,11 @@ pub struct CallRecord {
     pub fault: Option<&'static str>,
     /// The action created or returned by an isolate/unisolate/cancel.
     pub action_id: Option<String>,
+    /// Token requests: the credential presented (`secret`, `certificate:<x5t#S256>`,
+    /// `federated:<subject>`, `assertion-unverified`), like the credential details of Entra
+    /// ID's sign-in logs. Absent from other calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
     /// Parsed `sim_time`, for statistics.
     #[serde(skip)]
     pub sim_at: DateTime<Utc>,

@@ -9,6 +9,7 @@ mod auth;
 mod calls;
 mod clock;
 mod config;
+mod credentials;
 mod errors;
 mod faults;
 mod handlers;
@@ -68,13 +69,21 @@ fn build_state(cli: &Cli) -> Result<SimState, String> {
             client_secret: Some(cli.client_secret.clone()),
             roles: cli.app_roles.clone(),
             display_name: cli.client_id.clone(),
+            // It has no keys to verify assertions with.
             allow_assertion: true,
+            certificates: Vec::new(),
+            federated: Vec::new(),
         }]
     } else {
+        let base = cli
+            .seed
+            .as_deref()
+            .and_then(std::path::Path::parent)
+            .unwrap_or(std::path::Path::new("."));
         seed.apps
             .into_iter()
-            .map(tenant::SeedApp::into_app)
-            .collect()
+            .map(|a| a.into_app(base))
+            .collect::<Result<_, _>>()?
     };
     let settings = Settings {
         quota_per_minute: cli.quota_per_minute,

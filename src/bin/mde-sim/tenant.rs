@@ -1,12 +1,15 @@
 //! The simulated tenant: machines (with the behaviour that drives their actions) and the
 //! registered apps, built from the seed file and/or generated deterministically.
 
+use std::path::Path;
+
 use chrono::{DateTime, Utc};
 use rand::Rng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{add_seconds, fmt7};
+use crate::credentials::{FederatedCredential, RegisteredCertificate, TOKEN_EXCHANGE_AUDIENCE};
 
 /// How a machine reacts to isolation actions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -149,8 +152,15 @@ pub struct App {
     pub roles: Vec<String>,
     /// Display name, written as `requestor` on the actions it creates.
     pub display_name: String,
-    /// Whether a `client_assertion` (certificate or federated token) is accepted.
+    /// Accept `client_assertion` JWTs without verifying them (structure and `iss` = `sub` =
+    /// client id only). Only for apps with no certificates and no federated credentials.
     pub allow_assertion: bool,
+    /// Registered certificates (certificate credentials).
+    #[serde(skip)]
+    pub certificates: Vec<RegisteredCertificate>,
+    /// Federated identity credentials (workload identity).
+    #[serde(skip)]
+    pub federated: Vec<FederatedCredential>,
 }
 
 /// The YAML seed file.
@@ -205,25 +215,83 @@ pub struct SeedApp {
     pub roles: Vec<String>,
     /// Default: the client id.
     pub display_name: Option<String>,
-    /// Default true: accept `client_assertion` JWTs (signature not verified).
-    #[serde(default = "yes")]
+    /// Default false: accept `client_assertion` JWTs without verifying their signature (for
+    /// apps without certificates or federated credentials).
+    #[serde(default)]
     pub allow_assertion: bool,
+    /// Certificates for certificate credentials: PEM text, or the path of a PEM file
+    /// (relative to the seed file).
+    #[serde(default)]
+    pub certificates: Vec<String>,
+    /// Federated identity credentials.
+    #[serde(default)]
+    pub federated: Vec<SeedFederated>,
 }
 
-fn yes() -> bool {
-    true
+/// A federated identity credential in the seed file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SeedFederated {
+    /// Exact `iss` of accepted tokens (e.g. the cluster's service-account issuer URL).
+    pub issuer: String,
+    /// Exact `sub` (e.g. `system:serviceaccount:NAMESPACE:NAME`).
+    pub subject: String,
+    /// Required audience; default `api://AzureADTokenExchange`.
+    #[serde(default = "exchange_audience")]
+    pub audience: String,
+    /// The issuer's keys as a JWKS: JSON text or a file path.
+    pub jwks: Option<String>,
+    /// The issuer's key as PEM (public key or certificate): text or a file path.
+    pub public_key: Option<String>,
+}
+
+fn exchange_audience() -> String {
+    TOKEN_EXCHANGE_AUDIENCE.to_string()
 }
 
 impl SeedApp {
-    /// The registered app.
-    pub fn into_app(self) -> App {
-        App {
+    /// The registered app; file paths are relative to `base` (the seed file's directory).
+    pub fn into_app(self, base: &Path) -> Result<App, String> {
+        let id = self.client_id.clone();
+        if self.allow_assertion && (!self.certificates.is_empty() || !self.federated.is_empty()) {
+            return Err(format!(
+                "app {id}: allowAssertion (unverified assertions) cannot be combined with certificates or federated credentials"
+            ));
+        }
+        let certificates = self
+            .certificates
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                RegisteredCertificate::parse(c, base)
+                    .map_err(|e| format!("app {id}: certificate {}: {e}", i + 1))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let federated = self
+            .federated
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| {
+                FederatedCredential::new(
+                    f.issuer,
+                    f.subject,
+                    f.audience,
+                    f.jwks.as_deref(),
+                    f.public_key.as_deref(),
+                    base,
+                )
+                .map_err(|e| format!("app {id}: federated credential {}: {e}", i + 1))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(App {
             display_name: self.display_name.unwrap_or_else(|| self.client_id.clone()),
             client_id: self.client_id,
             client_secret: self.client_secret,
             roles: self.roles,
             allow_assertion: self.allow_assertion,
-        }
+            certificates,
+            federated,
+        })
     }
 }
 
