@@ -54,39 +54,59 @@ impl<'a> OperatorConfig<'a> {
 }
 
 impl Operator {
-    /// Starts the operator against `sim`.
+    /// Starts the operator against `sim`, with the simulator's default client secret.
     pub fn start(sim: &Sim, cfg: OperatorConfig<'_>) -> Operator {
+        Self::start_with_credential(sim, cfg, &[("MDE_CLIENT_SECRET", SIM_SECRET)])
+    }
+
+    /// Starts the operator against `sim` with the credential given as environment variables
+    /// (e.g. `MDE_CLIENT_CERTIFICATE_FILE` and `MDE_CLIENT_KEY_FILE`, or none when it comes from
+    /// flags in `cfg.extra`). `AZURE_AUTHORITY_HOST`, `AZURE_TENANT_ID` and `AZURE_CLIENT_ID`
+    /// among them replace the `--authority`, `--tenant-id` and `--client-id` flags, as on a pod
+    /// with Azure workload identity.
+    pub fn start_with_credential(
+        sim: &Sim,
+        cfg: OperatorConfig<'_>,
+        credential: &[(&str, &str)],
+    ) -> Operator {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut args: Vec<String> = vec!["run".into()];
         for ns in &cfg.namespaces {
             args.extend(["--namespace".into(), ns.clone()]);
         }
+        let from_env = |name: &str| credential.iter().any(|(k, _)| *k == name);
+        args.extend(["--api-url".into(), format!("{}/", sim.base_url)]);
+        if !from_env("AZURE_AUTHORITY_HOST") {
+            args.extend(["--authority".into(), format!("{}/", sim.base_url)]);
+        }
+        if !from_env("AZURE_TENANT_ID") {
+            args.extend(["--tenant-id".into(), "test-tenant".into()]);
+        }
+        if !from_env("AZURE_CLIENT_ID") {
+            args.extend(["--client-id".into(), cfg.client_id.clone()]);
+        }
         args.extend([
-            "--api-url".into(),
-            format!("{}/", sim.base_url),
-            "--authority".into(),
-            format!("{}/", sim.base_url),
-            "--tenant-id".into(),
-            "test-tenant".into(),
-            "--client-id".into(),
-            cfg.client_id.clone(),
             "--time-scale".into(),
             cfg.time_scale.to_string(),
             "--http-addr".into(),
             "127.0.0.1:0".into(),
         ]);
         args.extend(cfg.extra.iter().cloned());
-        let envs = vec![
+        let mut envs = vec![
             (
                 "KUBECONFIG".to_string(),
                 cfg.kubeconfig.display().to_string(),
             ),
-            ("MDE_CLIENT_SECRET".to_string(), SIM_SECRET.to_string()),
             (
                 "RUST_LOG".to_string(),
                 "info,mde_isolation_operator=debug,kube=warn".to_string(),
             ),
         ];
+        envs.extend(
+            credential
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
         let log = dir.path().join("operator.log");
         let mut op = Operator {
             child: None,
@@ -107,6 +127,16 @@ impl Operator {
             .expect("operator log file");
         let child = Command::new(env!("CARGO_BIN_EXE_mde-isolation-operator"))
             .args(&self.args)
+            // Credentials and ids come only from the test (the operator refuses more than one);
+            // removed before `envs` sets the test's own.
+            .env_remove("MDE_CLIENT_SECRET")
+            .env_remove("MDE_CLIENT_SECRET_FILE")
+            .env_remove("MDE_CLIENT_CERTIFICATE_FILE")
+            .env_remove("MDE_CLIENT_KEY_FILE")
+            .env_remove("AZURE_FEDERATED_TOKEN_FILE")
+            .env_remove("AZURE_CLIENT_ID")
+            .env_remove("AZURE_TENANT_ID")
+            .env_remove("AZURE_AUTHORITY_HOST")
             .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env_remove("MDE_WATCH_NAMESPACES")
             .stdin(Stdio::null())
