@@ -59,12 +59,6 @@ const REQUIRED_VALUES: [&str; 6] = [
     "--set",
     "mde.existingSecret=mde-client",
 ];
-/// Metrics the pack queries that the operator does not export yet. They are reported (not
-/// failed) while missing; once exported they are checked like every other name.
-///
-/// `mde_isolation_resources{phase="ready|reconciling|stalled"}`: DeviceIsolations per kstatus
-/// phase, for the "stalled resources" alert and the dashboard's phase panel.
-const PENDING: &[&str] = &["mde_isolation_resources"];
 /// Series (as stored by Prometheus) the dashboard must show: one per exported metric family.
 const ON_DASHBOARD: &[&str] = &[
     "mde_isolation_mde_calls_total",
@@ -75,6 +69,7 @@ const ON_DASHBOARD: &[&str] = &[
     "mde_isolation_oldest_open_action_age_seconds",
     "mde_isolation_poll_interval_seconds",
     "mde_isolation_reconciles_total",
+    "mde_isolation_resources",
 ];
 /// Alerts the rules must define.
 const ALERTS: &[&str] = &[
@@ -919,7 +914,8 @@ async fn every_metric_the_pack_queries_is_exported_by_a_running_operator() {
     }
     eprintln!("releases Ready after {:?}", started.elapsed());
 
-    // Samples for the counters the scenario drives, and the open action in the gauges.
+    // Samples for the counters the scenario drives, the open action and the Ready resources in
+    // the gauges.
     let http = reqwest::Client::new();
     let end = Instant::now() + Duration::from_secs(60);
     let text = loop {
@@ -934,7 +930,9 @@ async fn every_metric_the_pack_queries_is_exported_by_a_running_operator() {
         ]
         .iter()
         .all(|n| exp.samples.contains(*n))
-            && sample_value(&text, "mde_isolation_open_actions").is_some_and(|v| v >= 1.0);
+            && sample_value(&text, "mde_isolation_open_actions").is_some_and(|v| v >= 1.0)
+            && sample_value(&text, r#"mde_isolation_resources{phase="ready"}"#)
+                .is_some_and(|v| v >= online.len() as f64);
         if ready {
             break text;
         }
@@ -952,15 +950,6 @@ async fn every_metric_the_pack_queries_is_exported_by_a_running_operator() {
     let mut missing = Vec::new();
     for (name, places) in &referenced {
         if queryable.contains(name) {
-            if PENDING.contains(&name.as_str()) {
-                eprintln!("note: {name} is exported now: remove it from PENDING");
-            }
-            continue;
-        }
-        if PENDING.contains(&name.as_str()) {
-            eprintln!(
-                "note: {name} (used by {places:?}) is not exported yet; it is listed in PENDING"
-            );
             continue;
         }
         missing.push(format!("{name} (used by {})", places.join(", ")));
