@@ -19,6 +19,9 @@ pub struct Health {
     pub caches_synced: AtomicBool,
     /// This replica may talk to MDE (it is the leader, or leader election is off).
     pub leading: AtomicBool,
+    /// Another live replica holds the leader-election lease (this one is a hot standby). Shared
+    /// with the election, which sets it whenever it reads the Lease.
+    pub leader_known: Arc<AtomicBool>,
     /// The controllers are running (false once one of them has stopped).
     pub controllers_running: AtomicBool,
     /// Unix time (ms) the batch poller last started a cycle.
@@ -33,6 +36,7 @@ impl Health {
         Health {
             caches_synced: AtomicBool::new(false),
             leading: AtomicBool::new(false),
+            leader_known: Arc::new(AtomicBool::new(false)),
             controllers_running: AtomicBool::new(true),
             poller_heartbeat_ms: AtomicI64::new(now_ms()),
             poller_max_silence,
@@ -59,16 +63,21 @@ impl Health {
         Ok(())
     }
 
-    /// Ready: watch caches synced and a leader known (this replica leads).
-    pub fn ready(&self) -> Result<(), String> {
+    /// Ready: watch caches synced and a leader known, this replica or another (design.md §4). A
+    /// hot standby is ready, so that a Deployment of two replicas is Available and can roll; the
+    /// answer says which role this replica has.
+    pub fn ready(&self) -> Result<&'static str, String> {
         self.live()?;
         if !self.caches_synced.load(Ordering::Relaxed) {
             return Err("watch caches not synced yet".into());
         }
-        if !self.leading.load(Ordering::Relaxed) {
-            return Err("not the leader".into());
+        if self.leading.load(Ordering::Relaxed) {
+            return Ok("leader");
         }
-        Ok(())
+        if self.leader_known.load(Ordering::Relaxed) {
+            return Ok("standby");
+        }
+        Err("no leader known yet".into())
     }
 }
 
@@ -118,16 +127,16 @@ async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn livez(State(state): State<AppState>) -> impl IntoResponse {
-    verdict(state.health.live())
+    verdict(state.health.live().map(|()| "live"))
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     verdict(state.health.ready())
 }
 
-fn verdict(result: Result<(), String>) -> (StatusCode, String) {
+fn verdict(result: Result<&'static str, String>) -> (StatusCode, String) {
     match result {
-        Ok(()) => (StatusCode::OK, "ok\n".into()),
+        Ok(what) => (StatusCode::OK, format!("ok: {what}\n")),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
@@ -142,9 +151,11 @@ mod tests {
         assert!(h.live().is_ok());
         assert!(h.ready().is_err());
         h.caches_synced.store(true, Ordering::Relaxed);
-        assert_eq!(h.ready().unwrap_err(), "not the leader");
+        assert_eq!(h.ready().unwrap_err(), "no leader known yet");
+        h.leader_known.store(true, Ordering::Relaxed);
+        assert_eq!(h.ready(), Ok("standby"));
         h.leading.store(true, Ordering::Relaxed);
-        assert!(h.ready().is_ok());
+        assert_eq!(h.ready(), Ok("leader"));
     }
 
     #[test]

@@ -26,6 +26,8 @@
 //!
 //! RBAC: `get`, `create` and `update` on `leases` in the Lease's namespace.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -51,6 +53,8 @@ pub struct LeaseConfig {
     pub identity: String,
     /// Timings derived from the lease duration.
     pub timing: LeaseTiming,
+    /// Set while another live replica holds the Lease (feeds readiness: a leader is known).
+    pub leader_seen: Arc<AtomicBool>,
 }
 
 /// Lease timings. They concern Kubernetes, not MDE, so `--time-scale` never divides them.
@@ -343,6 +347,8 @@ async fn campaign_step(
     let spec = current.as_ref().map(|l| l.spec.as_ref());
     let unchanged = spec.map_or(Duration::ZERO, |s| seen.observe(s, Instant::now()));
     let decision = decide(spec, &cfg.identity, unchanged, &cfg.timing);
+    cfg.leader_seen
+        .store(matches!(decision, Decision::Wait(_)), Ordering::Relaxed);
     if let Decision::Wait(left) = decision {
         let holder = spec.flatten().and_then(|s| s.holder_identity.clone());
         if holder != *last_holder {
