@@ -1126,8 +1126,7 @@ async fn concurrent_writer_patches_annotations_and_status() {
                                         "requests": null, "failedAttempts": null,
                                         "nextAttemptAt": null, "lastHandledRetry": null,
                                         "conditions": null});
-                                    if let Some(Value::Object(cur)) =
-                                        serde_json::to_value(&obj.status).ok()
+                                    if let Ok(Value::Object(cur)) = serde_json::to_value(&obj.status)
                                     {
                                         for (k, v) in cur {
                                             status[k] = v;

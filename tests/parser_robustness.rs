@@ -1173,7 +1173,7 @@ fn arb_error() -> impl Strategy<Value = ErrGen> {
             let well_formed =
                 json!({"error": {"code": code, "message": message, "target": target}});
             let (body, code, message, target) = match shape {
-                0 | 1 | 2 => (well_formed.to_string().into_bytes(), code, message, target),
+                0..=2 => (well_formed.to_string().into_bytes(), code, message, target),
                 // Wrong types where strings are expected.
                 3 => (
                     json!({"error": {"code": 42, "message": ["a"], "target": {"x": 1}}})
