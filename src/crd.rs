@@ -4,6 +4,9 @@
 //! The CRD under `crds/` is generated from these types (`mde-isolation-operator crd`); a test fails
 //! when the committed file drifts from them.
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSON,
+};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -230,9 +233,31 @@ impl DeviceIsolation {
     }
 }
 
+/// The CRD as installed: the derived one, with `status` defaulted to `{observedGeneration: 0}`.
+///
+/// The API server drops status on create, so without a default a resource the operator has not
+/// reconciled yet has no status at all, and kstatus (Flux's `wait: true`) reads that as Current:
+/// a just-applied release would look done. With the default it reads observedGeneration 0 below
+/// metadata.generation, which is InProgress, until the operator writes status.
+pub fn crd() -> CustomResourceDefinition {
+    let mut crd = DeviceIsolation::crd();
+    for version in &mut crd.spec.versions {
+        let status = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|s| s.properties.as_mut())
+            .and_then(|p| p.get_mut("status"));
+        if let Some(status) = status {
+            status.default = Some(JSON(serde_json::json!({ "observedGeneration": 0 })));
+        }
+    }
+    crd
+}
+
 /// The CRD rendered as YAML, exactly as committed under `crds/`.
 pub fn crd_yaml() -> String {
-    let crd = DeviceIsolation::crd();
+    let crd = crd();
     // serde_yaml output is deterministic for a given struct order, which is what the drift test needs.
     serde_yaml::to_string(&crd).expect("a CRD always serialises to YAML")
 }
@@ -270,7 +295,7 @@ mod tests {
 
     #[test]
     fn every_schema_property_has_a_description() {
-        let crd = serde_json::to_value(DeviceIsolation::crd()).unwrap();
+        let crd = serde_json::to_value(crd()).unwrap();
         let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
         let mut missing = Vec::new();
         fn walk(path: &str, node: &serde_json::Value, missing: &mut Vec<String>) {
@@ -298,7 +323,7 @@ mod tests {
 
     #[test]
     fn machine_id_is_validated_and_immutable_in_the_schema() {
-        let crd = serde_json::to_value(DeviceIsolation::crd()).unwrap();
+        let crd = serde_json::to_value(crd()).unwrap();
         let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
         let machine = &spec["properties"]["machineId"];
         assert_eq!(machine["pattern"], "^[0-9a-f]{40}$");
@@ -325,6 +350,8 @@ mod tests {
             .collect();
         assert!(rules.contains(&"has(self.machineId) != has(self.deviceName)"));
         assert_eq!(spec["properties"]["isolationType"]["default"], "Full");
+        let status = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"];
+        assert_eq!(status["default"], serde_json::json!({"observedGeneration": 0}));
     }
 
     #[test]

@@ -176,7 +176,10 @@ fn phases() -> BTreeMap<&'static str, Value> {
         "11111111-1111-4111-8111-111111111111",
         spec(MACHINE, false, "Full"),
     );
-    out.insert("just-applied", applied.to_json());
+    // As the API server serves it: the CRD defaults status to observedGeneration 0.
+    let mut applied = applied.to_json();
+    applied["status"] = serde_json::json!({ "observedGeneration": 0 });
+    out.insert("just-applied", applied);
 
     // First reconcile: intent written, POST unisolate; MDE answers with a Pending action.
     let mut pending = Resource::applied(

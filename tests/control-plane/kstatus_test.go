@@ -80,14 +80,11 @@ type phase struct {
 var phases = []phase{
 	{
 		fixture: "just-applied",
-		want:    status.CurrentStatus,
-		// kstatus' rule for an object without conditions or observedGeneration. The operator
-		// cannot write status before it first sees the object (the API server drops status on
-		// create), so a Flux health check that reads the object in that window passes at once.
-		// docs/gitops.md says how to close the window.
-		why: "no status at all: kstatus cannot tell it apart from a resource that has no status by design",
-		// The expressions close that window: without status they cannot be evaluated.
-		wantExprs: "",
+		want:    status.InProgressStatus,
+		// The API server drops status on create; the CRD defaults it to observedGeneration 0,
+		// so an object the operator has not reconciled yet is behind its generation.
+		why:       "status.observedGeneration 0 (the CRD's default) is below metadata.generation 1",
+		wantExprs: status.InProgressStatus,
 	},
 	{fixture: "action-pending", want: status.InProgressStatus, why: "Reconciling=True", wantExprs: status.InProgressStatus},
 	{fixture: "released", want: status.CurrentStatus, why: "Ready=True for the current generation", wantExprs: status.CurrentStatus},
