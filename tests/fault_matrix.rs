@@ -734,6 +734,31 @@ async fn token_endpoint_outage_is_not_hammered() {
     );
 }
 
+/// The README: `Forbidden` "names the missing permission (`Machine.Isolate` to act,
+/// `Machine.Read.All` to read)". An app that may isolate but not read never gets there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: without Machine.Read.All the view never loads, so resources stay Reconciling/WaitingForMdeView instead of Stalled/Forbidden naming Machine.Read.All"]
+async fn missing_read_permission_stalls_as_forbidden() {
+    let s = Scenario::start("no-read", &["--app-roles", "Machine.Isolate"], &[]).await;
+    s.create(0..2).await;
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = s.api.get("d00").await.expect("d00");
+        if let Some((_, reason, message)) = condition(&d, "Stalled").filter(|c| c.0 == "True") {
+            assert_eq!(reason, "Forbidden", "{message}");
+            assert!(message.contains("Machine.Read.All"), "{message}");
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "d00 never stalled; conditions {:?}\noperator log tail:\n{}",
+            d.status.map(|s| s.conditions),
+            s.op.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kubernetes-side faults
 // ---------------------------------------------------------------------------------------------
