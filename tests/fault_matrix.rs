@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -94,7 +94,7 @@ impl Scenario {
         c.install_crds().await;
         let ns = c.namespace(name).await;
         let client = c.client().await;
-        Self::start_in(name, &c.kubeconfig, client, ns, sim_extra, op_extra)
+        Self::start_in(name, &c.kubeconfig, client, ns, sim_extra, op_extra, None)
     }
 
     /// Like [`Scenario::start`], against any cluster.
@@ -105,6 +105,7 @@ impl Scenario {
         ns: String,
         sim_extra: &[&str],
         op_extra: &[&str],
+        api_url: Option<&str>,
     ) -> Scenario {
         let started = Instant::now();
         let resources: Vec<Res> = (0..N)
@@ -142,7 +143,10 @@ impl Scenario {
         let sim = Arc::new(Sim::start(&args));
         let mut cfg = OperatorConfig::new(kubeconfig, &ns);
         cfg.extra = op_extra.iter().map(|s| s.to_string()).collect();
-        let op = Operator::start(&sim, cfg);
+        let op = match api_url {
+            Some(url) => Operator::start_with_api_url(&sim, cfg, url),
+            None => Operator::start(&sim, cfg),
+        };
         let api = Api::namespaced(client.clone(), &ns);
         Scenario {
             name,
@@ -734,6 +738,166 @@ async fn token_endpoint_outage_is_not_hammered() {
     );
 }
 
+/// A proxy in front of the simulator's API that, while `late` is up, holds every isolate and
+/// unisolate POST past the client's timeout and forwards it to the simulator 1.5 s after it
+/// arrived, whatever the client did meanwhile: a request that MDE applies after the client gave
+/// up on it. (`mde-sim`'s own latency cannot do this: it comes before processing, and a request
+/// whose client disconnected is never processed.)
+struct LateApplyProxy {
+    base: String,
+    upstream: Arc<RwLock<String>>,
+    late: Arc<AtomicBool>,
+    delayed: Arc<AtomicUsize>,
+}
+
+#[derive(Clone)]
+struct LateState {
+    /// The simulator's address, set once it runs.
+    upstream: Arc<RwLock<String>>,
+    http: reqwest::Client,
+    late: Arc<AtomicBool>,
+    delayed: Arc<AtomicUsize>,
+}
+
+async fn late_apply_handler(State(st): State<LateState>, req: Request) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, 16 << 20)
+        .await
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let url = format!("{}{path}", st.upstream.read().unwrap());
+    let mut headers = reqwest::header::HeaderMap::new();
+    for name in ["authorization", "content-type", "accept"] {
+        if let Some(v) = parts.headers.get(name) {
+            headers.insert(name, v.clone());
+        }
+    }
+    let action_post = parts.method == axum::http::Method::POST
+        && (parts.uri.path().ends_with("/isolate") || parts.uri.path().ends_with("/unisolate"));
+    if action_post && st.late.load(Ordering::SeqCst) {
+        st.delayed.fetch_add(1, Ordering::SeqCst);
+        let http = st.http.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let _ = http.post(url).headers(headers).body(bytes).send().await;
+        });
+        // The client (timeout 1 s) is gone long before this answer.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        return Response::builder()
+            .status(StatusCode::GATEWAY_TIMEOUT)
+            .body(Body::empty())
+            .unwrap();
+    }
+    let resp = match st
+        .http
+        .request(parts.method, url)
+        .headers(headers)
+        .body(bytes)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(_) => {
+            return Response::builder()
+                .status(StatusCode::BAD_GATEWAY)
+                .body(Body::empty())
+                .unwrap();
+        }
+    };
+    let mut out = Response::builder().status(resp.status());
+    for name in ["content-type", "retry-after", "odata-version"] {
+        if let Some(v) = resp.headers().get(name) {
+            out = out.header(name, v);
+        }
+    }
+    let body = resp.bytes().await.unwrap_or_default();
+    out.body(Body::from(body)).unwrap()
+}
+
+impl LateApplyProxy {
+    async fn start() -> LateApplyProxy {
+        let late = Arc::new(AtomicBool::new(false));
+        let delayed = Arc::new(AtomicUsize::new(0));
+        let upstream = Arc::new(RwLock::new(String::new()));
+        let state = LateState {
+            upstream: upstream.clone(),
+            http: reqwest::Client::new(),
+            late: late.clone(),
+            delayed: delayed.clone(),
+        };
+        let app = axum::Router::new()
+            .fallback(late_apply_handler)
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        LateApplyProxy {
+            base: format!("http://{addr}/"),
+            upstream,
+            late,
+            delayed,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: after a POST times out the operator looks the action up at once and, not finding it yet, re-POSTs the same marker; a request applied late then makes two actions"]
+async fn request_applied_after_the_client_gave_up() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("late-apply").await;
+    let client = c.client().await;
+    // The operator reaches the API through the proxy (tokens come from the simulator directly);
+    // the proxy learns the simulator's address once it runs.
+    let proxy = LateApplyProxy::start().await;
+    let s = Scenario::start_in(
+        "late-apply",
+        &c.kubeconfig,
+        client,
+        ns,
+        &[],
+        &["--request-timeout-seconds", "1"],
+        Some(&proxy.base),
+    );
+    *proxy.upstream.write().unwrap() = s.sim.base_url.clone();
+    let m = s.monitor();
+    m.fault(true);
+    proxy.late.store(true, Ordering::SeqCst);
+    s.create(0..N).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    proxy.late.store(false, Ordering::SeqCst);
+    m.fault(false);
+    let delayed = proxy.delayed.load(Ordering::SeqCst);
+    // What the simulator saw for the first resource's machine (real times, so that the order of
+    // the late POST and the operator's lookup shows).
+    let first = &s.resources[0].machine;
+    for c in s.sim.admin_calls().await.iter().filter(|c| {
+        c["path"].as_str().unwrap_or("").contains(first.as_str())
+            || c["query"].as_str().unwrap_or("").contains(first.as_str())
+    }) {
+        eprintln!(
+            "[late-apply] {} {} {} {} -> {} {}",
+            c["realTime"].as_str().unwrap_or(""),
+            c["method"].as_str().unwrap_or(""),
+            c["api"].as_str().unwrap_or(""),
+            c["path"].as_str().unwrap_or(""),
+            c["status"],
+            c["actionId"].as_str().unwrap_or("")
+        );
+    }
+    eprintln!(
+        "[late-apply] {delayed} POSTs applied 1.5 s after they were sent (client timeout 1 s)"
+    );
+    assert!(delayed > 0, "no POST was delayed");
+    s.finish(m, &["OutcomeUnknown", "TransientError"]).await;
+}
+
 /// The README: `Forbidden` "names the missing permission (`Machine.Isolate` to act,
 /// `Machine.Read.All` to read)". An app that may isolate but not read never gets there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1061,6 +1225,7 @@ async fn kube_apiserver_restarted_mid_run() {
         ns,
         &[],
         &[],
+        None,
     );
     let m = s.monitor();
     s.create(0..N / 2).await;

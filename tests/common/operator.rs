@@ -119,6 +119,20 @@ impl Operator {
         op
     }
 
+    /// Starts the operator against `sim`, but with the MDE API reached at `api_url` (e.g. a
+    /// fault-injecting proxy in front of the simulator); tokens still come from `sim`.
+    pub fn start_with_api_url(sim: &Sim, cfg: OperatorConfig<'_>, api_url: &str) -> Operator {
+        let mut op = Self::start(sim, cfg);
+        // `start` has spawned the process already: stop it before it does anything (it is still
+        // building its clients), point it elsewhere, and start it again.
+        op.kill();
+        if let Some(i) = op.args.iter().position(|a| a == "--api-url") {
+            op.args[i + 1] = api_url.to_string();
+        }
+        op.spawn();
+        op
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
