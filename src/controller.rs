@@ -231,6 +231,7 @@ async fn reconcile_inner(di: &DeviceIsolation, ctx: &Context) -> Result<Action, 
     let mut status = persisted.clone();
     let mut facts = Facts {
         synced: ctx.view.is_synced(),
+        view_failure: ctx.view.load_failure(),
         actions: machine
             .as_deref()
             .map(|m| ctx.view.actions_for(m))
@@ -419,6 +420,15 @@ async fn lookup(
 
 /// Converts a client error into the planner's vocabulary, counting quota waits.
 fn to_failure(ctx: &Context, api: QuotaApi, e: &MdeError) -> CallFailure {
+    let failure = failure_of(e);
+    if let CallFailure::QuotaWait(wait) = failure {
+        ctx.metrics.quota_waited(api, wait);
+    }
+    failure
+}
+
+/// Converts a client error into the planner's vocabulary.
+pub fn failure_of(e: &MdeError) -> CallFailure {
     let msg = e.to_string();
     match e.class() {
         ErrorClass::MachineNotFound | ErrorClass::ActionNotFound => {
@@ -433,9 +443,7 @@ fn to_failure(ctx: &Context, api: QuotaApi, e: &MdeError) -> CallFailure {
         ErrorClass::Transient => CallFailure::Transient(msg),
         ErrorClass::Ambiguous => CallFailure::Ambiguous(msg),
         ErrorClass::QuotaWait { until } => {
-            let wait = until.saturating_duration_since(tokio::time::Instant::now());
-            ctx.metrics.quota_waited(api, wait);
-            CallFailure::QuotaWait(wait)
+            CallFailure::QuotaWait(until.saturating_duration_since(tokio::time::Instant::now()))
         }
     }
 }

@@ -718,6 +718,7 @@ mod tests {
             namespace: "ns".into(),
             identity: ME.into(),
             timing: LeaseTiming::from_duration(duration),
+            leader_seen: Arc::default(),
         }
     }
 

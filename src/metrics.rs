@@ -138,6 +138,23 @@ impl Metrics {
             "Watched DeviceIsolations by phase: ready, reconciling, stalled, unknown",
             resources.clone(),
         );
+        // Series that alerts watch with increase() exist from the start at 0, so the first
+        // 429 or the first failed reconcile is an increase, not a series appearing at 1.
+        for api in Api::all() {
+            mde_calls
+                .get_or_create(&CallLabels {
+                    api: api.as_str().into(),
+                    outcome: "rate_limited".into(),
+                })
+                .inc_by(0);
+        }
+        for result in ["ok", "error"] {
+            reconciles
+                .get_or_create(&ReconcileLabels {
+                    result: result.into(),
+                })
+                .inc_by(0);
+        }
         Metrics {
             registry,
             resources,
@@ -247,5 +264,11 @@ mod tests {
         }
         assert!(text.contains(r#"api="unisolate",outcome="ok""#));
         assert!(text.contains(r#"mde_isolation_resources{phase="stalled"} 2"#));
+        assert!(
+            text.contains(
+                r#"mde_isolation_mde_calls_total{api="isolate",outcome="rate_limited"} 0"#
+            )
+        );
+        assert!(text.contains(r#"mde_isolation_reconciles_total{result="error"} 0"#));
     }
 }

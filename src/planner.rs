@@ -163,6 +163,8 @@ pub struct Facts {
     pub post: Option<PostOutcome>,
     /// Outcome of resolving spec.deviceName in this pass.
     pub resolution: Resolution,
+    /// Why the shared view's first load fails, while it does.
+    pub view_failure: Option<CallFailure>,
 }
 
 /// A device that carries the name being resolved.
@@ -210,6 +212,9 @@ pub struct Timing {
     pub transient_retry: Duration,
     /// Re-check while the shared view is not loaded yet.
     pub view_not_synced_retry: Duration,
+    /// Re-check of a refused credential or missing permission: a person fixes those outside
+    /// the resource (a rotated secret, a granted role), so the resource recovers by itself.
+    pub credential_recheck: Duration,
 }
 
 impl Default for Timing {
@@ -221,6 +226,7 @@ impl Default for Timing {
             open_action_recheck: Duration::from_secs(1800),
             transient_retry: Duration::from_secs(10),
             view_not_synced_retry: Duration::from_secs(2),
+            credential_recheck: Duration::from_secs(900),
         }
     }
 }
@@ -313,12 +319,15 @@ pub struct Plan {
 /// Reason of the phase that waits for the shared view's first load.
 pub const WAITING_FOR_VIEW: &str = "WaitingForMdeView";
 
+/// Reasons under which a resource stays `Stalled` until [`Timing::credential_recheck`] has
+/// passed: they are fixed outside the resource (a rotated secret, a granted role), so the
+/// resource recovers by itself, without a retry request.
+const RECHECKED_STALLS: &[&str] = &["Forbidden", "AuthenticationFailed"];
+
 /// Reasons under which a resource stays `Stalled` until its spec changes or a retry is requested.
 const STICKY_STALLS: &[&str] = &[
     "MachineNotFound",
     "AmbiguousDevice",
-    "Forbidden",
-    "AuthenticationFailed",
     "UnsupportedPlatform",
     "InvalidRequest",
     "ActionCancelled",
@@ -525,8 +534,20 @@ impl<'a> Planner<'a> {
         let cond = conditions::find(&self.input.status.conditions, STALLED)?;
         let same_generation = cond.observed_generation == Some(self.generation())
             && self.input.status.observed_generation == Some(self.generation());
-        if same_generation && STICKY_STALLS.contains(&cond.reason.as_str()) {
+        if !same_generation {
+            return None;
+        }
+        if STICKY_STALLS.contains(&cond.reason.as_str()) {
             return Some(stalled(&cond.reason, cond.message.clone()));
+        }
+        // A refused credential or permission is tried again at its recheck time, not on every
+        // event (our own status write is one).
+        if RECHECKED_STALLS.contains(&cond.reason.as_str())
+            && let Some(due) = self.status.next_attempt_at.as_deref().and_then(parse_time)
+            && due > self.input.now
+        {
+            let wait = (due - self.input.now).to_std().unwrap_or_default();
+            return Some(stalled_until(&cond.reason, cond.message.clone(), wait));
         }
         None
     }
@@ -607,12 +628,24 @@ impl<'a> Planner<'a> {
     }
 
     /// Maps a failure that certainly created nothing to a phase.
-    fn failure_decision(&self, failure: &CallFailure) -> Decision {
+    fn failure_decision(&mut self, failure: &CallFailure) -> Decision {
         let t = self.input.timing;
+        if matches!(
+            failure,
+            CallFailure::Forbidden(_) | CallFailure::AuthenticationFailed(_)
+        ) {
+            let due = self.input.now
+                + chrono::Duration::from_std(t.credential_recheck).unwrap_or_default();
+            self.status.next_attempt_at = Some(rfc3339(due));
+        }
         match failure {
             CallFailure::MachineNotFound(m) => stalled("MachineNotFound", m.clone()),
-            CallFailure::Forbidden(m) => stalled("Forbidden", m.clone()),
-            CallFailure::AuthenticationFailed(m) => stalled("AuthenticationFailed", m.clone()),
+            CallFailure::Forbidden(m) => {
+                stalled_until("Forbidden", m.clone(), t.credential_recheck)
+            }
+            CallFailure::AuthenticationFailed(m) => {
+                stalled_until("AuthenticationFailed", m.clone(), t.credential_recheck)
+            }
             CallFailure::UnsupportedPlatform(m) => stalled("UnsupportedPlatform", m.clone()),
             CallFailure::InvalidRequest(m) => stalled("InvalidRequest", m.clone()),
             CallFailure::RateLimited(after) => reconciling(
@@ -880,6 +913,30 @@ impl<'a> Planner<'a> {
             return self.failure_decision(failure);
         }
         if !self.facts().synced && self.facts().lookup != Lookup::Done {
+            if let Some(failure) = &self.facts().view_failure {
+                return match failure {
+                    CallFailure::AuthenticationFailed(m) | CallFailure::Forbidden(m) => {
+                        let reason = match failure {
+                            CallFailure::Forbidden(_) => "Forbidden",
+                            _ => "AuthenticationFailed",
+                        };
+                        // Only the view is read again (no call of this resource's own), soon.
+                        stalled_until(
+                            reason,
+                            format!("cannot read MDE's open actions: {m}"),
+                            t.transient_retry,
+                        )
+                    }
+                    other => reconciling(
+                        WAITING_FOR_VIEW,
+                        format!(
+                            "loading the open actions of the tenant failed, retrying: {other:?}"
+                        ),
+                        Some(t.view_not_synced_retry),
+                        Effect::None,
+                    ),
+                };
+            }
             return reconciling(
                 WAITING_FOR_VIEW,
                 "loading the open actions of the tenant before requesting anything".into(),
@@ -1120,6 +1177,18 @@ fn stalled(reason: &str, message: String) -> Decision {
         },
         Effect::None,
         None,
+    )
+}
+
+/// Stalled, but looked at again after `recheck` (the cause may be fixed outside the resource).
+fn stalled_until(reason: &str, message: String, recheck: Duration) -> Decision {
+    (
+        Phase::Stalled {
+            reason: reason.into(),
+            message,
+        },
+        Effect::None,
+        Some(recheck),
     )
 }
 

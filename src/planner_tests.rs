@@ -401,7 +401,10 @@ fn error_classes_map_to_stalled_reasons_and_clear_the_intent() {
             "{failure:?}"
         );
         assert_eq!(plan.effect, Effect::None);
-        assert_eq!(plan.requeue, None);
+        // Credentials and permissions are fixed outside the resource: looked at again later.
+        let recheck = matches!(expected, "Forbidden" | "AuthenticationFailed");
+        let want = recheck.then_some(Timing::default().credential_recheck);
+        assert_eq!(plan.requeue, want, "{failure:?}");
         assert!(plan.status.intent.is_none());
     }
 }
@@ -423,7 +426,9 @@ fn sticky_stall_makes_no_call_on_later_reconciles() {
 #[test]
 fn retry_request_clears_a_sticky_stall_once() {
     let mut case = posted();
-    case.facts.post = Some(PostOutcome::Failed(CallFailure::Forbidden("x".into())));
+    case.facts.post = Some(PostOutcome::Failed(CallFailure::UnsupportedPlatform(
+        "x".into(),
+    )));
     let (mut case, _) = case.settle();
     case.retry = Some("2026-11-28T11:00:00Z");
     let (case, plan) = case.settle();
@@ -741,4 +746,63 @@ fn no_match_stalls_as_machine_not_found() {
 fn a_machine_id_is_recorded_in_status_too() {
     let plan = Case::release().plan();
     assert_eq!(plan.status.machine_id.as_deref(), Some(MACHINE));
+}
+
+// ---- Credentials and permissions -----------------------------------------------------------
+
+#[test]
+fn forbidden_is_not_retried_on_the_next_event_but_after_the_recheck_time() {
+    let mut case = posted();
+    case.facts.post = Some(PostOutcome::Failed(CallFailure::Forbidden(
+        "missing Machine.Isolate".into(),
+    )));
+    let (mut case, first) = case.settle();
+    assert_eq!(first.events.len(), 1);
+    // Our own status write wakes the resource at once: no second POST, no new event.
+    let again = case.plan();
+    assert_eq!(again.effect, Effect::None);
+    assert_eq!(reason(&again, STALLED).as_deref(), Some("Forbidden"));
+    assert!(again.events.is_empty());
+    assert_eq!(again.status, case.status);
+    // After the recheck time (the role may have been granted): one new request.
+    case.now += chrono::Duration::from_std(Timing::default().credential_recheck).unwrap();
+    assert!(is_post(&case.plan(), ActionKind::Unisolate));
+}
+
+#[test]
+fn a_refused_credential_while_loading_the_view_stalls_without_a_call() {
+    let mut case = Case::release();
+    case.facts.synced = false;
+    case.facts.view_failure = Some(CallFailure::AuthenticationFailed(
+        "token endpoint answered 401 invalid_client".into(),
+    ));
+    let plan = case.plan();
+    assert_eq!(plan.effect, Effect::None);
+    let stall = conditions::find(&plan.status.conditions, STALLED).unwrap();
+    assert_eq!(stall.reason, "AuthenticationFailed");
+    assert!(stall.message.contains("invalid_client"));
+    assert!(
+        plan.requeue.is_some(),
+        "recovers by itself once the view loads"
+    );
+    // Once the view loads, the same resource requests its action.
+    let (mut case, _) = case.settle();
+    case.facts.synced = true;
+    case.facts.view_failure = None;
+    assert!(is_post(&case.plan(), ActionKind::Unisolate));
+}
+
+#[test]
+fn a_transient_view_failure_is_named_while_waiting() {
+    let mut case = Case::release();
+    case.facts.synced = false;
+    case.facts.view_failure = Some(CallFailure::Transient("connection refused".into()));
+    let plan = case.plan();
+    let cond = conditions::find(&plan.status.conditions, RECONCILING).unwrap();
+    assert_eq!(cond.reason, WAITING_FOR_VIEW);
+    assert!(
+        cond.message.contains("connection refused"),
+        "{}",
+        cond.message
+    );
 }

@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::controller::failure_of;
 use crate::http::Health;
 use crate::mde::client::MdeClient;
 use crate::mde::error::ErrorClass;
@@ -230,6 +231,8 @@ impl Poller {
                     _ => self.timing.fast,
                 };
                 tracing::warn!(error = %e, retry_in = ?wait, "batch poll failed");
+                // Resources waiting for the first load say why it fails (a refused credential).
+                self.view.set_load_failure(failure_of(&e));
                 Err(wait.max(Duration::from_millis(10)))
             }
         }

@@ -1179,7 +1179,7 @@ mod tests {
         let Admission::WaitUntil(lookup) = gate.reserve(api, "lookup", t0) else {
             panic!("must wait")
         };
-        assert!(lookup > drift || lookup == drift);
+        assert!(lookup >= drift);
         // The urgent poller arrives last and is given the first slot; the others move later.
         let Admission::WaitUntil(poller) = gate.reserve(api, "poller", t0) else {
             panic!("must wait")

@@ -392,6 +392,7 @@ pub fn scaled_timing(time_scale: f64) -> Timing {
         open_action_recheck: s(d.open_action_recheck),
         transient_retry: s(d.transient_retry),
         view_not_synced_retry: s(d.view_not_synced_retry),
+        credential_recheck: s(d.credential_recheck),
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::mde::model::{ActionType, MachineAction};
-use crate::planner::{ActionFact, ActionKind};
+use crate::planner::{ActionFact, ActionKind, CallFailure};
 
 /// Finished actions kept per machine beyond the open ones: enough to know the device's current
 /// state, to detect drift, and to find a recent action by its marker.
@@ -24,6 +24,7 @@ pub type ResourceKey = (String, String);
 #[derive(Default)]
 struct Inner {
     synced: bool,
+    load_failure: Option<CallFailure>,
     by_machine: HashMap<String, Vec<ActionFact>>,
     watchers: HashMap<String, HashSet<ResourceKey>>,
     machine_of: HashMap<ResourceKey, String>,
@@ -48,7 +49,23 @@ impl ActionView {
 
     /// Marks the first full load as done.
     pub fn mark_synced(&self) {
-        self.write().synced = true;
+        let mut inner = self.write();
+        inner.synced = true;
+        inner.load_failure = None;
+    }
+
+    /// Why the first load failed last time, while it has not succeeded (e.g. the credential was
+    /// refused): resources waiting for the view report it instead of waiting silently.
+    pub fn load_failure(&self) -> Option<CallFailure> {
+        self.read().load_failure.clone()
+    }
+
+    /// Records a failed first load (ignored once synced).
+    pub fn set_load_failure(&self, failure: CallFailure) {
+        let mut inner = self.write();
+        if !inner.synced {
+            inner.load_failure = Some(failure);
+        }
     }
 
     /// Known actions on `machine_id` (open ones and the latest finished ones).

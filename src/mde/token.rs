@@ -30,6 +30,12 @@ const MAX_TOKEN_BODY: usize = 1 << 20;
 const REFUSAL_BACKOFF_BASE: Duration = Duration::from_secs(60);
 /// Longest wait between two attempts with a refused credential.
 const REFUSAL_BACKOFF_MAX: Duration = Duration::from_secs(900);
+/// After a token request failed for a passing reason (endpoint down, 5xx, timeout), nobody sends
+/// another for this long (divided by the time scale), doubling up to [`OUTAGE_BACKOFF_MAX`]:
+/// every waiting call shares one back-off instead of each asking again.
+const OUTAGE_BACKOFF_BASE: Duration = Duration::from_secs(5);
+/// Longest wait between two token requests while the endpoint is failing.
+const OUTAGE_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// `client_assertion_type` of JWT bearer assertions (RFC 7523).
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
@@ -314,6 +320,13 @@ struct Cached {
     refresh_at: Instant,
 }
 
+/// A passing failure of the token endpoint, shared by every caller until `retry_at`.
+#[derive(Debug)]
+struct Outage {
+    retry_at: Instant,
+    backoff: Duration,
+}
+
 /// The endpoint's last refusal of the credential, answered again without a request until
 /// `retry_at` unless the credential changed.
 struct Refused {
@@ -334,6 +347,8 @@ pub struct TokenSource {
     time_scale: f64,
     cache: Mutex<Option<Cached>>,
     refused: Mutex<Option<Refused>>,
+    /// The last passing failure of the endpoint and until when it is answered again.
+    outage: Mutex<Option<Outage>>,
     /// Held while fetching, so that concurrent callers share one request.
     refresh: tokio::sync::Mutex<()>,
 }
@@ -400,6 +415,7 @@ impl TokenSource {
             time_scale: sane_scale(time_scale),
             cache: Mutex::new(None),
             refused: Mutex::new(None),
+            outage: Mutex::new(None),
             refresh: tokio::sync::Mutex::new(()),
         })
     }
@@ -432,8 +448,20 @@ impl TokenSource {
         if let Some(e) = self.still_refused(fingerprint) {
             return Err(e);
         }
-        let (token, lifetime) = self.fetch(fingerprint).await?;
+        if let Some(e) = self.still_out() {
+            return Err(e);
+        }
+        let (token, lifetime) = match self.fetch(fingerprint).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                if e.class() != ErrorClass::AuthenticationFailed {
+                    self.record_outage();
+                }
+                return Err(e);
+            }
+        };
         *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.outage.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let margin = (REFRESH_MARGIN.div_f64(self.time_scale)).min(lifetime / 2);
         let refresh_at = Instant::now() + lifetime.saturating_sub(margin);
         let value = token.expose().to_owned();
@@ -463,6 +491,31 @@ impl TokenSource {
         let r = refused.as_ref()?;
         (fingerprint.is_some() && r.fingerprint == fingerprint && Instant::now() < r.retry_at)
             .then(|| MdeError::token_response(r.status, &r.body))
+    }
+
+    /// The last outage error again, without a request, while its back-off runs.
+    fn still_out(&self) -> Option<MdeError> {
+        let outage = self.outage.lock().unwrap_or_else(|e| e.into_inner());
+        let o = outage.as_ref()?;
+        (Instant::now() < o.retry_at).then(|| {
+            MdeError::token_transport(
+                "failing; the next token request waits for its back-off",
+                None,
+            )
+        })
+    }
+
+    /// Remembers a passing failure of the token endpoint.
+    fn record_outage(&self) {
+        let mut outage = self.outage.lock().unwrap_or_else(|e| e.into_inner());
+        let backoff = match outage.as_ref() {
+            Some(o) => (o.backoff * 2).min(OUTAGE_BACKOFF_MAX.div_f64(self.time_scale)),
+            None => OUTAGE_BACKOFF_BASE.div_f64(self.time_scale),
+        };
+        *outage = Some(Outage {
+            retry_at: Instant::now() + backoff,
+            backoff,
+        });
     }
 
     /// Remembers a refusal of the credential with `fingerprint`.
