@@ -874,9 +874,25 @@ async fn request_applied_after_the_client_gave_up() {
     proxy.late.store(false, Ordering::SeqCst);
     m.fault(false);
     let delayed = proxy.delayed.load(Ordering::SeqCst);
-    // What the simulator saw for the first resource's machine (real times, so that the order of
-    // the late POST and the operator's lookup shows).
-    let first = &s.resources[0].machine;
+    // What the simulator saw for the first machine with more than one action, if any (real
+    // times, so that the order of the late POSTs and the operator's lookup shows).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let actions = s.sim.admin_get("actions").await["value"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let first = s
+        .resources
+        .iter()
+        .map(|r| &r.machine)
+        .find(|m| {
+            actions
+                .iter()
+                .filter(|a| a["machineId"] == m.as_str())
+                .count()
+                > 1
+        })
+        .unwrap_or(&s.resources[0].machine);
     for c in s.sim.admin_calls().await.iter().filter(|c| {
         c["path"].as_str().unwrap_or("").contains(first.as_str())
             || c["query"].as_str().unwrap_or("").contains(first.as_str())
