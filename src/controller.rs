@@ -70,6 +70,9 @@ pub struct Context {
     /// Markers whose POST this process knows was never sent (refused by the quota gate, failed
     /// before sending): they need no lookup before sending. Lost on restart, which is safe.
     unsent: Mutex<HashSet<String>>,
+    /// Markers whose POST ended ambiguously, and when: no lookup may prove them absent before
+    /// the settle time, even if the watch cache still shows an older status.
+    ambiguous: Mutex<HashMap<String, chrono::DateTime<Utc>>>,
     /// One POST at a time per machine, so that two resources for one machine never race.
     machine_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Consecutive failed reconciles per resource, for exponential error backoff.
@@ -105,6 +108,7 @@ impl Context {
             dry_run,
             poller_nudge,
             unsent: Mutex::new(HashSet::new()),
+            ambiguous: Mutex::new(HashMap::new()),
             machine_locks: Mutex::new(HashMap::new()),
             error_counts: Mutex::new(HashMap::new()),
             phases_counted_ms: std::sync::atomic::AtomicI64::new(0),
@@ -245,6 +249,13 @@ async fn reconcile_inner(di: &DeviceIsolation, ctx: &Context) -> Result<Action, 
             .intent
             .as_ref()
             .is_some_and(|i| ctx.is_unsent(&i.marker));
+        facts.intent_ambiguous_at = status.intent.as_ref().and_then(|i| {
+            ctx.ambiguous
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&i.marker)
+                .copied()
+        });
         let plan = planner::plan(&planner::Input {
             namespace: &namespace,
             name: &name,
@@ -370,6 +381,13 @@ async fn reconcile_inner(di: &DeviceIsolation, ctx: &Context) -> Result<Action, 
                         let failure = to_failure(ctx, api, &e);
                         let certainly_unsent = !matches!(failure, CallFailure::Ambiguous(_));
                         ctx.set_unsent(&marker, certainly_unsent);
+                        if !certainly_unsent {
+                            let mut ambiguous =
+                                ctx.ambiguous.lock().unwrap_or_else(|e| e.into_inner());
+                            // Forget old entries (markers are unique per request).
+                            ambiguous.retain(|_, at| Utc::now() - *at < chrono::Duration::hours(1));
+                            ambiguous.insert(marker.clone(), Utc::now());
+                        }
                         PostOutcome::Failed(failure)
                     }
                 });

@@ -165,6 +165,10 @@ pub struct Facts {
     pub resolution: Resolution,
     /// Why the shared view's first load fails, while it does.
     pub view_failure: Option<CallFailure>,
+    /// When this process last saw an ambiguous outcome for the current intent's request. The
+    /// status records it too, but the watch cache can lag behind the status write, so the
+    /// process's own memory keeps a stale copy from triggering an early lookup.
+    pub intent_ambiguous_at: Option<DateTime<Utc>>,
 }
 
 /// A device that carries the name being resolved.
@@ -212,6 +216,10 @@ pub struct Timing {
     pub transient_retry: Duration,
     /// Re-check while the shared view is not loaded yet.
     pub view_not_synced_retry: Duration,
+    /// After an ambiguous outcome, how long to wait before a lookup may prove the action absent:
+    /// a request the client gave up on can still be applied within this time. Real time (it
+    /// concerns the network), so not divided by the time scale.
+    pub ambiguous_settle: Duration,
     /// Re-check of a refused credential or missing permission: a person fixes those outside
     /// the resource (a rotated secret, a granted role), so the resource recovers by itself.
     pub credential_recheck: Duration,
@@ -226,6 +234,7 @@ impl Default for Timing {
             open_action_recheck: Duration::from_secs(1800),
             transient_retry: Duration::from_secs(10),
             view_not_synced_retry: Duration::from_secs(2),
+            ambiguous_settle: Duration::from_secs(61),
             credential_recheck: Duration::from_secs(900),
         }
     }
@@ -567,6 +576,7 @@ impl<'a> Planner<'a> {
                     return Some(self.wait_for_opposite(action));
                 }
                 self.status.intent = None;
+                self.status.next_attempt_at = None;
                 let reason = if ours {
                     "ActionRequested"
                 } else {
@@ -609,10 +619,21 @@ impl<'a> Planner<'a> {
             }
             CallFailure::Ambiguous(msg) => {
                 // The action may exist: never re-POST blindly; look it up by its marker first.
-                let since = self.intent_time();
-                let message = format!("outcome of the request is unknown ({msg}); looking it up");
-                let effect = self.lookup_effect(since);
-                reconciling("OutcomeUnknown", message, Some(t.transient_retry), effect)
+                // Not at once: a request the client gave up on may still be applied, so a lookup
+                // now could miss it and "prove" it absent. Look after the settle time.
+                let due = self.input.now
+                    + chrono::Duration::from_std(t.ambiguous_settle).unwrap_or_default();
+                self.status.next_attempt_at = Some(rfc3339(due));
+                let message = format!(
+                    "outcome of the request is unknown ({msg}); looking it up by its audit tag at {}",
+                    rfc3339(due)
+                );
+                reconciling(
+                    "OutcomeUnknown",
+                    message,
+                    Some(t.ambiguous_settle),
+                    Effect::None,
+                )
             }
             other => {
                 // Certainly not applied: nothing was created under the intent's marker.
@@ -902,6 +923,17 @@ impl<'a> Planner<'a> {
             && due > self.input.now
         {
             let wait = (due - self.input.now).to_std().unwrap_or_default();
+            if self.current_intent().is_some() {
+                return reconciling(
+                    "OutcomeUnknown",
+                    format!(
+                        "looking up whether the last request created an action at {}",
+                        rfc3339(due)
+                    ),
+                    Some(wait),
+                    Effect::None,
+                );
+            }
             return reconciling(
                 "RetryScheduled",
                 format!("next attempt at {}", rfc3339(due)),
@@ -955,6 +987,7 @@ impl<'a> Planner<'a> {
         if let Some(same) = open.iter().find(|a| a.kind == self.desired) {
             let same = (*same).clone();
             self.status.intent = None;
+            self.status.next_attempt_at = None;
             self.event(
                 false,
                 "ActionAdopted",
@@ -983,6 +1016,7 @@ impl<'a> Planner<'a> {
                 .cloned()
             {
                 self.status.intent = None;
+                self.status.next_attempt_at = None;
                 self.event(
                     false,
                     "ActionRequested",
@@ -994,6 +1028,22 @@ impl<'a> Planner<'a> {
                     .unwrap_or_else(|| self.follow(found));
             }
             let provably_absent = self.facts().intent_unsent || self.facts().lookup == Lookup::Done;
+            if !provably_absent
+                && let Some(at) = self.facts().intent_ambiguous_at
+                && let Ok(settle) = chrono::Duration::from_std(t.ambiguous_settle)
+                && self.input.now < at + settle
+            {
+                let wait = (at + settle - self.input.now).to_std().unwrap_or_default();
+                return reconciling(
+                    "OutcomeUnknown",
+                    format!(
+                        "looking up whether the last request created an action at {}",
+                        rfc3339(at + settle)
+                    ),
+                    Some(wait),
+                    Effect::None,
+                );
+            }
             if !provably_absent {
                 let since = parse_time(&intent.recorded_at);
                 let effect = self.lookup_effect(since);
@@ -1110,13 +1160,6 @@ impl<'a> Planner<'a> {
             .intent
             .clone()
             .filter(|i| i.generation == self.generation() && i.action_type == self.desired.as_str())
-    }
-
-    fn intent_time(&self) -> Option<DateTime<Utc>> {
-        self.status
-            .intent
-            .as_ref()
-            .and_then(|i| parse_time(&i.recorded_at))
     }
 
     fn latest_succeeded(&self) -> Option<ActionFact> {

@@ -477,8 +477,23 @@ fn ambiguous_outcome_is_looked_up_by_marker_before_any_new_post() {
     let mut case = posted();
     case.facts.post = Some(PostOutcome::Failed(CallFailure::Ambiguous("reset".into())));
     let (mut case, plan) = case.settle();
-    assert!(matches!(plan.effect, Effect::Lookup { .. }));
+    // Not at once: a request the client gave up on may still be applied.
+    assert_eq!(plan.effect, Effect::None);
+    assert_eq!(plan.requeue, Some(Timing::default().ambiguous_settle));
+    assert_eq!(
+        reason(&plan, RECONCILING).as_deref(),
+        Some("OutcomeUnknown")
+    );
     assert!(case.status.intent.is_some());
+    let early = case.plan();
+    assert_eq!(
+        early.effect,
+        Effect::None,
+        "no lookup before the settle time"
+    );
+    case.now += chrono::Duration::from_std(Timing::default().ambiguous_settle).unwrap();
+    let plan = case.plan();
+    assert!(matches!(plan.effect, Effect::Lookup { .. }));
 
     // The lookup finds the action carrying our marker: adopt it, no second POST.
     let found = our_action(&case, ActionStatus::Pending);
@@ -488,6 +503,7 @@ fn ambiguous_outcome_is_looked_up_by_marker_before_any_new_post() {
     let plan = found_case.plan();
     assert_eq!(plan.effect, Effect::None);
     assert_eq!(plan.status.action.as_ref().unwrap().id, "ours");
+    assert!(plan.status.next_attempt_at.is_none());
 
     // The lookup proves it absent: POST again under the same marker.
     let marker = case.status.intent.clone().unwrap().marker;

@@ -217,6 +217,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let nudge = Arc::new(Notify::new());
     let timing = Timing {
         max_attempts: args.max_attempts,
+        // Twice the request timeout, plus the second status times are truncated to.
+        ambiguous_settle: Duration::from_secs(args.request_timeout_seconds * 2 + 1),
         ..scaled_timing(args.time_scale)
     };
     let recorder = Recorder::new(
@@ -392,6 +394,7 @@ pub fn scaled_timing(time_scale: f64) -> Timing {
         open_action_recheck: s(d.open_action_recheck),
         transient_retry: s(d.transient_retry),
         view_not_synced_retry: s(d.view_not_synced_retry),
+        ambiguous_settle: d.ambiguous_settle,
         credential_recheck: s(d.credential_recheck),
     }
 }
