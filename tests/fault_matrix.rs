@@ -710,7 +710,6 @@ fn failed_token_requests(calls: &[Value]) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: while the token endpoint answers 5xx every waiting reconcile makes its own token request (one per resource per transient-retry interval); no shared back-off"]
 async fn token_endpoint_outage_is_not_hammered() {
     const OUTAGE: Duration = Duration::from_millis(8500);
     let s = Scenario::start("token-hammer", &["--token-lifetime", "120"], &[]).await;
@@ -847,7 +846,6 @@ impl LateApplyProxy {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: after a POST times out the operator looks the action up at once and, not finding it yet, re-POSTs the same marker; a request applied late then makes two actions"]
 async fn request_applied_after_the_client_gave_up() {
     let c = cluster();
     c.install_crds().await;
@@ -917,7 +915,6 @@ async fn request_applied_after_the_client_gave_up() {
 /// The README: `Forbidden` "names the missing permission (`Machine.Isolate` to act,
 /// `Machine.Read.All` to read)". An app that may isolate but not read never gets there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: without Machine.Read.All the view never loads, so resources stay Reconciling/WaitingForMdeView instead of Stalled/Forbidden naming Machine.Read.All"]
 async fn missing_read_permission_stalls_as_forbidden() {
     let s = Scenario::start("no-read", &["--app-roles", "Machine.Isolate"], &[]).await;
     s.create(0..2).await;

@@ -485,7 +485,6 @@ async fn a_wrong_secret_stalls_without_showing_either_secret() {
 /// The README promises `Stalled AuthenticationFailed` ("check tenant id, client id and secret")
 /// when the credentials are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: with a wrong secret the view never loads, so resources stay Reconciling/WaitingForMdeView forever instead of Stalled/AuthenticationFailed"]
 async fn a_wrong_secret_stalls_as_authentication_failed() {
     run(RunCfg {
         label: "wrong-stall",

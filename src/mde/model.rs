@@ -181,7 +181,7 @@ impl<'de> Deserialize<'de> for ActionStatus {
 
 /// A machine action (`/api/machineactions`), reduced to the fields the operator uses.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "RawMachineAction", rename_all = "camelCase")]
+#[serde(try_from = "JsonObject", rename_all = "camelCase")]
 pub struct MachineAction {
     /// The action id (a GUID).
     pub id: String,
@@ -230,6 +230,24 @@ struct RawMachineAction {
     last_update_time_utc: Option<DateTime<Utc>>,
 }
 
+/// A JSON object. Entities deserialize through it so that a JSON array is refused: serde would
+/// otherwise read a struct from an array, field by field in declaration order.
+type JsonObject = serde_json::Map<String, Value>;
+
+impl TryFrom<JsonObject> for MachineAction {
+    type Error = serde_json::Error;
+    fn try_from(object: JsonObject) -> Result<Self, Self::Error> {
+        RawMachineAction::deserialize(Value::Object(object)).map(Self::from)
+    }
+}
+
+impl TryFrom<JsonObject> for Machine {
+    type Error = serde_json::Error;
+    fn try_from(object: JsonObject) -> Result<Self, Self::Error> {
+        RawMachine::deserialize(Value::Object(object)).map(Self::from)
+    }
+}
+
 impl From<RawMachineAction> for MachineAction {
     fn from(r: RawMachineAction) -> Self {
         MachineAction {
@@ -250,7 +268,7 @@ impl From<RawMachineAction> for MachineAction {
 
 /// A device (`/api/machines`), reduced to the fields the operator uses.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "RawMachine", rename_all = "camelCase")]
+#[serde(try_from = "JsonObject", rename_all = "camelCase")]
 pub struct Machine {
     /// The machine id (40 lowercase hex characters).
     pub id: String,
@@ -315,7 +333,9 @@ struct RawPage {
 impl<T: serde::de::DeserializeOwned> Page<T> {
     /// Parses a page; fails only if the envelope itself is not an object with a `value` array.
     pub(crate) fn parse(body: &[u8]) -> Result<Self, serde_json::Error> {
-        let raw: RawPage = serde_json::from_slice(body)?;
+        // Through an object, for the same reason as the entities: no page from an array.
+        let object: JsonObject = serde_json::from_slice(body)?;
+        let raw = RawPage::deserialize(Value::Object(object))?;
         let mut items = Vec::with_capacity(raw.value.len());
         let mut skipped = 0;
         for v in raw.value {
