@@ -53,6 +53,11 @@ pub struct RunArgs {
     #[arg(long, env = "MDE_CLOUD", value_enum, default_value = "commercial")]
     pub cloud: Cloud,
 
+    /// Regional host of the commercial cloud (us, eu, uk, au, swa, ina): faster, data stays in
+    /// the region. Ignored when --api-url is given.
+    #[arg(long, env = "MDE_REGION", value_enum)]
+    pub region: Option<crate::mde::cloud::Region>,
+
     /// MDE API base URL, overriding the cloud preset (regional hosts, the simulator).
     #[arg(long, env = "MDE_API_URL")]
     pub api_url: Option<Url>,

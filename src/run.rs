@@ -168,9 +168,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         .leader_election
         .then(|| lease_config(&args))
         .transpose()?;
+    let regional = match (&args.api_url, args.region) {
+        (None, Some(region)) => {
+            Some(crate::mde::cloud::regional_api_url(args.cloud, region).map_err(RunError::Mde)?)
+        }
+        _ => None,
+    };
     let endpoints = resolve_endpoints(
         args.cloud,
-        args.api_url.clone(),
+        args.api_url.clone().or(regional),
         args.authority.clone(),
         args.scope.clone(),
     );

@@ -71,6 +71,39 @@ fn parse_static(s: &str) -> Url {
     Url::parse(s).unwrap_or_else(|e| panic!("built-in URL {s} does not parse: {e}"))
 }
 
+/// A regional host of the commercial cloud (mde-api.md §1): calls stay in the region where the
+/// tenant's data lives and are answered faster. Tokens are the same as for the global host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Region {
+    /// United States.
+    Us,
+    /// Europe.
+    Eu,
+    /// United Kingdom.
+    Uk,
+    /// Australia.
+    Au,
+    /// Switzerland.
+    Swa,
+    /// India.
+    Ina,
+}
+
+impl Region {
+    /// The regional API base URL, e.g. `https://eu.api.security.microsoft.com`.
+    pub fn api_url(self) -> Url {
+        let host = match self {
+            Region::Us => "us",
+            Region::Eu => "eu",
+            Region::Uk => "uk",
+            Region::Au => "au",
+            Region::Swa => "swa",
+            Region::Ina => "ina",
+        };
+        parse_static(&format!("https://{host}.api.security.microsoft.com"))
+    }
+}
+
 /// Where the client sends its calls.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoints {
@@ -102,10 +135,36 @@ pub fn resolve_endpoints(
     }
 }
 
+/// The API URL of `region` for `cloud`; regional hosts exist only in the commercial cloud.
+pub fn regional_api_url(cloud: Cloud, region: Region) -> Result<Url, String> {
+    match cloud {
+        Cloud::Commercial => Ok(region.api_url()),
+        other => Err(format!(
+            "--region applies to the commercial cloud only, not {}",
+            other.as_str()
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::ValueEnum;
+
+    #[test]
+    fn regional_hosts_are_commercial_only_and_keep_the_global_scope() {
+        let eu = regional_api_url(Cloud::Commercial, Region::Eu).unwrap();
+        assert_eq!(eu.as_str(), "https://eu.api.security.microsoft.com/");
+        let e = resolve_endpoints(Cloud::Commercial, Some(eu), None, None);
+        assert_eq!(e.scope, "https://api.securitycenter.microsoft.com/.default");
+        assert_eq!(e.authority.as_str(), "https://login.microsoftonline.com/");
+        assert!(regional_api_url(Cloud::Gcc, Region::Us).is_err());
+        let names: Vec<String> = Region::value_variants()
+            .iter()
+            .map(|r| r.to_possible_value().unwrap().get_name().to_string())
+            .collect();
+        assert_eq!(names, ["us", "eu", "uk", "au", "swa", "ina"]);
+    }
 
     #[test]
     fn presets_match_the_documented_hosts() {
