@@ -350,8 +350,12 @@ mod tests {
             .collect();
         assert!(rules.contains(&"has(self.machineId) != has(self.deviceName)"));
         assert_eq!(spec["properties"]["isolationType"]["default"], "Full");
-        let status = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"];
-        assert_eq!(status["default"], serde_json::json!({"observedGeneration": 0}));
+        let status =
+            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"];
+        assert_eq!(
+            status["default"],
+            serde_json::json!({"observedGeneration": 0})
+        );
     }
 
     #[test]
