@@ -82,7 +82,7 @@ async fn memory_files_and_threads_stay_bounded_over_simulated_hours() {
         // Flip the desired state of every other resource: new actions, status and events.
         round += 1;
         for i in (0..N).step_by(2) {
-            let patch = json!({"spec": {"isolated": (i / 2 + round as usize) % 2 == 0}});
+            let patch = json!({"spec": {"isolated": (i / 2 + round as usize).is_multiple_of(2)}});
             api.patch(&format!("s{i:03}"), &pp, &Patch::Merge(&patch))
                 .await
                 .unwrap();
