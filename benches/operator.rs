@@ -76,6 +76,10 @@ const RESTART_WINDOW_SIM_SECS: f64 = 600.0;
 const LATENCY_SAMPLES: usize = 100;
 const LATENCY_SPACING: Duration = Duration::from_millis(150);
 
+/// Real time a restarted operator runs over the memory run's settled resources before its RSS is
+/// read: its first full reconcile pass and the first load of the tenant's actions happen in it.
+const RSS_IDLE_WAIT: Duration = Duration::from_secs(20);
+
 /// Where the results go.
 const JSON_OUT: &str = "docs/benchmarks.json";
 const MD_OUT: &str = "docs/benchmarks.md";
@@ -208,9 +212,15 @@ struct BurstMetrics {
     failing_posts_max: usize,
     /// machineactions reads (list + get) until everything settled.
     action_reads_until_settled: usize,
+    /// machineactions reads until every online and offline device's resource settled (the
+    /// failing devices' retries, which go on for about 20 simulated minutes more, left out).
+    action_reads_until_others_settled: Option<usize>,
     /// DeviceIsolation changes a watch saw until everything settled (creations and status
     /// writes), per resource.
     object_changes_per_resource: f64,
+    /// Memory run only: a new operator process over the settled resources, `RSS_IDLE_WAIT`
+    /// after its caches synced (the figures above are those of the process that did the work).
+    restarted_idle: Option<ProcUsage>,
     /// Online devices released, by the simulator's ground truth.
     online_released: usize,
     /// Offline and failing devices still isolated, by ground truth.
@@ -779,6 +789,12 @@ struct Tracker {
     settled_count: usize,
     /// When the last resource settled (cleared if one becomes unsettled again).
     all_settled_at: Option<DateTime<Utc>>,
+    /// Resources whose device fails every action: they settle only after all their retries.
+    failing: HashSet<String>,
+    /// Settled resources other than the failing ones.
+    others_settled: usize,
+    /// When every resource but the failing ones had settled (cleared like `all_settled_at`).
+    others_settled_at: Option<DateTime<Utc>>,
     /// Changes seen (creations and status writes).
     events: usize,
 }
@@ -788,16 +804,28 @@ impl Tracker {
         self.events += 1;
         let name = di.metadata.name.clone().unwrap_or_default();
         let now = is_settled(di, self.offline.contains(&name));
+        let failing = self.failing.contains(&name);
         let before = self.settled.insert(name, now).unwrap_or(false);
-        match (before, now) {
-            (false, true) => self.settled_count += 1,
-            (true, false) => self.settled_count -= 1,
-            _ => {}
+        let delta: isize = match (before, now) {
+            (false, true) => 1,
+            (true, false) => -1,
+            _ => 0,
+        };
+        self.settled_count = self.settled_count.saturating_add_signed(delta);
+        if !failing {
+            self.others_settled = self.others_settled.saturating_add_signed(delta);
         }
-        if self.settled_count >= self.expected && self.expected > 0 {
-            self.all_settled_at.get_or_insert_with(Utc::now);
-        } else {
-            self.all_settled_at = None;
+        let all = self.settled_count >= self.expected && self.expected > 0;
+        let others = self.others_settled >= self.expected - self.failing.len() && self.expected > 0;
+        for (done, at) in [
+            (all, &mut self.all_settled_at),
+            (others, &mut self.others_settled_at),
+        ] {
+            if done {
+                at.get_or_insert_with(Utc::now);
+            } else {
+                *at = None;
+            }
         }
     }
 }
@@ -829,6 +857,11 @@ fn track(
         offline: devices
             .iter()
             .filter(|d| d.behaviour == Behaviour::Offline)
+            .map(|d| d.name.clone())
+            .collect(),
+        failing: devices
+            .iter()
+            .filter(|d| d.behaviour == Behaviour::Failing)
             .map(|d| d.name.clone())
             .collect(),
         expected: devices.len(),
@@ -1217,11 +1250,41 @@ async fn burst(name: &'static str, mix: Mix) -> ScenarioResult {
         &until_settled,
     );
     burst.object_changes_per_resource = changes as f64 / n as f64;
+    let others_settled = bed
+        .tracker
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .others_settled_at
+        .map(|t| clock.sim_at(t));
+    burst.action_reads_until_others_settled = others_settled.map(|at| {
+        log.iter()
+            .filter(|c| c.is_action_read() && c.sim() <= at)
+            .count()
+    });
     let title = format!(
         "N = {n}: {} online, {} offline, {} failing",
         mix.online, mix.offline, mix.failing
     );
-    let (run, operator, notes) = bed.finish().await;
+    // For the memory run, also the steady state: a new process over the settled resources, so
+    // that the peak of the burst can be told apart from what merely holding them costs.
+    let burst_process = if name == "rss" {
+        let first = bed.op.kill();
+        bed.op.spawn();
+        if bed.op.wait_synced(2, Duration::from_secs(60)).await {
+            tokio::time::sleep(RSS_IDLE_WAIT).await;
+            burst.restarted_idle = bed.op.usage();
+        } else {
+            bed.notes
+                .push("restarted operator did not report synced caches within 60 s".into());
+        }
+        first
+    } else {
+        None
+    };
+    let (run, mut operator, notes) = bed.finish().await;
+    if let Some(first) = burst_process {
+        operator = first;
+    }
     ScenarioResult {
         name: name.into(),
         title,
@@ -1294,6 +1357,8 @@ fn burst_metrics(
         action_reads_until_settled: until_settled.iter().filter(|c| c.is_action_read()).count(),
         // Filled in by the caller, which holds the watch.
         object_changes_per_resource: 0.0,
+        action_reads_until_others_settled: None,
+        restarted_idle: None,
         online_released: devices
             .iter()
             .filter(|d| d.behaviour == Behaviour::Online && truth.get(&d.id) == Some(&false))
@@ -1771,8 +1836,18 @@ fn targets(r: &Report) -> Vec<Target> {
     }
     match find(r, "rss") {
         Some(s) => out.push(Target {
-            what: format!("peak RSS with {} resources", s.mix.total()),
-            measured: format!("{:.1} MiB", s.operator.peak_rss_mib),
+            what: format!(
+                "peak RSS with {} resources (the process that created their actions)",
+                s.mix.total()
+            ),
+            measured: format!(
+                "{:.1} MiB (a new process over them once settled: {})",
+                s.operator.peak_rss_mib,
+                s.burst.as_ref().and_then(|b| b.restarted_idle).map_or(
+                    "not measured".into(),
+                    |u| format!("{:.1} MiB", u.peak_rss_mib)
+                )
+            ),
             limit: "≤ 64 MiB".into(),
             pass: Some(s.operator.peak_rss_mib > 0.0 && s.operator.peak_rss_mib <= 64.0),
         }),
@@ -1957,6 +2032,13 @@ fn render(r: &Report) -> String {
                 }),
             ),
             (
+                "… until online/offline settled (failing retries left out)",
+                Box::new(|_, b| {
+                    b.action_reads_until_others_settled
+                        .map_or("—".into(), |r| r.to_string())
+                }),
+            ),
+            (
                 "DeviceIsolation changes per resource (creation + status writes)",
                 Box::new(|_, b| format!("{:.1}", b.object_changes_per_resource)),
             ),
@@ -1975,6 +2057,13 @@ fn render(r: &Report) -> String {
             (
                 "operator CPU seconds",
                 Box::new(|s, _| format!("{:.1}", s.operator.cpu_seconds)),
+            ),
+            (
+                "peak RSS after a restart over the settled resources (MiB)",
+                Box::new(|_, b| {
+                    b.restarted_idle
+                        .map_or("—".into(), |u| format!("{:.1}", u.peak_rss_mib))
+                }),
             ),
         ];
         for (label, f) in &rows {
@@ -2169,10 +2258,18 @@ fn render(r: &Report) -> String {
          gives the instant the last one settled.",
         "Peak RSS is the operator process's VmHWM and CPU is utime + stime, both from \
          `/proc/<pid>` just before it is killed; the restart scenario sums CPU over both \
-         processes and takes the larger peak.",
+         processes and takes the larger peak. The memory run (`rss`) reports the process that \
+         created the 5,000 actions, and separately a new process started over the settled \
+         resources and read 20 real seconds after its caches synced.",
+        "Machine-action reads are `GET /api/machineactions` calls (the batch poller's cycles and \
+         any per-machine lookups). \"Until settled\" includes the failing devices' retries, \
+         which keep young actions open for about 20 simulated minutes after the last first \
+         POST; the row below it stops when the online and offline devices had settled.",
         "The DeviceIsolations are created while the operator runs, 16 at once, as a GitOps sync \
-         of many manifests would. The time scale of each scenario is chosen so that creating the \
-         objects keeps ahead of the quota; the apply row shows how long it took.",
+         of many manifests would. The operator and the simulator share each scenario's time \
+         scale (shown with its figures), chosen so that creating the objects keeps ahead of the \
+         quota (the apply row shows how long it took) and so that the run takes minutes; the \
+         operator divides every window, interval and delay by it.",
         "Ground truth (`/sim/machines`) confirms the end state: online devices released, offline \
          and failing ones still isolated.",
     ] {
