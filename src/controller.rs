@@ -343,9 +343,14 @@ async fn reconcile_inner(di: &DeviceIsolation, ctx: &Context) -> Result<Action, 
                     let lock = ctx.machine_lock(&machine_id);
                     machine_guard = Some(lock.lock_owned().await);
                 }
-                // The intent reaches the API server before the POST leaves: crash safety.
-                write_status(ctx, di, &written, &status).await?;
-                written = status.clone();
+                // The intent reaches the API server before the POST leaves: crash safety. When it
+                // is already there (a request that waited for quota), nothing is written: a write
+                // that only flips the reason back and forth would wake this resource again and
+                // again while it waits.
+                if written.intent != status.intent {
+                    write_status(ctx, di, &written, &status).await?;
+                    written = status.clone();
+                }
                 let marker = status
                     .intent
                     .as_ref()

@@ -151,7 +151,9 @@ impl QuotaConfig {
             per_hour: scaled(Self::MDE_PER_HOUR),
             minute: Duration::from_secs_f64(60.0 / scale),
             hour: Duration::from_secs_f64(3600.0 / scale),
-            guard: Duration::from_secs_f64(1.0 / scale),
+            // At high time scales 1 s / scale is milliseconds of real time, less than scheduling
+            // jitter between the gate and the server: keep at least 50 ms.
+            guard: Duration::from_secs_f64(1.0 / scale).max(Duration::from_millis(50)),
         }
     }
 
@@ -1121,7 +1123,13 @@ mod tests {
         let c = QuotaConfig::from_budget(0.5, 60.0);
         assert_eq!((c.per_minute, c.per_hour), (50, 750));
         assert_eq!((c.minute, c.hour), (secs(1), secs(60)));
-        assert_eq!(c.guard, Duration::from_secs_f64(1.0 / 60.0));
+        assert_eq!(
+            c.guard,
+            Duration::from_millis(50),
+            "at least 50 ms of real time"
+        );
+        let c = QuotaConfig::from_budget(1.0, 10.0);
+        assert_eq!(c.guard, Duration::from_millis(100));
 
         let c = QuotaConfig::from_budget(0.29, 1.0);
         assert_eq!((c.per_minute, c.per_hour), (29, 435));

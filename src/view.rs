@@ -23,6 +23,8 @@ pub type ResourceKey = (String, String);
 
 #[derive(Default)]
 struct Inner {
+    /// When this process first saw each known action (its own monotonic clock).
+    first_seen: HashMap<String, std::time::Instant>,
     synced: bool,
     load_failure: Option<CallFailure>,
     by_machine: HashMap<String, Vec<ActionFact>>,
@@ -85,7 +87,12 @@ impl ActionView {
     {
         let mut inner = self.write();
         let mut changed = HashSet::new();
+        let seen_now = std::time::Instant::now();
         for (machine, action) in actions {
+            inner
+                .first_seen
+                .entry(action.id.clone())
+                .or_insert(seen_now);
             let list = inner.by_machine.entry(machine.clone()).or_default();
             match list.iter_mut().find(|a| a.id == action.id) {
                 Some(existing) if *existing == action => continue,
@@ -94,6 +101,17 @@ impl ActionView {
             }
             prune(list);
             changed.insert(machine);
+        }
+        if inner.first_seen.len() > 2 * inner.by_machine.values().map(Vec::len).sum::<usize>() + 64
+        {
+            // Forget first-seen times of pruned actions.
+            let kept: HashSet<String> = inner
+                .by_machine
+                .values()
+                .flatten()
+                .map(|a| a.id.clone())
+                .collect();
+            inner.first_seen.retain(|id, _| kept.contains(id));
         }
         changed
     }
@@ -113,14 +131,14 @@ impl ActionView {
 
     /// Age of the youngest open action at `now`, if any is open.
     pub fn youngest_open_age(&self, now: DateTime<Utc>) -> Option<Duration> {
-        self.read()
+        let inner = self.read();
+        inner
             .by_machine
             .values()
             .flatten()
             .filter(|a| !a.status.is_final())
-            .filter_map(|a| a.created_at)
-            .max()
-            .map(|created| (now - created).to_std().unwrap_or_default())
+            .map(|a| age(&inner, a, now))
+            .min()
     }
 
     /// Number of open actions and the age of the oldest, for metrics.
@@ -132,11 +150,7 @@ impl ActionView {
             .flatten()
             .filter(|a| !a.status.is_final())
             .collect();
-        let oldest = open
-            .iter()
-            .filter_map(|a| a.created_at)
-            .min()
-            .map(|c| (now - c).to_std().unwrap_or_default());
+        let oldest = open.iter().map(|a| age(&inner, a, now)).max();
         (open.len(), oldest)
     }
 
@@ -197,6 +211,21 @@ impl ActionView {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// An action's age: from MDE's creation time when that lies in the past of this clock, else
+/// from when this process first saw it. The fallback covers clock skew and `mde-sim`'s time
+/// scale, whose clock runs ahead of real time (and whose ages the scaled poll timings expect in
+/// real time).
+fn age(inner: &Inner, action: &ActionFact, now: DateTime<Utc>) -> Duration {
+    match action.created_at.map(|c| now - c) {
+        Some(d) if d >= chrono::Duration::zero() => d.to_std().unwrap_or_default(),
+        _ => inner
+            .first_seen
+            .get(&action.id)
+            .map(|t| t.elapsed())
+            .unwrap_or_default(),
     }
 }
 
@@ -312,5 +341,24 @@ mod tests {
         assert!(view.watchers_of([&"m1".to_string()]).is_empty());
         view.unwatch(&r);
         assert!(view.watchers_of([&"m2".to_string()]).is_empty());
+    }
+
+    #[test]
+    fn ages_come_from_mde_times_or_from_first_sight_when_mde_runs_ahead() {
+        let view = ActionView::new();
+        let now = Utc::now();
+        let mut old = fact("old", ActionStatus::Pending, 0);
+        old.created_at = Some(now - chrono::Duration::hours(1));
+        view.upsert([("m1".to_string(), old)]);
+        let age = view.youngest_open_age(now).unwrap();
+        assert!(age >= Duration::from_secs(3599), "{age:?}");
+        // A simulator at a time scale stamps actions ahead of this clock: age from first sight.
+        let mut ahead = fact("ahead", ActionStatus::Pending, 0);
+        ahead.created_at = Some(now + chrono::Duration::hours(5));
+        view.upsert([("m2".to_string(), ahead)]);
+        assert!(view.youngest_open_age(now).unwrap() < Duration::from_secs(5));
+        let (open, oldest) = view.open_summary(now);
+        assert_eq!(open, 2);
+        assert!(oldest.unwrap() >= Duration::from_secs(3599));
     }
 }
