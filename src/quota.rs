@@ -228,6 +228,10 @@ struct ApiState {
     /// Key → `seq` of its pending reservation.
     keys: HashMap<String, u64>,
     paused_until: Option<Instant>,
+    /// After a 429, MDE's real limit is below the budget (other tools share it): once the pause
+    /// ends only one probe call goes, and the rest wait until MDE answers it without a 429.
+    /// `Some(false)`: probing, the probe not sent yet; `Some(true)`: the probe is out.
+    probing: Option<bool>,
     next_seq: u64,
 }
 
@@ -475,7 +479,15 @@ impl QuotaGate {
         self.with_state(api, |st| {
             let now = st.calls.back().map_or(now, |&last| now.max(last));
             st.prune(now, keep, grace);
-            st.reserve(key, priority, now, &windows)
+            if st.probing == Some(true) {
+                // The probe is out: wait a little for its answer rather than pile on.
+                return Admission::WaitUntil(now + windows[0].span / 20);
+            }
+            let answer = st.reserve(key, priority, now, &windows);
+            if answer == Admission::Admit && st.probing == Some(false) {
+                st.probing = Some(true);
+            }
+            answer
         })
     }
 
@@ -485,8 +497,15 @@ impl QuotaGate {
         let windows = self.windows;
         self.with_state(api, |st| {
             st.paused_until = Some(st.paused_until.map_or(until, |p| p.max(until)));
+            st.probing = Some(false);
             st.recompute(&windows);
         });
+    }
+
+    /// MDE answered a call to `api` without a 429: probing after a pause is over, the full
+    /// budget applies again.
+    pub fn record_answer(&self, api: Api) {
+        self.with_state(api, |st| st.probing = None);
     }
 
     /// Drop `key`'s reservation for `api`, if any (e.g. its resource was deleted).
@@ -968,6 +987,8 @@ mod tests {
             Admission::Admit
         );
         assert_eq!(gate.reserve(Api::Unisolate, "b", until), Admission::Admit);
+        // "b" is the probe after the 429; once MDE answers it, the budget applies again.
+        gate.record_answer(Api::Unisolate);
         assert_eq!(gate.reserve(Api::Unisolate, "c", until), Admission::Admit);
 
         // A pause arriving after a reservation was handed out moves it.
@@ -1213,5 +1234,27 @@ mod tests {
         let mut all = vec![t0, t0];
         all.extend(admitted);
         assert!(max_in_window(&all, secs(61)) <= 2);
+    }
+
+    #[test]
+    fn after_a_429_one_probe_goes_and_the_rest_wait_for_its_answer() {
+        let gate = QuotaGate::new(small(100, 1500));
+        let api = Api::Unisolate;
+        let t0 = Instant::now();
+        gate.pause_until(api, t0 + secs(10));
+        let at = t0 + secs(10);
+        assert_eq!(gate.reserve(api, "probe", at), Admission::Admit);
+        // Budget is plenty, but the probe's answer is not in yet.
+        assert!(matches!(
+            gate.reserve(api, "b", at),
+            Admission::WaitUntil(_)
+        ));
+        assert!(matches!(
+            gate.reserve(api, "c", at),
+            Admission::WaitUntil(_)
+        ));
+        gate.record_answer(api);
+        assert_eq!(gate.reserve(api, "b", at), Admission::Admit);
+        assert_eq!(gate.reserve(api, "c", at), Admission::Admit);
     }
 }

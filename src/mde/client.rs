@@ -486,6 +486,10 @@ impl MdeClient {
         };
         let status = resp.status().as_u16();
         let pause = (status == 429).then(|| retry_after(resp.headers(), self.inner.time_scale));
+        if pause.is_none() {
+            // MDE answered without throttling: a probe after a 429 succeeded.
+            self.inner.gate.record_answer(api);
+        }
         if let Some(wait) = pause {
             // Pause before reading the body so concurrent callers stop as early as possible.
             self.inner.gate.pause_until(api, Instant::now() + wait);
