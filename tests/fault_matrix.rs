@@ -627,6 +627,27 @@ fn throttle_episodes(calls: &[Value], api: &str, per_minute: usize) -> Vec<usize
     episodes
 }
 
+/// The 429 storm with the checks every fault gets: all converge, one action per machine, no
+/// panic, and a truthful condition (RateLimited seen) while it lasts. How many 429s each pause
+/// ends with is the stricter test below.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_storm_converges_with_truthful_conditions() {
+    let s = Scenario::start("storm-429-converge", &[], &[]).await;
+    let m = s.monitor();
+    m.fault(true);
+    s.sim
+        .admin_post("settings", json!({"quotaPerMinute": 5}))
+        .await;
+    s.create(0..N).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    s.sim
+        .admin_post("settings", json!({"quotaPerMinute": 100}))
+        .await;
+    m.fault(false);
+    let r = s.finish(m, &["RateLimited"]).await;
+    assert!(r.throttled > 0, "the storm produced no 429");
+}
+
 #[ignore = "BUG: when MDE's real limit is below the budget (other SOC tools share it), each Retry-After pause ends in a burst of 429s (4-13 per episode): the gate returns to the full budget after one probe; needs an adaptive budget (see the stop-8 note)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_storm_pauses_instead_of_hammering() {
