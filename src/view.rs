@@ -214,19 +214,23 @@ impl ActionView {
     }
 }
 
-/// An action's age: from MDE's creation time when that lies in the past of this clock, else
-/// from when this process first saw it. The fallback covers clock skew and `mde-sim`'s time
-/// scale, whose clock runs ahead of real time (and whose ages the scaled poll timings expect in
-/// real time).
+/// An action's age: the larger of its age by MDE's creation time and the time since this process
+/// first saw it. Each alone misleads: MDE's stamp is wrong under clock skew and under `mde-sim`'s
+/// time scale (whose clock runs ahead, so real time catches up with a stamp long after the action
+/// was created and the action would look brand new again), and the first sight makes every action
+/// look young after a restart. The larger one is never too young, which is the error that costs
+/// reads.
 fn age(inner: &Inner, action: &ActionFact, now: DateTime<Utc>) -> Duration {
-    match action.created_at.map(|c| now - c) {
-        Some(d) if d >= chrono::Duration::zero() => d.to_std().unwrap_or_default(),
-        _ => inner
-            .first_seen
-            .get(&action.id)
-            .map(|t| t.elapsed())
-            .unwrap_or_default(),
-    }
+    let by_stamp = action
+        .created_at
+        .and_then(|c| (now - c).to_std().ok())
+        .unwrap_or_default();
+    let by_sight = inner
+        .first_seen
+        .get(&action.id)
+        .map(|t| t.elapsed())
+        .unwrap_or_default();
+    by_stamp.max(by_sight)
 }
 
 /// The planner's view of an MDE action with its machine id; `None` for other action types or an
@@ -344,7 +348,7 @@ mod tests {
     }
 
     #[test]
-    fn ages_come_from_mde_times_or_from_first_sight_when_mde_runs_ahead() {
+    fn ages_are_the_larger_of_mde_stamp_and_first_sight() {
         let view = ActionView::new();
         let now = Utc::now();
         let mut old = fact("old", ActionStatus::Pending, 0);
@@ -360,5 +364,20 @@ mod tests {
         let (open, oldest) = view.open_summary(now);
         assert_eq!(open, 2);
         assert!(oldest.unwrap() >= Duration::from_secs(3599));
+    }
+
+    #[test]
+    fn an_action_stamped_ahead_does_not_look_new_again_when_this_clock_catches_up() {
+        // mde-sim at a time scale stamps an action hours ahead; later this clock passes the stamp,
+        // and by the stamp alone the action would be a few milliseconds old (and be polled fast).
+        let view = ActionView::new();
+        let stamp = Utc::now() + chrono::Duration::hours(5);
+        let mut ahead = fact("ahead", ActionStatus::Pending, 0);
+        ahead.created_at = Some(stamp);
+        view.upsert([("m1".to_string(), ahead)]);
+        std::thread::sleep(Duration::from_millis(30));
+        let caught_up = stamp + chrono::Duration::milliseconds(1);
+        let age = view.youngest_open_age(caught_up).unwrap();
+        assert!(age >= Duration::from_millis(30), "{age:?}");
     }
 }
