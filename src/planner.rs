@@ -343,6 +343,22 @@ const STICKY_STALLS: &[&str] = &[
     "RetriesExhausted",
 ];
 
+/// `t` rounded up to the next multiple of `step` since the Unix epoch (`t` itself when `step` is
+/// zero or `t` lies on the grid). Retry times are aligned this way so that resources whose actions
+/// failed at about the same time retry at the same instant, and one poll sees all their new
+/// actions: the delay grows by at most `step` (half the backoff), and the batch poller's reads do
+/// not multiply with the number of failing devices.
+pub fn align_up(t: DateTime<Utc>, step: Duration) -> DateTime<Utc> {
+    let step_ms = step.as_millis() as i64;
+    if step_ms <= 0 {
+        return t;
+    }
+    let ms = t.timestamp_millis();
+    let aligned = ms.div_euclid(step_ms) * step_ms;
+    let up = if aligned == ms { ms } else { aligned + step_ms };
+    DateTime::from_timestamp_millis(up).unwrap_or(t)
+}
+
 /// Formats a time the way status stores it.
 pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
@@ -881,7 +897,10 @@ impl<'a> Planner<'a> {
                     .backoff_base
                     .saturating_mul(1u32 << (attempts.saturating_sub(1)).min(16))
                     .min(t.backoff_max);
-                let due = self.input.now + chrono::Duration::from_std(exp).unwrap_or_default();
+                let due = align_up(
+                    self.input.now + chrono::Duration::from_std(exp).unwrap_or_default(),
+                    exp / 2,
+                );
                 self.status.next_attempt_at = Some(rfc3339(due));
                 due
             }

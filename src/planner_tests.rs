@@ -590,6 +590,39 @@ fn failed_action_schedules_a_persisted_backoff_then_retries_under_a_new_marker()
 }
 
 #[test]
+fn failures_seen_close_together_retry_at_the_same_instant() {
+    // Backoff 60 s, aligned up to a 30 s grid: failures seen 5 s and 20 s past a minute both
+    // retry 90 s past it, so one poll follows both new actions.
+    let due_after = |seen: chrono::Duration| {
+        let mut case = tracking(ActionStatus::Failed);
+        case.now = t(12) + seen;
+        let plan = case.plan();
+        assert_eq!(plan.status.failed_attempts, 1);
+        plan.status.next_attempt_at.unwrap()
+    };
+    let early = due_after(chrono::Duration::seconds(5));
+    let late = due_after(chrono::Duration::seconds(20));
+    assert_eq!(early, late);
+    assert_eq!(early, rfc3339(t(13) + chrono::Duration::seconds(30)));
+    // Never earlier than the backoff, never more than half of it later.
+    assert_eq!(due_after(chrono::Duration::seconds(31)), rfc3339(t(14)));
+}
+
+#[test]
+fn align_up_rounds_to_the_grid_and_keeps_times_on_it() {
+    let step = Duration::from_secs(30);
+    assert_eq!(align_up(t(1), step), t(1));
+    assert_eq!(
+        align_up(t(1) + chrono::Duration::milliseconds(1), step),
+        t(1) + chrono::Duration::seconds(30)
+    );
+    assert_eq!(
+        align_up(t(1) + chrono::Duration::seconds(7), Duration::ZERO),
+        t(1) + chrono::Duration::seconds(7)
+    );
+}
+
+#[test]
 fn timeouts_up_to_the_limit_stall_with_retries_exhausted() {
     let mut case = tracking(ActionStatus::TimeOut);
     case.status.failed_attempts = Timing::default().max_attempts - 1;
