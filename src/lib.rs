@@ -7,6 +7,7 @@
 //! with a few batched reads per cycle, whatever the number of resources.
 
 pub mod audit;
+pub mod cache;
 pub mod conditions;
 pub mod config;
 pub mod controller;

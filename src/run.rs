@@ -21,6 +21,7 @@ use kube::runtime::watcher;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::cache;
 use crate::config::{CLIENT_SECRET_ENV, RunArgs};
 use crate::controller::{self, Context};
 use crate::crd::DeviceIsolation;
@@ -268,7 +269,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             }
         }
         let wakeups = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        let mut controller = Controller::new(api, watcher::Config::default())
+        let (store, changes) = cache::slim_watch(api, watcher::Config::default());
+        let mut controller = Controller::for_stream(changes, store)
             .with_config(ControllerConfig::default().concurrency(args.concurrency))
             .reconcile_on(wakeups)
             .graceful_shutdown_on(shutdown.clone().cancelled_owned());
