@@ -383,8 +383,8 @@ fn time_scale(scenario: &str) -> f64 {
     }
     match scenario {
         "latency" | "n100" => 60.0,
-        "n1000" => 30.0,
-        "n3000" => 60.0,
+        "n1000" => 10.0,
+        "n3000" => 20.0,
         _ => 120.0,
     }
 }
