@@ -23,7 +23,7 @@ use crate::planner::{
     self, CallFailure, DeviceCandidate, Effect, Facts, Lookup, PostOutcome, Resolution, Sibling,
     Timing,
 };
-use crate::quota::Api as QuotaApi;
+use crate::quota::{Api as QuotaApi, Priority};
 use crate::resolver::DeviceResolver;
 use crate::view::{ActionView, fact_of};
 
@@ -343,19 +343,44 @@ async fn reconcile_inner(di: &DeviceIsolation, ctx: &Context) -> Result<Action, 
                     let lock = ctx.machine_lock(&machine_id);
                     machine_guard = Some(lock.lock_owned().await);
                 }
-                // The intent reaches the API server before the POST leaves: crash safety. When it
-                // is already there (a request that waited for quota), nothing is written: a write
-                // that only flips the reason back and forth would wake this resource again and
-                // again while it waits.
-                if written.intent != status.intent {
-                    write_status(ctx, di, &written, &status).await?;
-                    written = status.clone();
-                }
+                let api = match kind {
+                    planner::ActionKind::Unisolate => QuotaApi::Unisolate,
+                    planner::ActionKind::Isolate => QuotaApi::Isolate,
+                };
                 let marker = status
                     .intent
                     .as_ref()
                     .map(|i| i.marker.clone())
                     .unwrap_or_default();
+                // A retry (its earlier action failed) waits behind every first attempt, so that
+                // a few failing devices do not delay the rest of a burst.
+                let attempt = status.intent.as_ref().map_or(1, |i| i.attempt);
+                ctx.mde.gate().set_priority(
+                    &key,
+                    if attempt > 1 {
+                        Priority::Low
+                    } else {
+                        Priority::Normal
+                    },
+                );
+                // The intent reaches the API server before the POST leaves: crash safety. When it
+                // is already there (a request that waited for quota), nothing is written: a write
+                // that only flips the reason back and forth would wake this resource again and
+                // again while it waits. When the request would only wait, its slot is held and the
+                // intent is written once, together with the reason it waits: one write per
+                // resource instead of two while a burst is queued.
+                if written.intent != status.intent {
+                    if let Some(slot) = ctx.mde.gate().hold(api, &key, tokio::time::Instant::now())
+                    {
+                        let wait = slot.saturating_duration_since(tokio::time::Instant::now());
+                        ctx.metrics.quota_waited(api, wait);
+                        ctx.set_unsent(&marker, true);
+                        facts.post = Some(PostOutcome::Failed(CallFailure::QuotaWait(wait)));
+                        continue;
+                    }
+                    write_status(ctx, di, &written, &status).await?;
+                    written = status.clone();
+                }
                 let result = match kind {
                     planner::ActionKind::Unisolate => {
                         ctx.mde.unisolate(&machine_id, &comment, &key).await
@@ -379,10 +404,6 @@ async fn reconcile_inner(di: &DeviceIsolation, ctx: &Context) -> Result<Action, 
                         }
                     }
                     Err(e) => {
-                        let api = match kind {
-                            planner::ActionKind::Unisolate => QuotaApi::Unisolate,
-                            planner::ActionKind::Isolate => QuotaApi::Isolate,
-                        };
                         let failure = to_failure(ctx, api, &e);
                         let certainly_unsent = !matches!(failure, CallFailure::Ambiguous(_));
                         ctx.set_unsent(&marker, certainly_unsent);

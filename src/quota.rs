@@ -184,10 +184,11 @@ impl QuotaConfig {
 pub enum Priority {
     /// Status of young actions: what users are watching right now.
     High,
-    /// Per-resource lookups before a request (the default).
+    /// Per-resource lookups and first attempts of requests (the default).
     #[default]
     Normal,
-    /// Background reads such as drift checks.
+    /// Background work: drift checks, and requests retried after their action failed, which go
+    /// after every first attempt still waiting.
     Low,
 }
 
@@ -331,6 +332,7 @@ impl ApiState {
         priority: Priority,
         now: Instant,
         windows: &[Window],
+        record: bool,
     ) -> Admission {
         if let Some(idx) = self.position(key) {
             let slot = self.pending[idx].slot;
@@ -339,6 +341,9 @@ impl ApiState {
                 return Admission::WaitUntil(slot);
             }
             if self.fits(now, windows) {
+                if !record {
+                    return Admission::Admit;
+                }
                 self.remove_at(idx);
                 self.record(now);
                 self.recompute(windows);
@@ -371,6 +376,9 @@ impl ApiState {
         }
         let slot = self.earliest(at, lower, windows);
         if at == self.pending.len() && slot <= now && self.fits(now, windows) {
+            if !record {
+                return Admission::Admit;
+            }
             self.record(now);
             // Reservations whose callers are late now sit before the last call: move them behind it.
             self.recompute(windows);
@@ -439,11 +447,15 @@ impl QuotaGate {
     }
 
     /// Puts every future reservation of `key` in `priority`'s class (e.g. the batch poller's keys).
+    /// [`Priority::Normal`] is the default and is not stored, so per-resource keys set back to it
+    /// leave nothing behind.
     pub fn set_priority(&self, key: &str, priority: Priority) {
-        self.priorities
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.to_owned(), priority);
+        let mut map = self.priorities.lock().unwrap_or_else(|e| e.into_inner());
+        if priority == Priority::Normal {
+            map.remove(key);
+        } else {
+            map.insert(key.to_owned(), priority);
+        }
     }
 
     fn priority_of(&self, key: &str) -> Priority {
@@ -483,11 +495,32 @@ impl QuotaGate {
                 // The probe is out: wait a little for its answer rather than pile on.
                 return Admission::WaitUntil(now + windows[0].span / 20);
             }
-            let answer = st.reserve(key, priority, now, &windows);
+            let answer = st.reserve(key, priority, now, &windows, true);
             if answer == Admission::Admit && st.probing == Some(false) {
                 st.probing = Some(true);
             }
             answer
+        })
+    }
+
+    /// Like [`reserve`](Self::reserve), but a call that could go now is neither counted nor
+    /// held: `None` means "it could go now", `Some(slot)` holds `slot` for `key` exactly as
+    /// `reserve`'s [`Admission::WaitUntil`] does. Lets a caller that must persist something
+    /// before sending (the intent of a POST) skip that write while it would only wait, and
+    /// make it once, together with the reason it waits.
+    pub fn hold(&self, api: Api, key: &str, now: Instant) -> Option<Instant> {
+        let (windows, keep, grace) = (self.windows, self.keep, self.grace);
+        let priority = self.priority_of(key);
+        self.with_state(api, |st| {
+            let now = st.calls.back().map_or(now, |&last| now.max(last));
+            st.prune(now, keep, grace);
+            if st.probing == Some(true) {
+                return Some(now + windows[0].span / 20);
+            }
+            match st.reserve(key, priority, now, &windows, false) {
+                Admission::Admit => None,
+                Admission::WaitUntil(slot) => Some(slot),
+            }
         })
     }
 
@@ -833,6 +866,57 @@ mod tests {
         assert_windows(&cfg, &sim);
         // 7 per (3600 + 1) s.
         assert_eq!(sim.admissions.len(), 4 * 7);
+    }
+
+    #[test]
+    fn hold_counts_nothing_when_the_call_could_go_and_holds_a_slot_when_it_must_wait() {
+        let gate = QuotaGate::new(small(1, 100));
+        let t0 = Instant::now();
+        // Free quota: nothing counted, nothing held; the real call is admitted afterwards.
+        assert_eq!(gate.hold(Api::Isolate, "a", t0), None);
+        assert_eq!(gate.remaining(Api::Isolate, t0), (1, 100));
+        assert_eq!(gate.pending(Api::Isolate), 0);
+        assert_eq!(gate.reserve(Api::Isolate, "a", t0), Admission::Admit);
+        // Full: b's slot is held exactly as reserve would hold it, and c lines up behind it.
+        let slot_b = t0 + secs(61);
+        assert_eq!(gate.hold(Api::Isolate, "b", t0), Some(slot_b));
+        assert_eq!(gate.pending(Api::Isolate), 1);
+        assert_eq!(
+            gate.reserve(Api::Isolate, "c", t0),
+            Admission::WaitUntil(slot_b + secs(61))
+        );
+        // At its slot b may go: hold says so without taking it, reserve admits.
+        assert_eq!(gate.hold(Api::Isolate, "b", slot_b), None);
+        assert_eq!(gate.pending(Api::Isolate), 2);
+        assert_eq!(gate.reserve(Api::Isolate, "b", slot_b), Admission::Admit);
+        assert_eq!(gate.pending(Api::Isolate), 1);
+    }
+
+    #[test]
+    fn retries_in_the_low_class_go_after_every_first_attempt_waiting() {
+        let gate = QuotaGate::new(small(1, 100));
+        let t0 = Instant::now();
+        assert_eq!(
+            gate.reserve(Api::Unisolate, "first-1", t0),
+            Admission::Admit
+        );
+        gate.set_priority("retry", Priority::Low);
+        let retry_slot = match gate.reserve(Api::Unisolate, "retry", t0) {
+            Admission::WaitUntil(s) => s,
+            other => panic!("{other:?}"),
+        };
+        // A first attempt arriving later still goes first; the retry moves behind it.
+        assert_eq!(
+            gate.reserve(Api::Unisolate, "first-2", t0 + secs(1)),
+            Admission::WaitUntil(retry_slot)
+        );
+        assert_eq!(
+            gate.reserve(Api::Unisolate, "retry", t0 + secs(2)),
+            Admission::WaitUntil(retry_slot + secs(61))
+        );
+        // Back to Normal leaves no entry behind.
+        gate.set_priority("retry", Priority::Normal);
+        assert!(gate.priorities.lock().unwrap().is_empty());
     }
 
     #[test]
