@@ -11,6 +11,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// How a device is isolated (the `IsolationType` of an isolate request).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -319,9 +320,13 @@ pub(crate) struct Page<T> {
     pub skipped: usize,
 }
 
+/// The envelope as it arrives: each item stays unparsed JSON text borrowed from the body, so a page
+/// of thousands of actions is never held as a tree of JSON values (that tree, not the actions,
+/// was most of the operator's peak memory when it loaded a large tenant).
 #[derive(Deserialize)]
-struct RawPage {
-    value: Vec<Value>,
+struct RawPage<'a> {
+    #[serde(borrow)]
+    value: Vec<&'a RawValue>,
     #[serde(
         rename = "@odata.nextLink",
         default,
@@ -333,13 +338,17 @@ struct RawPage {
 impl<T: serde::de::DeserializeOwned> Page<T> {
     /// Parses a page; fails only if the envelope itself is not an object with a `value` array.
     pub(crate) fn parse(body: &[u8]) -> Result<Self, serde_json::Error> {
-        // Through an object, for the same reason as the entities: no page from an array.
-        let object: JsonObject = serde_json::from_slice(body)?;
-        let raw = RawPage::deserialize(Value::Object(object))?;
+        // Only an object is a page: a derived struct would also accept an array of fields.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(serde::de::Error::custom(
+                "an OData page must be a JSON object",
+            ));
+        }
+        let raw: RawPage = serde_json::from_slice(body)?;
         let mut items = Vec::with_capacity(raw.value.len());
         let mut skipped = 0;
         for v in raw.value {
-            match T::deserialize(v) {
+            match serde_json::from_str::<T>(v.get()) {
                 Ok(item) => items.push(item),
                 Err(e) => {
                     skipped += 1;
@@ -667,6 +676,15 @@ mod tests {
         assert!(page.items.is_empty() && page.next_link.is_none());
         assert!(Page::<MachineAction>::parse(br#"{"error":{}}"#).is_err());
         assert!(Page::<MachineAction>::parse(b"<html>").is_err());
+        // An array is no page, even one shaped like the envelope's fields in order.
+        assert!(Page::<MachineAction>::parse(br#"[[{"id":"a","type":"Isolate"}], null]"#).is_err());
+        // Items with escapes and an array item among objects: the good ones still parse.
+        let page: Page<MachineAction> = Page::parse(
+            br#" {"value":[{"id":"a\"q","type":"Isolate","requestorComment":"caf\u00e9"},["x"]]}"#,
+        )
+        .unwrap();
+        assert_eq!((page.items.len(), page.skipped), (1, 1));
+        assert_eq!(page.items[0].id, "a\"q");
     }
 
     #[test]
