@@ -9,12 +9,12 @@ use std::time::Duration;
 use chrono::Utc;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 use tokio::sync::Notify;
 
 use crate::crd::{DeviceIsolation, DeviceIsolationStatus};
+use crate::events::{EventKind, EventPublisher};
 use crate::mde::client::MdeClient;
 use crate::mde::error::{ErrorClass, MdeError};
 use crate::mde::odata::{Filter, ListQuery};
@@ -55,8 +55,8 @@ pub struct Context {
     pub view: Arc<ActionView>,
     /// Watch caches of all watched namespaces, for conflict detection across them.
     pub stores: Mutex<Vec<Store<DeviceIsolation>>>,
-    /// Event recorder.
-    pub recorder: Recorder,
+    /// Event publisher.
+    pub events: EventPublisher,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Retry timings.
@@ -88,7 +88,7 @@ impl Context {
         kube: kube::Client,
         mde: MdeClient,
         view: Arc<ActionView>,
-        recorder: Recorder,
+        events: EventPublisher,
         metrics: Arc<Metrics>,
         timing: Timing,
         dry_run: bool,
@@ -102,7 +102,7 @@ impl Context {
             mde,
             view,
             stores: Mutex::new(Vec::new()),
-            recorder,
+            events,
             metrics,
             timing,
             dry_run,
@@ -521,20 +521,22 @@ async fn write_status(
 }
 
 async fn publish_events(ctx: &Context, di: &DeviceIsolation, notes: &[planner::EventNote]) {
+    if notes.is_empty() {
+        return;
+    }
+    let regarding = di.object_ref(&());
     for note in notes {
-        let event = Event {
-            type_: if note.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: note.reason.clone(),
-            note: Some(note.note.clone()),
-            action: "Reconcile".into(),
-            secondary: None,
+        let kind = if note.warning {
+            EventKind::Warning
+        } else {
+            EventKind::Normal
         };
         // An event that cannot be published must not fail the reconcile; status holds the truth.
-        if let Err(e) = ctx.recorder.publish(&event, &di.object_ref(&())).await {
+        if let Err(e) = ctx
+            .events
+            .publish(&regarding, kind, &note.reason, &note.note, "Reconcile")
+            .await
+        {
             tracing::warn!(error = %e, reason = %note.reason, "could not publish event");
         }
     }

@@ -12,6 +12,7 @@ pub mod conditions;
 pub mod config;
 pub mod controller;
 pub mod crd;
+pub mod events;
 pub mod http;
 pub mod leader;
 pub mod mde;

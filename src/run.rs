@@ -15,7 +15,6 @@ use futures::future::join_all;
 use futures::{Stream, StreamExt};
 use kube::api::Api;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use tokio::sync::{Notify, mpsc, watch};
@@ -25,6 +24,7 @@ use crate::cache;
 use crate::config::{CLIENT_SECRET_ENV, RunArgs};
 use crate::controller::{self, Context};
 use crate::crd::DeviceIsolation;
+use crate::events::EventPublisher;
 use crate::http::{self, Health};
 use crate::leader::{self, Election, LeaseConfig, LeaseTiming, Role};
 use crate::mde::client::{MdeClient, MdeClientConfig};
@@ -228,18 +228,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         ambiguous_settle: Duration::from_secs(args.request_timeout_seconds * 2 + 1),
         ..scaled_timing(args.time_scale)
     };
-    let recorder = Recorder::new(
+    let events = EventPublisher::new(
         kube.clone(),
-        Reporter {
-            controller: controller::FIELD_MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok(),
-        },
+        controller::FIELD_MANAGER,
+        std::env::var("POD_NAME").ok(),
     );
     let ctx = Arc::new(Context::new(
         kube.clone(),
         mde.clone(),
         view.clone(),
-        recorder,
+        events,
         metrics.clone(),
         timing,
         args.dry_run,
