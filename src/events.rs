@@ -74,10 +74,9 @@ impl EventPublisher {
         Event {
             metadata: ObjectMeta {
                 namespace: regarding.namespace.clone(),
-                // The API server appends a random suffix: names never collide.
-                generate_name: Some(format!(
-                    "{}.",
-                    regarding.name.as_deref().unwrap_or(&self.controller)
+                name: Some(event_name(
+                    regarding.name.as_deref().unwrap_or(&self.controller),
+                    now,
                 )),
                 ..ObjectMeta::default()
             },
@@ -98,6 +97,17 @@ impl EventPublisher {
             ..Event::default()
         }
     }
+}
+
+/// `{object}.{nanoseconds since the epoch, hex}`, the form kubectl and client-go use, within the
+/// 253 characters a name may have. (A `generateName` would have to end in an alphanumeric
+/// character, which makes the generated names harder to read.)
+fn event_name(object: &str, now: Timestamp) -> String {
+    format!(
+        "{}.{:x}",
+        truncate(object, 253 - 1 - 32),
+        now.as_nanosecond()
+    )
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
@@ -142,7 +152,7 @@ mod tests {
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(e.metadata.namespace.as_deref(), Some("soc"));
-        assert_eq!(e.metadata.generate_name.as_deref(), Some("laptop-042."));
+        assert_eq!(e.metadata.name.as_deref(), Some("laptop-042.0"));
         assert_eq!(e.type_.as_deref(), Some("Warning"));
         assert_eq!(e.reason.as_deref(), Some("ActionFailed"));
         assert_eq!(e.note.as_deref(), Some("attempt 2 failed"));
@@ -152,6 +162,15 @@ mod tests {
             Some("mde-isolation-operator")
         );
         assert!(e.series.is_none());
+    }
+
+    #[test]
+    fn event_names_are_unique_per_instant_and_fit_the_limit() {
+        let a = event_name("x", Timestamp::from_second(1).unwrap());
+        let b = event_name("x", Timestamp::from_second(2).unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a, "x.3b9aca00");
+        assert!(event_name(&"n".repeat(253), Timestamp::now()).len() <= 253);
     }
 
     #[test]
