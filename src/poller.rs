@@ -48,8 +48,12 @@ pub struct PollTiming {
     pub idle: Duration,
     /// Actions younger than this come back whatever their status.
     pub young_window: Duration,
-    /// Overlap between consecutive "created since" windows (clock skew, slow writes).
+    /// Overlap between consecutive "created since" windows (slow writes on MDE's side).
     pub overlap: Duration,
+    /// How many of MDE's seconds pass in one of this clock's: 1 against MDE, the time scale
+    /// against `mde-sim`. The "created since" bound is computed on MDE's clock (from its own
+    /// stamps), so the young window and the overlap are stretched by this factor there.
+    pub mde_clock_rate: f64,
 }
 
 impl PollTiming {
@@ -68,6 +72,7 @@ impl PollTiming {
             idle: drift,
             young_window: s(300),
             overlap: s(60),
+            mde_clock_rate: time_scale,
         }
     }
 }
@@ -79,6 +84,26 @@ pub fn next_interval(youngest_open_age: Option<Duration>, t: &PollTiming) -> Dur
     match youngest_open_age {
         None => t.idle,
         Some(age) => (age / 4).clamp(t.fast, t.max_open),
+    }
+}
+
+/// Lower bound of a cycle's "created since" window, on MDE's clock: the newest creation time MDE
+/// stamped on any action seen so far, less the young window and the overlap. Computing it from
+/// MDE's own stamps, not from this clock, keeps the window right whatever the skew between the
+/// two clocks: a bound from this clock would miss new actions when MDE's clock is behind, and
+/// return the whole history on every cycle when it runs ahead (as `mde-sim`'s does at a time
+/// scale). Without any stamp (an empty tenant), `fallback` (this clock's bound) is used.
+pub fn created_since(
+    newest_stamp: Option<DateTime<Utc>>,
+    t: &PollTiming,
+    fallback: DateTime<Utc>,
+) -> DateTime<Utc> {
+    match newest_stamp {
+        Some(newest) => {
+            let back = (t.young_window + t.overlap).mul_f64(t.mde_clock_rate.max(1.0));
+            newest - chrono::Duration::from_std(back).unwrap_or_default()
+        }
+        None => fallback,
     }
 }
 
@@ -176,9 +201,10 @@ impl Poller {
             Some(last) if !first => {
                 let young = Utc::now()
                     - chrono::Duration::from_std(self.timing.young_window).unwrap_or_default();
-                let since = young.min(
+                let fallback = young.min(
                     last - chrono::Duration::from_std(self.timing.overlap).unwrap_or_default(),
                 );
+                let since = created_since(self.view.newest_created_at(), &self.timing, fallback);
                 ListQuery {
                     filter: Some(cycle_filter(since)),
                     top: Some(10_000),
@@ -317,6 +343,31 @@ mod tests {
             t.fast,
             Duration::from_millis(333) + Duration::from_nanos(333_333)
         );
+    }
+
+    #[test]
+    fn created_since_follows_mdes_clock_not_this_one() {
+        let t = PollTiming::scaled(1.0, Duration::from_secs(360));
+        let newest = DateTime::parse_from_rfc3339("2026-11-28T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let ours = newest + chrono::Duration::hours(3);
+        // Six minutes (young window and overlap) before MDE's newest stamp, whatever our clock says.
+        assert_eq!(
+            created_since(Some(newest), &t, ours),
+            newest - chrono::Duration::minutes(6)
+        );
+        // Against the simulator at scale 60, six of its (simulated) minutes.
+        let sim = PollTiming::scaled(60.0, Duration::from_secs(360));
+        let since = created_since(Some(newest), &sim, ours);
+        assert!(
+            (newest - since - chrono::Duration::minutes(6))
+                .num_milliseconds()
+                .abs()
+                < 10
+        );
+        // No stamp yet: this clock's bound.
+        assert_eq!(created_since(None, &t, ours), ours);
     }
 
     #[test]

@@ -129,6 +129,17 @@ impl ActionView {
         open.into_iter().map(|a| a.id.clone()).collect()
     }
 
+    /// The newest creation time MDE stamped on any action in the view (MDE's clock).
+    pub fn newest_created_at(&self) -> Option<DateTime<Utc>> {
+        let inner = self.read();
+        inner
+            .by_machine
+            .values()
+            .flatten()
+            .filter_map(|a| a.created_at)
+            .max()
+    }
+
     /// Age of the youngest open action at `now`, if any is open.
     pub fn youngest_open_age(&self, now: DateTime<Utc>) -> Option<Duration> {
         let inner = self.read();
