@@ -90,8 +90,8 @@ Rules on DeviceIsolations and events: shared by the per-namespace Roles and the 
 - deviceisolations get/list/watch: the controller's watch (list + watch) and reads of one object.
 - deviceisolations/status get/patch/update: status is written through the status subresource
   only; the operator never changes spec or metadata.
-- events.k8s.io events create/patch: kube-rs publishes events.k8s.io/v1 Events and patches a
-  repeated event (series count) instead of creating a new one.
+- events.k8s.io events create: the operator creates one events.k8s.io/v1 Event per transition
+  and never changes one afterwards.
 */}}
 {{- define "mde-isolation-operator.watchRules" -}}
 - apiGroups: ["isolation.mde.dev"]
@@ -102,7 +102,7 @@ Rules on DeviceIsolations and events: shared by the per-namespace Roles and the 
   verbs: ["get", "patch", "update"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
 {{/*
