@@ -373,9 +373,8 @@ async fn reconcile_inner(di: &DeviceIsolation, ctx: &Context) -> Result<Action, 
                     if let Some(slot) = ctx.mde.gate().hold(api, &key, tokio::time::Instant::now())
                     {
                         let wait = slot.saturating_duration_since(tokio::time::Instant::now());
-                        ctx.metrics.quota_waited(api, wait);
                         ctx.set_unsent(&marker, true);
-                        facts.post = Some(PostOutcome::Failed(CallFailure::QuotaWait(wait)));
+                        facts.post = Some(PostOutcome::Failed(quota_failure(ctx, api, wait)));
                         continue;
                     }
                     write_status(ctx, di, &written, &status).await?;
@@ -464,11 +463,23 @@ async fn lookup(
 
 /// Converts a client error into the planner's vocabulary, counting quota waits.
 fn to_failure(ctx: &Context, api: QuotaApi, e: &MdeError) -> CallFailure {
-    let failure = failure_of(e);
-    if let CallFailure::QuotaWait(wait) = failure {
-        ctx.metrics.quota_waited(api, wait);
+    match failure_of(e) {
+        CallFailure::QuotaWait(wait) => quota_failure(ctx, api, wait),
+        other => other,
     }
-    failure
+}
+
+/// A wait at the quota gate, counted. While MDE itself holds the API back (a 429's pause, or its
+/// probe not answered yet) the resource says `RateLimited` for as long as that lasts, not only
+/// the one resource whose call drew the 429: everyone waiting then waits for MDE, not for the
+/// operator's budget.
+fn quota_failure(ctx: &Context, api: QuotaApi, wait: Duration) -> CallFailure {
+    ctx.metrics.quota_waited(api, wait);
+    if ctx.mde.gate().throttled(api, tokio::time::Instant::now()) {
+        CallFailure::RateLimited(wait)
+    } else {
+        CallFailure::QuotaWait(wait)
+    }
 }
 
 /// Converts a client error into the planner's vocabulary.

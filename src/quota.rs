@@ -568,6 +568,14 @@ impl QuotaGate {
         self.with_state(api, |st| st.pending.len())
     }
 
+    /// Whether `api` is held back by MDE itself at `now`: a 429's pause is in force, or its probe
+    /// has not been answered yet. Callers waiting then are waiting for MDE, not for the budget.
+    pub fn throttled(&self, api: Api, now: Instant) -> bool {
+        self.with_state(api, |st| {
+            st.probing.is_some() || st.paused_until.is_some_and(|p| p > now)
+        })
+    }
+
     /// The end of the current pause of `api`, if one is in force or was never pruned.
     pub fn paused_until(&self, api: Api) -> Option<Instant> {
         self.with_state(api, |st| st.paused_until)
@@ -890,6 +898,27 @@ mod tests {
         assert_eq!(gate.pending(Api::Isolate), 2);
         assert_eq!(gate.reserve(Api::Isolate, "b", slot_b), Admission::Admit);
         assert_eq!(gate.pending(Api::Isolate), 1);
+    }
+
+    #[test]
+    fn throttled_while_paused_and_until_the_probe_is_answered() {
+        let gate = QuotaGate::new(small(100, 1000));
+        let t0 = Instant::now();
+        assert!(!gate.throttled(Api::Unisolate, t0));
+        gate.pause_until(Api::Unisolate, t0 + secs(10));
+        assert!(gate.throttled(Api::Unisolate, t0));
+        assert!(
+            !gate.throttled(Api::Isolate, t0),
+            "other APIs are not paused"
+        );
+        // After the pause one probe goes; until MDE answers it, still throttled.
+        assert_eq!(
+            gate.reserve(Api::Unisolate, "probe", t0 + secs(10)),
+            Admission::Admit
+        );
+        assert!(gate.throttled(Api::Unisolate, t0 + secs(11)));
+        gate.record_answer(Api::Unisolate);
+        assert!(!gate.throttled(Api::Unisolate, t0 + secs(11)));
     }
 
     #[test]
