@@ -486,6 +486,24 @@ impl QuotaGate {
     /// asking again with the same key before then returns the same slot, and asking at or after
     /// it admits the call.
     pub fn reserve(&self, api: Api, key: &str, now: Instant) -> Admission {
+        self.ask(api, key, now, true)
+    }
+
+    /// Like [`reserve`](Self::reserve), but a call that could go now is neither counted nor
+    /// held: `None` means "it could go now", `Some(slot)` holds `slot` for `key` exactly as
+    /// `reserve`'s [`Admission::WaitUntil`] does. Lets a caller that must persist something
+    /// before sending (the intent of a POST) skip that write while it would only wait, and
+    /// make it once, together with the reason it waits.
+    pub fn hold(&self, api: Api, key: &str, now: Instant) -> Option<Instant> {
+        match self.ask(api, key, now, false) {
+            Admission::Admit => None,
+            Admission::WaitUntil(slot) => Some(slot),
+        }
+    }
+
+    /// [`reserve`](Self::reserve) when `record`, [`hold`](Self::hold) otherwise: only an
+    /// admission that is recorded can be the probe after a pause.
+    fn ask(&self, api: Api, key: &str, now: Instant, record: bool) -> Admission {
         let (windows, keep, grace) = (self.windows, self.keep, self.grace);
         let priority = self.priority_of(key);
         self.with_state(api, |st| {
@@ -495,32 +513,11 @@ impl QuotaGate {
                 // The probe is out: wait a little for its answer rather than pile on.
                 return Admission::WaitUntil(now + windows[0].span / 20);
             }
-            let answer = st.reserve(key, priority, now, &windows, true);
-            if answer == Admission::Admit && st.probing == Some(false) {
+            let answer = st.reserve(key, priority, now, &windows, record);
+            if record && answer == Admission::Admit && st.probing == Some(false) {
                 st.probing = Some(true);
             }
             answer
-        })
-    }
-
-    /// Like [`reserve`](Self::reserve), but a call that could go now is neither counted nor
-    /// held: `None` means "it could go now", `Some(slot)` holds `slot` for `key` exactly as
-    /// `reserve`'s [`Admission::WaitUntil`] does. Lets a caller that must persist something
-    /// before sending (the intent of a POST) skip that write while it would only wait, and
-    /// make it once, together with the reason it waits.
-    pub fn hold(&self, api: Api, key: &str, now: Instant) -> Option<Instant> {
-        let (windows, keep, grace) = (self.windows, self.keep, self.grace);
-        let priority = self.priority_of(key);
-        self.with_state(api, |st| {
-            let now = st.calls.back().map_or(now, |&last| now.max(last));
-            st.prune(now, keep, grace);
-            if st.probing == Some(true) {
-                return Some(now + windows[0].span / 20);
-            }
-            match st.reserve(key, priority, now, &windows, false) {
-                Admission::Admit => None,
-                Admission::WaitUntil(slot) => Some(slot),
-            }
         })
     }
 
