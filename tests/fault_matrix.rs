@@ -35,6 +35,7 @@ use axum::extract::{Request, State};
 use axum::http::{Response, StatusCode};
 use chrono::{DateTime, Utc};
 use common::cluster::{client_from, cluster};
+use common::http::{serve_loopback, split};
 use common::operator::{
     Operator, OperatorConfig, SeedMachine, condition, create, device_isolation, machine_id,
     seed_file,
@@ -781,15 +782,12 @@ struct LateState {
 }
 
 async fn late_apply_handler(State(st): State<LateState>, req: Request) -> Response<Body> {
-    let (parts, body) = req.into_parts();
-    let bytes = axum::body::to_bytes(body, 16 << 20)
-        .await
-        .unwrap_or_default();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.to_string())
-        .unwrap_or_default();
+    let Some((parts, path, bytes)) = split(req, 16 << 20).await else {
+        return Response::builder()
+            .status(StatusCode::BAD_GATEWAY)
+            .body(Body::empty())
+            .unwrap();
+    };
     let url = format!("{}{path}", st.upstream.read().unwrap());
     let mut headers = reqwest::header::HeaderMap::new();
     for name in ["authorization", "content-type", "accept"] {
@@ -853,11 +851,7 @@ impl LateApplyProxy {
         let app = axum::Router::new()
             .fallback(late_apply_handler)
             .with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let addr = serve_loopback(app).await;
         LateApplyProxy {
             base: format!("http://{addr}/"),
             upstream,
@@ -1117,7 +1111,6 @@ struct KubeProxy {
 
 async fn proxy_handler(State(up): State<Arc<RwLock<Upstream>>>, req: Request) -> Response<Body> {
     let up = up.read().unwrap().clone();
-    let (parts, body) = req.into_parts();
     let unavailable = |why: String| {
         Response::builder()
             .status(StatusCode::SERVICE_UNAVAILABLE)
@@ -1129,14 +1122,9 @@ async fn proxy_handler(State(up): State<Arc<RwLock<Upstream>>>, req: Request) ->
             ))
             .unwrap()
     };
-    let Ok(bytes) = axum::body::to_bytes(body, 64 << 20).await else {
+    let Some((parts, path, bytes)) = split(req, 64 << 20).await else {
         return unavailable("request body".into());
     };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.to_string())
-        .unwrap_or_default();
     let mut rb = up
         .http
         .request(parts.method, format!("{}{path}", up.base))
@@ -1180,11 +1168,7 @@ impl KubeProxy {
         let app = axum::Router::new()
             .fallback(proxy_handler)
             .with_state(upstream.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let addr = serve_loopback(app).await;
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(

@@ -25,6 +25,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::Response;
 use common::cluster::cluster;
+use common::http::{serve_loopback, split};
 use common::operator::{SeedMachine, condition, create, device_isolation, machine_id, seed_file};
 use common::sim::Sim;
 use kube::api::{Api, ListParams};
@@ -66,15 +67,9 @@ struct ProxyState {
 }
 
 async fn relay(State(st): State<ProxyState>, req: Request) -> Response<Body> {
-    let (parts, body) = req.into_parts();
-    let bytes = axum::body::to_bytes(body, 1 << 20)
-        .await
-        .unwrap_or_default();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.to_string())
-        .unwrap_or_default();
+    let Some((parts, path, bytes)) = split(req, 1 << 20).await else {
+        return Response::builder().status(502).body(Body::empty()).unwrap();
+    };
     let mut rb = st
         .http
         .request(parts.method, format!("{}{path}", st.upstream))
@@ -108,12 +103,7 @@ impl TokenProxy {
             http: reqwest::Client::new(),
             tokens: tokens.clone(),
         };
-        let app = axum::Router::new().fallback(relay).with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let addr = serve_loopback(axum::Router::new().fallback(relay).with_state(state)).await;
         TokenProxy {
             base: format!("http://{addr}"),
             tokens,

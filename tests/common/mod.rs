@@ -1,4 +1,5 @@
 //! Helpers shared by the integration tests (`mod common;` in each tests/*.rs).
 pub mod cluster;
+pub mod http;
 pub mod operator;
 pub mod sim;
