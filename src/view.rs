@@ -21,13 +21,18 @@ const FINISHED_KEPT_PER_MACHINE: usize = 6;
 /// Identity of a resource that watches a machine: (namespace, name).
 pub type ResourceKey = (String, String);
 
+/// A known action, and when this process first saw it (its own monotonic clock). Kept together
+/// so that the sighting goes when the action is pruned.
+struct Known {
+    fact: ActionFact,
+    first_seen: std::time::Instant,
+}
+
 #[derive(Default)]
 struct Inner {
-    /// When this process first saw each known action (its own monotonic clock).
-    first_seen: HashMap<String, std::time::Instant>,
     synced: bool,
     load_failure: Option<CallFailure>,
-    by_machine: HashMap<String, Vec<ActionFact>>,
+    by_machine: HashMap<String, Vec<Known>>,
     watchers: HashMap<String, HashSet<ResourceKey>>,
     machine_of: HashMap<ResourceKey, String>,
 }
@@ -75,7 +80,7 @@ impl ActionView {
         self.read()
             .by_machine
             .get(machine_id)
-            .cloned()
+            .map(|list| list.iter().map(|k| k.fact.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -89,29 +94,17 @@ impl ActionView {
         let mut changed = HashSet::new();
         let seen_now = std::time::Instant::now();
         for (machine, action) in actions {
-            inner
-                .first_seen
-                .entry(action.id.clone())
-                .or_insert(seen_now);
             let list = inner.by_machine.entry(machine.clone()).or_default();
-            match list.iter_mut().find(|a| a.id == action.id) {
-                Some(existing) if *existing == action => continue,
-                Some(existing) => *existing = action,
-                None => list.push(action),
+            match list.iter_mut().find(|k| k.fact.id == action.id) {
+                Some(existing) if existing.fact == action => continue,
+                Some(existing) => existing.fact = action,
+                None => list.push(Known {
+                    fact: action,
+                    first_seen: seen_now,
+                }),
             }
             prune(list);
             changed.insert(machine);
-        }
-        if inner.first_seen.len() > 2 * inner.by_machine.values().map(Vec::len).sum::<usize>() + 64
-        {
-            // Forget first-seen times of pruned actions.
-            let kept: HashSet<String> = inner
-                .by_machine
-                .values()
-                .flatten()
-                .map(|a| a.id.clone())
-                .collect();
-            inner.first_seen.retain(|id, _| kept.contains(id));
         }
         changed
     }
@@ -119,12 +112,7 @@ impl ActionView {
     /// Ids of open actions, oldest first.
     pub fn open_action_ids(&self) -> Vec<String> {
         let inner = self.read();
-        let mut open: Vec<&ActionFact> = inner
-            .by_machine
-            .values()
-            .flatten()
-            .filter(|a| !a.status.is_final())
-            .collect();
+        let mut open: Vec<&ActionFact> = open(&inner).map(|k| &k.fact).collect();
         open.sort_by_key(|a| a.created_at);
         open.into_iter().map(|a| a.id.clone()).collect()
     }
@@ -136,33 +124,20 @@ impl ActionView {
             .by_machine
             .values()
             .flatten()
-            .filter_map(|a| a.created_at)
+            .filter_map(|k| k.fact.created_at)
             .max()
     }
 
     /// Age of the youngest open action at `now`, if any is open.
     pub fn youngest_open_age(&self, now: DateTime<Utc>) -> Option<Duration> {
-        let inner = self.read();
-        inner
-            .by_machine
-            .values()
-            .flatten()
-            .filter(|a| !a.status.is_final())
-            .map(|a| age(&inner, a, now))
-            .min()
+        open(&self.read()).map(|k| age(k, now)).min()
     }
 
     /// Number of open actions and the age of the oldest, for metrics.
     pub fn open_summary(&self, now: DateTime<Utc>) -> (usize, Option<Duration>) {
         let inner = self.read();
-        let open: Vec<&ActionFact> = inner
-            .by_machine
-            .values()
-            .flatten()
-            .filter(|a| !a.status.is_final())
-            .collect();
-        let oldest = open.iter().map(|a| age(&inner, a, now)).max();
-        (open.len(), oldest)
+        let oldest = open(&inner).map(|k| age(k, now)).max();
+        (open(&inner).count(), oldest)
     }
 
     /// Registers that `resource` manages `machine_id` (replacing an earlier machine).
@@ -231,17 +206,22 @@ impl ActionView {
 /// was created and the action would look brand new again), and the first sight makes every action
 /// look young after a restart. The larger one is never too young, which is the error that costs
 /// reads.
-fn age(inner: &Inner, action: &ActionFact, now: DateTime<Utc>) -> Duration {
-    let by_stamp = action
+fn age(known: &Known, now: DateTime<Utc>) -> Duration {
+    let by_stamp = known
+        .fact
         .created_at
         .and_then(|c| (now - c).to_std().ok())
         .unwrap_or_default();
-    let by_sight = inner
-        .first_seen
-        .get(&action.id)
-        .map(|t| t.elapsed())
-        .unwrap_or_default();
-    by_stamp.max(by_sight)
+    by_stamp.max(known.first_seen.elapsed())
+}
+
+/// The open actions of the view.
+fn open(inner: &Inner) -> impl Iterator<Item = &Known> {
+    inner
+        .by_machine
+        .values()
+        .flatten()
+        .filter(|k| !k.fact.status.is_final())
 }
 
 /// The planner's view of an MDE action with its machine id; `None` for other action types or an
@@ -268,15 +248,15 @@ pub fn fact_of(action: &MachineAction) -> Option<(String, ActionFact)> {
 }
 
 /// Keeps every open action and the latest finished ones, newest last.
-fn prune(list: &mut Vec<ActionFact>) {
-    list.sort_by_key(|a| (a.created_at, a.id.clone()));
-    let finished = list.iter().filter(|a| a.status.is_final()).count();
+fn prune(list: &mut Vec<Known>) {
+    list.sort_by_key(|k| (k.fact.created_at, k.fact.id.clone()));
+    let finished = list.iter().filter(|k| k.fact.status.is_final()).count();
     if finished <= FINISHED_KEPT_PER_MACHINE {
         return;
     }
     let mut drop = finished - FINISHED_KEPT_PER_MACHINE;
-    list.retain(|a| {
-        if drop > 0 && a.status.is_final() {
+    list.retain(|k| {
+        if drop > 0 && k.fact.status.is_final() {
             drop -= 1;
             false
         } else {
