@@ -183,6 +183,12 @@ async fn standby_takes_over_from_a_killed_leader_without_duplicate_actions() {
     // standby never steals a live lease.
     let leader = the_leader(&http, &[&ops[0], &ops[1]], &addrs).await;
     let standby = 1 - leader;
+    // The standby started with the leader, but its watch caches may finish syncing a moment
+    // later (readiness needs them); from then on it must stay ready.
+    let sync_deadline = Instant::now() + Duration::from_secs(30);
+    while readyz(&http, &addrs[standby]).await.0 != 200 && Instant::now() < sync_deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let stable_until = Instant::now() + Duration::from_secs(LEASE_SECONDS + 2);
     let mut standby_said = String::new();
     while Instant::now() < stable_until {
