@@ -9,13 +9,20 @@
 //! arrive, before the store and the reconciler see them; every write the operator makes is a
 //! patch of its own fields, so nothing it sends depends on them.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
 use futures::{Stream, StreamExt};
 use kube::Resource;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 
+use crate::conditions::{self, READY, RECONCILING, STALLED};
 use crate::crd::DeviceIsolation;
+use crate::reconcile::{ResourceRef, Sibling, key_of};
 
 /// The annotation in which client-side `kubectl apply` keeps the last applied manifest.
 pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -29,20 +36,132 @@ pub fn slim(di: &mut DeviceIsolation) {
     }
 }
 
-/// A watch of `api` whose objects are slimmed, feeding a reflector store; returns the store's
-/// reader and the stream of changed objects that drives the controller.
+/// What a watch reports besides changed objects, so that per-resource process state can be
+/// freed: every object that is applied can also be deleted.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Gone {
+    /// The resource was deleted; it managed `machine` (when known).
+    Deleted {
+        /// The resource.
+        resource: ResourceRef,
+        /// Its machine id (spec, or resolved into status).
+        machine: Option<String>,
+    },
+    /// A (re-)list of `scope` (one namespace, or every namespace when `None`) completed and holds
+    /// exactly `present`: anything of that scope not in it was deleted while the watch was down
+    /// (no delete event is sent for those).
+    Relisted {
+        /// The watch's namespace, `None` for all.
+        scope: Option<String>,
+        /// What the list holds.
+        present: HashSet<ResourceRef>,
+    },
+}
+
+/// A watch of `api` (`scope`: its namespace, `None` for all) whose objects are slimmed, feeding a
+/// reflector store; deletions are sent to `gone` after the store has dropped them. Returns the
+/// store's reader and the stream of changed objects that drives the controller.
 pub fn slim_watch(
     api: Api<DeviceIsolation>,
     config: watcher::Config,
+    scope: Option<String>,
+    gone: mpsc::UnboundedSender<Gone>,
 ) -> (
     Store<DeviceIsolation>,
     impl Stream<Item = Result<DeviceIsolation, watcher::Error>> + Send + 'static,
 ) {
     let (reader, writer) = reflector::store();
+    // Objects of the list in progress (between Init and InitDone).
+    let listing: Mutex<Option<HashSet<ResourceRef>>> = Mutex::new(None);
     let stream = reflector::reflector(writer, watcher(api, config).modify(slim))
+        .inspect(move |event| {
+            let Ok(event) = event else { return };
+            let mut listing = listing.lock().unwrap_or_else(|e| e.into_inner());
+            match event {
+                watcher::Event::Delete(di) => {
+                    let _ = gone.send(Gone::Deleted {
+                        resource: ResourceRef::from_obj(di),
+                        machine: di.machine_id().map(String::from),
+                    });
+                }
+                watcher::Event::Init => *listing = Some(HashSet::new()),
+                watcher::Event::InitApply(di) => {
+                    if let Some(seen) = listing.as_mut() {
+                        seen.insert(ResourceRef::from_obj(di));
+                    }
+                }
+                watcher::Event::InitDone => {
+                    if let Some(present) = listing.take() {
+                        let scope = scope.clone();
+                        let _ = gone.send(Gone::Relisted { scope, present });
+                    }
+                }
+                watcher::Event::Apply(_) => {}
+            }
+        })
         .applied_objects()
         .boxed();
     (reader, stream)
+}
+
+/// The watch caches of every watched scope: what the operator knows of all DeviceIsolations.
+#[derive(Clone, Default)]
+pub struct Stores(Vec<Store<DeviceIsolation>>);
+
+impl Stores {
+    /// The caches of the given scopes.
+    pub fn new(stores: Vec<Store<DeviceIsolation>>) -> Self {
+        Stores(stores)
+    }
+
+    /// The resource as cached now; `None` once it is deleted.
+    pub fn get(&self, resource: &ResourceRef) -> Option<Arc<DeviceIsolation>> {
+        self.0.iter().find_map(|s| s.get(resource))
+    }
+
+    /// The other live resources managing `machine`, across every scope (rule 6: conflicts).
+    pub fn siblings(&self, me: &ResourceRef, machine: &str) -> Vec<Sibling> {
+        self.0
+            .iter()
+            .flat_map(|s| s.state())
+            .filter(|o| o.machine_id() == Some(machine))
+            .filter(|o| o.metadata.deletion_timestamp.is_none())
+            .map(|o| (ResourceRef::from_obj(&*o), o.spec.isolated))
+            .filter(|(r, _)| r != me)
+            .map(|(r, isolated)| Sibling {
+                key: key_of(&r),
+                isolated,
+            })
+            .collect()
+    }
+
+    /// Resources by phase (ready, reconciling, stalled, unknown), for the gauges.
+    pub fn count_phases(&self) -> [(&'static str, i64); 4] {
+        let (mut ready, mut reconciling, mut stalled, mut unknown) = (0, 0, 0, 0);
+        for di in self.0.iter().flat_map(|s| s.state()) {
+            let conds = di
+                .status
+                .as_ref()
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or_default();
+            let is_true = |t: &str| conditions::find(conds, t).is_some_and(|c| c.status == "True");
+            if is_true(STALLED) {
+                stalled += 1;
+            } else if is_true(READY) {
+                ready += 1;
+            } else if is_true(RECONCILING) {
+                reconciling += 1;
+            } else {
+                unknown += 1;
+            }
+        }
+        [
+            ("ready", ready),
+            ("reconciling", reconciling),
+            ("stalled", stalled),
+            ("unknown", unknown),
+        ]
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::reconcile::Reason;
+
 /// Condition type that is `True` once the device is in the desired state for this generation.
 pub const READY: &str = "Ready";
 /// Condition type present (`True`) while the operator is working towards the desired state.
@@ -34,20 +36,20 @@ pub struct Condition {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Phase {
     /// Desired state reached.
-    Ready { reason: String, message: String },
+    Ready { reason: Reason, message: String },
     /// Work in progress (an action pending, waiting for quota, a retry scheduled).
-    Reconciling { reason: String, message: String },
+    Reconciling { reason: Reason, message: String },
     /// Needs a person.
-    Stalled { reason: String, message: String },
+    Stalled { reason: Reason, message: String },
 }
 
 impl Phase {
     /// The reason carried by whichever condition is set.
-    pub fn reason(&self) -> &str {
+    pub fn reason(&self) -> Reason {
         match self {
             Phase::Ready { reason, .. }
             | Phase::Reconciling { reason, .. }
-            | Phase::Stalled { reason, .. } => reason,
+            | Phase::Stalled { reason, .. } => *reason,
         }
     }
 }
@@ -85,9 +87,9 @@ pub fn conditions_for(
             last_transition_time: since,
         }
     };
-    let mut out = vec![make(READY, ready.0, ready.1, ready.2)];
+    let mut out = vec![make(READY, ready.0, ready.1.as_str(), ready.2)];
     if let Some((type_, reason, message)) = extra {
-        out.push(make(type_, "True", reason, message));
+        out.push(make(type_, "True", reason.as_str(), message));
     }
     out
 }
@@ -101,16 +103,16 @@ pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Conditio
 mod tests {
     use super::*;
 
-    fn ready(reason: &str) -> Phase {
+    fn ready(reason: Reason) -> Phase {
         Phase::Ready {
-            reason: reason.into(),
+            reason,
             message: "m".into(),
         }
     }
 
     #[test]
     fn ready_phase_has_only_a_true_ready_condition() {
-        let c = conditions_for(&ready("Released"), &[], 3, "t0");
+        let c = conditions_for(&ready(Reason::Released), &[], 3, "t0");
         assert_eq!(c.len(), 1);
         assert_eq!(
             (c[0].type_.as_str(), c[0].status.as_str()),
@@ -122,7 +124,7 @@ mod tests {
     #[test]
     fn stalled_phase_sets_ready_false_and_stalled_true() {
         let phase = Phase::Stalled {
-            reason: "MachineNotFound".into(),
+            reason: Reason::MachineNotFound,
             message: "m".into(),
         };
         let c = conditions_for(&phase, &[], 1, "t0");
@@ -134,14 +136,14 @@ mod tests {
 
     #[test]
     fn transition_time_is_kept_while_status_is_unchanged() {
-        let first = conditions_for(&ready("Released"), &[], 1, "t0");
-        let again = conditions_for(&ready("Released"), &first, 1, "t1");
+        let first = conditions_for(&ready(Reason::Released), &[], 1, "t0");
+        let again = conditions_for(&ready(Reason::Released), &first, 1, "t1");
         assert_eq!(
             first, again,
             "an unchanged phase must not change the conditions"
         );
         let reconciling = Phase::Reconciling {
-            reason: "ActionPending".into(),
+            reason: Reason::ActionPending,
             message: "m".into(),
         };
         let moved = conditions_for(&reconciling, &again, 2, "t2");

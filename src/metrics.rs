@@ -46,6 +46,14 @@ pub struct PhaseLabels {
     pub phase: String,
 }
 
+/// Labels of a per-resource owner.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OwnerLabels {
+    /// `memory` (per-resource process memory), `view` (interest in a machine) or `quota`
+    /// (reservations and priority classes).
+    pub owner: String,
+}
+
 /// Labels of a reconcile.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
@@ -74,6 +82,10 @@ pub struct Metrics {
     pub poll_interval_seconds: Gauge<f64, AtomicU64>,
     /// Watched DeviceIsolations by phase (from their conditions).
     pub resources: Family<PhaseLabels, Gauge>,
+    /// Resources each per-resource owner holds state for; back to 0 once they are deleted.
+    pub tracked_resources: Family<OwnerLabels, Gauge>,
+    /// When the per-resource gauges were last recounted (ms since the epoch).
+    recounted_ms: std::sync::atomic::AtomicI64,
 }
 
 impl Default for Metrics {
@@ -138,6 +150,12 @@ impl Metrics {
             "Watched DeviceIsolations by phase: ready, reconciling, stalled, unknown",
             resources.clone(),
         );
+        let tracked_resources = Family::<OwnerLabels, Gauge>::default();
+        registry.register(
+            "tracked_resources",
+            "DeviceIsolations the process holds state for, per owner: memory, view, quota",
+            tracked_resources.clone(),
+        );
         // Series that alerts watch with increase() exist from the start at 0, so the first
         // 429 or the first failed reconcile is an increase, not a series appearing at 1.
         for api in Api::all() {
@@ -158,6 +176,8 @@ impl Metrics {
         Metrics {
             registry,
             resources,
+            tracked_resources,
+            recounted_ms: std::sync::atomic::AtomicI64::new(0),
             reconciles,
             mde_calls,
             mde_call_seconds,
@@ -177,6 +197,30 @@ impl Metrics {
                 result: result.into(),
             })
             .inc();
+    }
+
+    /// Whether the per-resource gauges are due for a recount: at most once a second (a recount
+    /// scans the watch caches, O(resources)); `true` to exactly one caller per second.
+    pub fn recount_due(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = chrono::Utc::now().timestamp_millis();
+        let last = self.recounted_ms.load(Ordering::Relaxed);
+        now - last >= 1000
+            && self
+                .recounted_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Sets the per-owner tracked-resource counts.
+    pub fn set_tracked(&self, counts: &[(&str, usize)]) {
+        for (owner, n) in counts {
+            self.tracked_resources
+                .get_or_create(&OwnerLabels {
+                    owner: (*owner).into(),
+                })
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
     }
 
     /// Sets the per-phase resource counts.
@@ -250,6 +294,7 @@ mod tests {
         m.observe(Api::Unisolate, "ok", Duration::from_millis(20));
         m.quota_waited(Api::Unisolate, Duration::from_secs(3));
         m.set_phase_counts(&[("stalled", 2)]);
+        m.set_tracked(&[("memory", 0)]);
         let text = m.encode();
         for name in [
             "mde_isolation_reconciles_total",
@@ -259,6 +304,7 @@ mod tests {
             "mde_isolation_open_actions",
             "mde_isolation_poll_interval_seconds",
             "mde_isolation_resources",
+            "mde_isolation_tracked_resources",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

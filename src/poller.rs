@@ -16,14 +16,14 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::controller::failure_of;
 use crate::http::Health;
 use crate::mde::client::MdeClient;
 use crate::mde::error::ErrorClass;
 use crate::mde::odata::{Filter, ListQuery};
 use crate::metrics::Metrics;
 use crate::quota::Priority;
-use crate::view::{ActionView, ResourceKey, fact_of};
+use crate::reconcile::{ResourceRef, failure_of};
+use crate::view::{ActionView, fact_of};
 
 /// Quota key of the poller's reads while young actions are open (served first).
 pub const POLLER_KEY: &str = "batch-poller";
@@ -132,7 +132,7 @@ pub fn initial_query() -> ListQuery {
 /// Delivers wake-ups to the controllers.
 pub trait Wake: Send + Sync {
     /// Asks for `resource` to be reconciled soon.
-    fn wake(&self, resource: &ResourceKey);
+    fn wake(&self, resource: &ResourceRef);
 }
 
 /// The poller task.

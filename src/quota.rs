@@ -547,6 +547,30 @@ impl QuotaGate {
         });
     }
 
+    /// Forgets everything held for `key` (its resource was deleted): its reservations of every
+    /// API and its priority class.
+    pub fn forget(&self, key: &str) {
+        for api in Api::all() {
+            self.release(api, key);
+        }
+        self.set_priority(key, Priority::Normal);
+    }
+
+    /// Keys passing `wanted` that the gate holds anything for: a reservation of any API or a
+    /// priority class (for the tracked-resources gauge).
+    pub fn keys(&self, wanted: impl Fn(&str) -> bool) -> usize {
+        let mut keys: std::collections::HashSet<String> = self
+            .priorities
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        keys.extend(state.iter().flat_map(|st| st.keys.keys().cloned()));
+        keys.iter().filter(|k| wanted(k)).count()
+    }
+
     /// Calls still allowed right now in the (minute, hour) windows ending at `now`, counting only
     /// admitted calls (pending reservations are not subtracted).
     pub fn remaining(&self, api: Api, now: Instant) -> (u32, u32) {

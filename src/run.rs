@@ -15,14 +15,12 @@ use futures::future::join_all;
 use futures::{Stream, StreamExt};
 use kube::api::Api;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::cache;
+use crate::cache::{self, Stores};
 use crate::config::{CLIENT_SECRET_ENV, RunArgs};
-use crate::controller::{self, Context};
 use crate::crd::DeviceIsolation;
 use crate::events::EventPublisher;
 use crate::http::{self, Health};
@@ -31,10 +29,11 @@ use crate::mde::client::{MdeClient, MdeClientConfig};
 use crate::mde::cloud::resolve_endpoints;
 use crate::mde::token::{ClientSecret, CredentialError, CredentialSources, SecretString};
 use crate::metrics::Metrics;
-use crate::planner::Timing;
 use crate::poller::{PollTiming, Poller, Wake};
 use crate::quota::{QuotaConfig, QuotaGate};
-use crate::view::{ActionView, ResourceKey};
+use crate::reconcile::{self, Context, Memory, ResourceRef, Timing};
+use crate::resolver::DeviceResolver;
+use crate::view::ActionView;
 
 /// Why the operator could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -65,19 +64,19 @@ pub enum RunError {
 
 /// Routes poller wake-ups to the controller that watches the resource's namespace.
 struct Router {
-    all: Option<mpsc::UnboundedSender<ObjectRef<DeviceIsolation>>>,
-    by_namespace: HashMap<String, mpsc::UnboundedSender<ObjectRef<DeviceIsolation>>>,
+    all: Option<mpsc::UnboundedSender<ResourceRef>>,
+    by_namespace: HashMap<String, mpsc::UnboundedSender<ResourceRef>>,
 }
 
 impl Wake for Router {
-    fn wake(&self, (namespace, name): &ResourceKey) {
-        let sender = self
-            .all
-            .as_ref()
-            .or_else(|| self.by_namespace.get(namespace));
+    fn wake(&self, resource: &ResourceRef) {
+        let sender = self.all.as_ref().or_else(|| {
+            let namespace = resource.namespace.as_deref()?;
+            self.by_namespace.get(namespace)
+        });
         if let Some(tx) = sender {
             // A closed channel means that controller is shutting down; nothing to wake.
-            let _ = tx.send(ObjectRef::new(name).within(namespace));
+            let _ = tx.send(resource.clone());
         }
     }
 }
@@ -115,11 +114,11 @@ async fn reconcile_when_leading(
     di: Arc<DeviceIsolation>,
     ctx: Arc<Context>,
     health: Arc<Health>,
-) -> Result<Action, controller::Error> {
+) -> Result<Action, reconcile::Error> {
     if !health.leading.load(Ordering::SeqCst) {
         return Ok(Action::await_change());
     }
-    controller::reconcile(di, ctx).await
+    reconcile::reconcile(di, ctx).await
 }
 
 /// One item once `leading` turns true (never, if it does not).
@@ -230,19 +229,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     };
     let events = EventPublisher::new(
         kube.clone(),
-        controller::FIELD_MANAGER,
+        reconcile::FIELD_MANAGER,
         std::env::var("POD_NAME").ok(),
     );
-    let ctx = Arc::new(Context::new(
-        kube.clone(),
-        mde.clone(),
-        view.clone(),
-        events,
-        metrics.clone(),
-        timing,
-        args.dry_run,
-        nudge.clone(),
-    ));
 
     let scopes: Vec<(Option<String>, Api<DeviceIsolation>)> = if args.all_namespaces {
         vec![(None, Api::all(kube.clone()))]
@@ -256,18 +245,50 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         all: None,
         by_namespace: HashMap::new(),
     };
-    let mut runs = Vec::new();
-    let mut stores = Vec::new();
+    // The watches first: the context holds their caches, the controllers their streams.
+    let (gone_tx, mut gone_rx) = mpsc::unbounded_channel();
+    let mut watches = Vec::new();
     for (namespace, api) in scopes {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        match namespace {
+        let (tx, rx) = mpsc::unbounded_channel();
+        match &namespace {
             None => router.all = Some(tx),
             Some(ns) => {
-                router.by_namespace.insert(ns, tx);
+                router.by_namespace.insert(ns.clone(), tx);
             }
         }
+        let (store, changes) =
+            cache::slim_watch(api, watcher::Config::default(), namespace, gone_tx.clone());
+        watches.push((store, changes, rx));
+    }
+    let stores: Vec<_> = watches.iter().map(|(store, ..)| store.clone()).collect();
+    let waker = Arc::new(router);
+    let ctx = Arc::new(Context {
+        kube: kube.clone(),
+        // Names asked for within a hundredth of the transient retry delay share one call.
+        resolver: DeviceResolver::new(mde.clone(), timing.transient_retry / 100),
+        mde: mde.clone(),
+        view: view.clone(),
+        stores: Stores::new(stores.clone()),
+        memory: Memory::default(),
+        events,
+        metrics: metrics.clone(),
+        timing,
+        dry_run: args.dry_run,
+        poller_nudge: nudge.clone(),
+        waker: waker.clone(),
+    });
+    tokio::spawn({
+        let ctx = ctx.clone();
+        async move {
+            while let Some(gone) = gone_rx.recv().await {
+                ctx.gone(gone);
+            }
+        }
+    });
+
+    let mut runs = Vec::new();
+    for (store, changes, mut rx) in watches {
         let wakeups = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        let (store, changes) = cache::slim_watch(api, watcher::Config::default());
         let mut controller = Controller::for_stream(changes, store)
             .with_config(ControllerConfig::default().concurrency(args.concurrency))
             .reconcile_on(wakeups)
@@ -275,12 +296,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         if lease.is_some() {
             controller = controller.reconcile_all_on(once_leading(leading_rx.clone()));
         }
-        stores.push(controller.store());
         let gate = health.clone();
         let run = controller
             .run(
                 move |di, ctx| reconcile_when_leading(di, ctx, gate.clone()),
-                controller::error_policy,
+                reconcile::error_policy,
                 ctx.clone(),
             )
             .for_each(|result| async move {
@@ -290,8 +310,6 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             });
         runs.push(run);
     }
-    *ctx.stores.lock().unwrap_or_else(|e| e.into_inner()) = stores.clone();
-
     tokio::spawn({
         let health = health.clone();
         async move {
@@ -317,7 +335,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let poller = Poller {
         client: mde,
         view,
-        waker: Arc::new(router),
+        waker,
         metrics: metrics.clone(),
         health: health.clone(),
         timing: poll_timing,

@@ -11,15 +11,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::mde::model::{ActionType, MachineAction};
-use crate::planner::{ActionFact, ActionKind, CallFailure};
+use crate::mde::model::MachineAction;
+use crate::reconcile::{ActionFact, ActionKind, CallFailure, ResourceRef};
 
 /// Finished actions kept per machine beyond the open ones: enough to know the device's current
 /// state, to detect drift, and to find a recent action by its marker.
 const FINISHED_KEPT_PER_MACHINE: usize = 6;
-
-/// Identity of a resource that watches a machine: (namespace, name).
-pub type ResourceKey = (String, String);
 
 /// A known action, and when this process first saw it (its own monotonic clock). Kept together
 /// so that the sighting goes when the action is pruned.
@@ -33,8 +30,8 @@ struct Inner {
     synced: bool,
     load_failure: Option<CallFailure>,
     by_machine: HashMap<String, Vec<Known>>,
-    watchers: HashMap<String, HashSet<ResourceKey>>,
-    machine_of: HashMap<ResourceKey, String>,
+    watchers: HashMap<String, HashSet<ResourceRef>>,
+    machine_of: HashMap<ResourceRef, String>,
 }
 
 /// Thread-safe view; one per process.
@@ -141,7 +138,7 @@ impl ActionView {
     }
 
     /// Registers that `resource` manages `machine_id` (replacing an earlier machine).
-    pub fn watch(&self, resource: ResourceKey, machine_id: &str) {
+    pub fn watch(&self, resource: ResourceRef, machine_id: &str) {
         let mut inner = self.write();
         if inner.machine_of.get(&resource).map(String::as_str) == Some(machine_id) {
             return;
@@ -160,33 +157,38 @@ impl ActionView {
             .insert(resource);
     }
 
-    /// Forgets a deleted resource.
-    pub fn unwatch(&self, resource: &ResourceKey) {
+    /// Forgets a deleted resource; returns the machine it watched.
+    pub fn unwatch(&self, resource: &ResourceRef) -> Option<String> {
         let mut inner = self.write();
-        if let Some(machine) = inner.machine_of.remove(resource)
-            && let Some(set) = inner.watchers.get_mut(&machine)
-        {
+        let machine = inner.machine_of.remove(resource)?;
+        if let Some(set) = inner.watchers.get_mut(&machine) {
             set.remove(resource);
             if set.is_empty() {
                 inner.watchers.remove(&machine);
             }
         }
+        Some(machine)
+    }
+
+    /// Resources watching a machine (for the tracked-resources gauge).
+    pub fn watched(&self) -> usize {
+        self.read().machine_of.len()
     }
 
     /// Resources watching any of `machines`.
-    pub fn watchers_of<'a, I>(&self, machines: I) -> Vec<ResourceKey>
+    pub fn watchers_of<'a, I>(&self, machines: I) -> Vec<ResourceRef>
     where
         I: IntoIterator<Item = &'a String>,
     {
         let inner = self.read();
-        let mut out: Vec<ResourceKey> = machines
+        let mut out: Vec<ResourceRef> = machines
             .into_iter()
             .filter_map(|m| inner.watchers.get(m))
             .flatten()
             .cloned()
             .collect();
-        out.sort();
-        out.dedup();
+        let mut seen = HashSet::new();
+        out.retain(|r| seen.insert(r.clone()));
         out
     }
 
@@ -227,11 +229,7 @@ fn open(inner: &Inner) -> impl Iterator<Item = &Known> {
 /// The planner's view of an MDE action with its machine id; `None` for other action types or an
 /// action without a machine id (nothing to attach it to).
 pub fn fact_of(action: &MachineAction) -> Option<(String, ActionFact)> {
-    let kind = match action.action_type {
-        ActionType::Isolate => ActionKind::Isolate,
-        ActionType::Unisolate => ActionKind::Unisolate,
-        _ => return None,
-    };
+    let kind = ActionKind::of(&action.action_type)?;
     let machine = action.machine_id.clone()?;
     Some((
         machine,
@@ -269,7 +267,6 @@ fn prune(list: &mut Vec<Known>) {
 mod tests {
     use super::*;
     use crate::mde::model::ActionStatus;
-    use crate::planner::ActionKind;
 
     fn fact(id: &str, status: ActionStatus, minute: i64) -> ActionFact {
         let at = DateTime::parse_from_rfc3339("2026-11-28T10:00:00Z")
@@ -329,13 +326,16 @@ mod tests {
     #[test]
     fn watchers_follow_the_machine_a_resource_manages() {
         let view = ActionView::new();
-        let r = ("ns".to_string(), "a".to_string());
+        let r = ResourceRef::new("a").within("ns");
         view.watch(r.clone(), "m1");
         assert_eq!(view.watchers_of([&"m1".to_string()]), vec![r.clone()]);
         view.watch(r.clone(), "m2");
         assert!(view.watchers_of([&"m1".to_string()]).is_empty());
-        view.unwatch(&r);
+        assert_eq!(view.watched(), 1);
+        assert_eq!(view.unwatch(&r).as_deref(), Some("m2"));
         assert!(view.watchers_of([&"m2".to_string()]).is_empty());
+        assert_eq!(view.watched(), 0);
+        assert_eq!(view.unwatch(&r), None);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! `tests/fixtures/phases/*.json` are what Flux (kstatus, `tests/control-plane/kstatus_test.go`),
 //! Argo CD (`tests/argocd_health.rs`) and the docs are checked against. They are not written by
-//! hand: this test drives [`mde_isolation_operator::planner::plan`] the way the controller does
+//! hand: this test drives [`mde_isolation_operator::reconcile::plan`] the way the controller does
 //! (plan, perform the effect, feed the outcome back) at fixed times, and fails when a committed
 //! file differs from what the planner produces now. Regenerate with
 //! `UPDATE_FIXTURES=1 cargo test --test status_fixtures`.
@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use mde_isolation_operator::conditions::{self, READY, RECONCILING, STALLED};
 use mde_isolation_operator::crd::{COMMENT_ANNOTATION, DeviceIsolationSpec, DeviceIsolationStatus};
 use mde_isolation_operator::mde::model::ActionStatus;
-use mde_isolation_operator::planner::{
+use mde_isolation_operator::reconcile::{
     ActionFact, ActionKind, CallFailure, Effect, Facts, Input, Plan, PostOutcome, Timing, plan,
 };
 use serde_json::{Value, json};

@@ -3,6 +3,8 @@
 
 use super::*;
 use crate::conditions::{READY, RECONCILING};
+use crate::crd::{DeviceIsolationSpec, TrackedAction};
+use crate::mde::model::IsolationType;
 
 const MACHINE: &str = "1e5bc9d7e413ddd7902c2932e418702b84d0cc07";
 

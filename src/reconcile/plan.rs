@@ -1,347 +1,20 @@
 //! The reconcile decision as a pure function: (resource, what the operator knows of MDE, the
 //! outcome of the last call) → (the status to hold, the one effect to perform, when to look again).
 //!
-//! No I/O happens here. The controller runs a short loop: plan → perform the effect (a lookup or a
-//! POST) → feed the outcome back into [`Facts`] → plan again, until the plan asks for no effect.
-//! Every rule of design.md §2 is a branch below and a row in the table tests at the bottom.
+//! No I/O happens here. The driver ([`super`]) runs a short loop: plan → perform the effect (a
+//! lookup or a POST) → feed the outcome back into [`Facts`] → plan again, until the plan asks for
+//! no effect. Every rule of design.md §2 is a branch below and a row in the table tests.
 
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 
+use super::vocab::*;
 use crate::audit::{AuditTag, carries_marker, comment_with_marker};
 use crate::conditions::{self, Condition, Phase, STALLED};
-use crate::crd::{DeviceIsolationSpec, DeviceIsolationStatus, DriftPolicy, Intent, TrackedAction};
-use crate::mde::model::{ActionStatus, IsolationType};
-
-/// The two machine actions this operator requests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ActionKind {
-    /// `POST /api/machines/{id}/isolate`.
-    Isolate,
-    /// `POST /api/machines/{id}/unisolate`.
-    Unisolate,
-}
-
-impl ActionKind {
-    /// The action that reaches `isolated`.
-    pub fn for_desired(isolated: bool) -> Self {
-        if isolated {
-            ActionKind::Isolate
-        } else {
-            ActionKind::Unisolate
-        }
-    }
-
-    /// MDE's spelling of the type.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ActionKind::Isolate => "Isolate",
-            ActionKind::Unisolate => "Unisolate",
-        }
-    }
-
-    /// Parses MDE's spelling; other action types are not ours.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "Isolate" => Some(ActionKind::Isolate),
-            "Unisolate" => Some(ActionKind::Unisolate),
-            _ => None,
-        }
-    }
-
-    /// The isolation state a succeeded action of this kind leaves the device in.
-    pub fn leaves_isolated(self) -> bool {
-        self == ActionKind::Isolate
-    }
-}
-
-/// What the operator knows of one Isolate/Unisolate machine action.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ActionFact {
-    /// MDE action id.
-    pub id: String,
-    /// Isolate or Unisolate.
-    pub kind: ActionKind,
-    /// Current status.
-    pub status: ActionStatus,
-    /// Who asked for it.
-    pub requestor: Option<String>,
-    /// The comment it was requested with (`requestorComment`).
-    pub comment: Option<String>,
-    /// Creation time.
-    pub created_at: Option<DateTime<Utc>>,
-    /// Last update time (the completion time once final).
-    pub updated_at: Option<DateTime<Utc>>,
-}
-
-impl ActionFact {
-    fn is_open(&self) -> bool {
-        !self.status.is_final()
-    }
-
-    fn tracked(&self) -> TrackedAction {
-        TrackedAction {
-            id: self.id.clone(),
-            action_type: self.kind.as_str().to_string(),
-            status: self.status.as_str().to_string(),
-            requestor: self.requestor.clone(),
-            created_at: self.created_at.map(rfc3339),
-            updated_at: self.updated_at.map(rfc3339),
-        }
-    }
-
-    /// Completion order: MDE may finish two actions out of creation order, so the device's real
-    /// state is the outcome of the action that finished last.
-    fn finished_at(&self) -> Option<DateTime<Utc>> {
-        self.updated_at.or(self.created_at)
-    }
-}
-
-/// Why a call to MDE did not produce an action. Built by the controller from the client's error
-/// classes; durations are already converted to the operator's clock.
-#[derive(Clone, Debug, PartialEq)]
-pub enum CallFailure {
-    /// 404 on the machine.
-    MachineNotFound(String),
-    /// 403: a permission is missing (the message names it).
-    Forbidden(String),
-    /// 401 even after a fresh token.
-    AuthenticationFailed(String),
-    /// 400 OsPlatformNotSupported / ClientVersionNotSupported.
-    UnsupportedPlatform(String),
-    /// Any other 400: the request itself was wrong.
-    InvalidRequest(String),
-    /// 400 ActiveRequestAlreadyExists: an action is already open on the machine.
-    AlreadyInProgress,
-    /// 429: wait for Retry-After.
-    RateLimited(Duration),
-    /// The request was certainly not applied (connection refused, 5xx on a read, ...).
-    Transient(String),
-    /// The request may have been applied (timeout or reset after sending, 5xx on a POST).
-    Ambiguous(String),
-    /// The quota gate has no slot now; one is reserved after this long.
-    QuotaWait(Duration),
-}
-
-/// Result of the last POST of this reconcile pass.
-#[derive(Clone, Debug, PartialEq)]
-pub enum PostOutcome {
-    /// MDE answered with an action (a new one, or an existing open one in return-existing mode).
-    Action(ActionFact),
-    /// MDE did not create an action, or we cannot tell.
-    Failed(CallFailure),
-}
-
-/// State of the per-machine lookup of this reconcile pass.
-#[derive(Clone, Debug, PartialEq, Default)]
-pub enum Lookup {
-    /// Not performed; [`Facts::actions`] holds what the shared view knows.
-    #[default]
-    NotDone,
-    /// Performed after any POST of ours: [`Facts::actions`] holds MDE's answer, so an intent
-    /// whose marker is absent there provably created nothing.
-    Done,
-    /// The lookup failed.
-    Failed(CallFailure),
-}
-
-/// Everything the planner knows of MDE for this resource's machine.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Facts {
-    /// Whether the shared view of isolation actions has been loaded at least once. Before that the
-    /// operator cannot tell whether an action is open, so it requests nothing.
-    pub synced: bool,
-    /// Known Isolate/Unisolate actions on this machine, any status, anyone's.
-    pub actions: Vec<ActionFact>,
-    /// Whether this pass looked the machine up.
-    pub lookup: Lookup,
-    /// The process knows that the POST for the current intent was never sent (it was refused by
-    /// the quota gate or failed before sending), so no lookup is needed before sending it.
-    pub intent_unsent: bool,
-    /// Outcome of the POST made in this pass.
-    pub post: Option<PostOutcome>,
-    /// Outcome of resolving spec.deviceName in this pass.
-    pub resolution: Resolution,
-    /// Why the shared view's first load fails, while it does.
-    pub view_failure: Option<CallFailure>,
-    /// When this process last saw an ambiguous outcome for the current intent's request. The
-    /// status records it too, but the watch cache can lag behind the status write, so the
-    /// process's own memory keeps a stale copy from triggering an early lookup.
-    pub intent_ambiguous_at: Option<DateTime<Utc>>,
-}
-
-/// A device that carries the name being resolved.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DeviceCandidate {
-    /// MDE machine id.
-    pub id: String,
-    /// MDE health status (Active, Inactive, ...), shown to help a person choose.
-    pub health_status: Option<String>,
-}
-
-/// State of the lookup of spec.deviceName in this pass.
-#[derive(Clone, Debug, PartialEq, Default)]
-pub enum Resolution {
-    /// Not looked up.
-    #[default]
-    NotDone,
-    /// The devices whose computerDnsName equals the name exactly.
-    Found(Vec<DeviceCandidate>),
-    /// The lookup failed.
-    Failed(CallFailure),
-}
-
-/// Another DeviceIsolation for the same machine.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Sibling {
-    /// namespace/name.
-    pub key: String,
-    /// Its desired state.
-    pub isolated: bool,
-}
-
-/// Retry and polling timings, already scaled to the operator's clock.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Timing {
-    /// Failed/TimeOut attempts before giving up (`Stalled`, `RetriesExhausted`).
-    pub max_attempts: u32,
-    /// First retry delay; doubles per failed attempt.
-    pub backoff_base: Duration,
-    /// Cap on the retry delay.
-    pub backoff_max: Duration,
-    /// Safety-net re-check of an open action (the batch poller normally wakes the resource).
-    pub open_action_recheck: Duration,
-    /// Delay after a transient error or an ambiguous outcome.
-    pub transient_retry: Duration,
-    /// Re-check while the shared view is not loaded yet.
-    pub view_not_synced_retry: Duration,
-    /// After an ambiguous outcome, how long to wait before a lookup may prove the action absent:
-    /// a request the client gave up on can still be applied within this time. Real time (it
-    /// concerns the network), so not divided by the time scale.
-    pub ambiguous_settle: Duration,
-    /// Re-check of a refused credential or missing permission: a person fixes those outside
-    /// the resource (a rotated secret, a granted role), so the resource recovers by itself.
-    pub credential_recheck: Duration,
-}
-
-impl Default for Timing {
-    fn default() -> Self {
-        Timing {
-            max_attempts: 5,
-            backoff_base: Duration::from_secs(60),
-            backoff_max: Duration::from_secs(3600),
-            open_action_recheck: Duration::from_secs(1800),
-            transient_retry: Duration::from_secs(10),
-            view_not_synced_retry: Duration::from_secs(2),
-            ambiguous_settle: Duration::from_secs(61),
-            credential_recheck: Duration::from_secs(900),
-        }
-    }
-}
-
-/// The planner's input: one resource and its facts.
-#[derive(Clone, Debug)]
-pub struct Input<'a> {
-    /// Resource namespace.
-    pub namespace: &'a str,
-    /// Resource name.
-    pub name: &'a str,
-    /// Resource uid.
-    pub uid: &'a str,
-    /// metadata.generation.
-    pub generation: i64,
-    /// The spec.
-    pub spec: &'a DeviceIsolationSpec,
-    /// The comment annotation (trimmed, non-empty).
-    pub comment: Option<&'a str>,
-    /// The retry-request annotation.
-    pub retry_request: Option<&'a str>,
-    /// Current status (default when none).
-    pub status: &'a DeviceIsolationStatus,
-    /// Other resources for the same machine.
-    pub siblings: &'a [Sibling],
-    /// What is known of MDE.
-    pub facts: &'a Facts,
-    /// Current time.
-    pub now: DateTime<Utc>,
-    /// Plan and report only; never POST.
-    pub dry_run: bool,
-    /// Timings.
-    pub timing: &'a Timing,
-}
-
-/// A Kubernetes event to publish.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EventNote {
-    /// Warning rather than Normal.
-    pub warning: bool,
-    /// CamelCase reason.
-    pub reason: String,
-    /// Human-readable note.
-    pub note: String,
-}
-
-/// The one effect a plan asks the controller to perform next.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Effect {
-    /// Nothing: write the status (if changed) and requeue as told.
-    None,
-    /// Find the devices named `device_name` (exact computerDnsName), then plan again.
-    ResolveDevice {
-        /// The name from spec.deviceName.
-        device_name: String,
-    },
-    /// List this machine's recent Isolate/Unisolate actions, then plan again.
-    Lookup {
-        /// Machine to look up.
-        machine_id: String,
-        /// Only actions created at or after this time are needed.
-        created_since: Option<DateTime<Utc>>,
-    },
-    /// Write the status (it holds the intent), then POST, then plan again with the outcome.
-    Post {
-        /// Machine to act on.
-        machine_id: String,
-        /// Isolate or Unisolate.
-        kind: ActionKind,
-        /// For Isolate.
-        isolation_type: IsolationType,
-        /// Full comment: the annotation text followed by the audit marker.
-        comment: String,
-    },
-}
-
-/// The planner's output.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Plan {
-    /// The status to hold after this step (written only when it differs from the current one).
-    pub status: DeviceIsolationStatus,
-    /// What to do next.
-    pub effect: Effect,
-    /// When to reconcile again; `None` waits for a change (of the resource or from the poller).
-    pub requeue: Option<Duration>,
-    /// Events for transitions made by this step.
-    pub events: Vec<EventNote>,
-}
-
-/// Reason of the phase that waits for the shared view's first load.
-pub const WAITING_FOR_VIEW: &str = "WaitingForMdeView";
-
-/// Reasons under which a resource stays `Stalled` until [`Timing::credential_recheck`] has
-/// passed: they are fixed outside the resource (a rotated secret, a granted role), so the
-/// resource recovers by itself, without a retry request.
-const RECHECKED_STALLS: &[&str] = &["Forbidden", "AuthenticationFailed"];
-
-/// Reasons under which a resource stays `Stalled` until its spec changes or a retry is requested.
-const STICKY_STALLS: &[&str] = &[
-    "MachineNotFound",
-    "AmbiguousDevice",
-    "UnsupportedPlatform",
-    "InvalidRequest",
-    "ActionCancelled",
-    "RetriesExhausted",
-];
+use crate::crd::{DeviceIsolationStatus, DriftPolicy, Intent};
+use crate::mde::model::ActionStatus;
+use crate::quota::Priority;
 
 /// `t` rounded up to the next multiple of `step` since the Unix epoch (`t` itself when `step` is
 /// zero or `t` lies on the grid). Retry times are aligned this way so that resources whose actions
@@ -357,11 +30,6 @@ pub fn align_up(t: DateTime<Utc>, step: Duration) -> DateTime<Utc> {
     let aligned = ms.div_euclid(step_ms) * step_ms;
     let up = if aligned == ms { ms } else { aligned + step_ms };
     DateTime::from_timestamp_millis(up).unwrap_or(t)
-}
-
-/// Formats a time the way status stores it.
-pub fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {
@@ -470,13 +138,13 @@ impl<'a> Planner<'a> {
     fn resolve_device(&mut self) -> Option<Decision> {
         let Some(name) = self.input.spec.device_name.clone() else {
             return Some(stalled(
-                "InvalidSpec",
+                Reason::InvalidSpec,
                 "neither spec.machineId nor spec.deviceName is set".into(),
             ));
         };
         match &self.facts().resolution {
             Resolution::NotDone => Some(reconciling(
-                "ResolvingDevice",
+                Reason::ResolvingDevice,
                 format!("looking up the MDE device named {name}"),
                 Some(self.input.timing.transient_retry),
                 Effect::ResolveDevice { device_name: name },
@@ -484,7 +152,7 @@ impl<'a> Planner<'a> {
             Resolution::Failed(failure) => Some(self.failure_decision(failure)),
             Resolution::Found(found) => match found.as_slice() {
                 [] => Some(stalled(
-                    "MachineNotFound",
+                    Reason::MachineNotFound,
                     format!(
                         "no MDE device is named {name} (exact computerDnsName match); check the \
                          name or set spec.machineId"
@@ -506,7 +174,7 @@ impl<'a> Planner<'a> {
                         })
                         .collect();
                     Some(stalled(
-                        "AmbiguousDevice",
+                        Reason::AmbiguousDevice,
                         format!(
                             "{} MDE devices are named {name}: {}; the operator never picks one: \
                              use spec.machineId in a new DeviceIsolation",
@@ -550,7 +218,7 @@ impl<'a> Planner<'a> {
             self.machine_id(),
             others.join(", ")
         );
-        Some(stalled("Conflict", message))
+        Some(stalled(Reason::Conflict, message))
     }
 
     /// A stall that needs a person stays until the generation changes or a retry is requested, so
@@ -562,17 +230,18 @@ impl<'a> Planner<'a> {
         if !same_generation {
             return None;
         }
-        if STICKY_STALLS.contains(&cond.reason.as_str()) {
-            return Some(stalled(&cond.reason, cond.message.clone()));
+        let reason = Reason::parse(&cond.reason)?;
+        if reason.is_sticky() {
+            return Some(stalled(reason, cond.message.clone()));
         }
         // A refused credential or permission is tried again at its recheck time, not on every
         // event (our own status write is one).
-        if RECHECKED_STALLS.contains(&cond.reason.as_str())
+        if reason.is_rechecked()
             && let Some(due) = self.status.next_attempt_at.as_deref().and_then(parse_time)
             && due > self.input.now
         {
             let wait = (due - self.input.now).to_std().unwrap_or_default();
-            return Some(stalled_until(&cond.reason, cond.message.clone(), wait));
+            return Some(stalled_until(reason, cond.message.clone(), wait));
         }
         None
     }
@@ -594,9 +263,9 @@ impl<'a> Planner<'a> {
                 self.status.intent = None;
                 self.status.next_attempt_at = None;
                 let reason = if ours {
-                    "ActionRequested"
+                    Reason::ActionRequested
                 } else {
-                    "ActionAdopted"
+                    Reason::ActionAdopted
                 };
                 self.event(
                     false,
@@ -625,7 +294,7 @@ impl<'a> Planner<'a> {
                 if self.facts().lookup == Lookup::Done {
                     // Looked already and the open action finished meanwhile: try again soon.
                     return reconciling(
-                        "WaitingForOpenAction",
+                        Reason::WaitingForOpenAction,
                         "MDE reports an action in progress on the machine".into(),
                         Some(t.transient_retry),
                         Effect::None,
@@ -645,7 +314,7 @@ impl<'a> Planner<'a> {
                     rfc3339(due)
                 );
                 reconciling(
-                    "OutcomeUnknown",
+                    Reason::OutcomeUnknown,
                     message,
                     Some(t.ambiguous_settle),
                     Effect::None,
@@ -676,36 +345,38 @@ impl<'a> Planner<'a> {
             self.status.next_attempt_at = Some(rfc3339(due));
         }
         match failure {
-            CallFailure::MachineNotFound(m) => stalled("MachineNotFound", m.clone()),
+            CallFailure::MachineNotFound(m) => stalled(Reason::MachineNotFound, m.clone()),
             CallFailure::Forbidden(m) => {
-                stalled_until("Forbidden", m.clone(), t.credential_recheck)
+                stalled_until(Reason::Forbidden, m.clone(), t.credential_recheck)
             }
-            CallFailure::AuthenticationFailed(m) => {
-                stalled_until("AuthenticationFailed", m.clone(), t.credential_recheck)
-            }
-            CallFailure::UnsupportedPlatform(m) => stalled("UnsupportedPlatform", m.clone()),
-            CallFailure::InvalidRequest(m) => stalled("InvalidRequest", m.clone()),
+            CallFailure::AuthenticationFailed(m) => stalled_until(
+                Reason::AuthenticationFailed,
+                m.clone(),
+                t.credential_recheck,
+            ),
+            CallFailure::UnsupportedPlatform(m) => stalled(Reason::UnsupportedPlatform, m.clone()),
+            CallFailure::InvalidRequest(m) => stalled(Reason::InvalidRequest, m.clone()),
             CallFailure::RateLimited(after) => reconciling(
-                "RateLimited",
+                Reason::RateLimited,
                 "MDE answered 429 Too Many Requests; all calls to this API pause until Retry-After"
                     .into(),
                 Some(*after),
                 Effect::None,
             ),
             CallFailure::QuotaWait(after) => reconciling(
-                "WaitingForQuota",
+                Reason::WaitingForQuota,
                 "waiting for a slot in the MDE API quota".into(),
                 Some(*after),
                 Effect::None,
             ),
             CallFailure::Transient(m) | CallFailure::Ambiguous(m) => reconciling(
-                "TransientError",
+                Reason::TransientError,
                 format!("MDE call failed and will be retried: {m}"),
                 Some(t.transient_retry),
                 Effect::None,
             ),
             CallFailure::AlreadyInProgress => reconciling(
-                "WaitingForOpenAction",
+                Reason::WaitingForOpenAction,
                 "MDE reports an action in progress on the machine".into(),
                 Some(t.transient_retry),
                 Effect::None,
@@ -755,7 +426,7 @@ impl<'a> Planner<'a> {
                     self.status.failed_attempts += 1;
                     self.event(
                         true,
-                        "ActionFailed",
+                        Reason::ActionFailed,
                         format!(
                             "{} action {} ended {}",
                             kind.as_str(),
@@ -774,7 +445,7 @@ impl<'a> Planner<'a> {
                     return None;
                 }
                 Some(stalled(
-                    "ActionCancelled",
+                    Reason::ActionCancelled,
                     format!(
                         "{} action {} was cancelled in MDE; the operator does not override a person: \
                          request a retry (annotation isolation.mde.dev/retry-requested-at) to try again",
@@ -819,35 +490,28 @@ impl<'a> Planner<'a> {
             },
             foreign.id
         );
-        if self.previous_ready_reason() != Some("Drifted") {
-            self.event(true, "Drifted", message.clone());
+        if self.previous_ready_reason() != Some(Reason::Drifted) {
+            self.event(true, Reason::Drifted, message.clone());
         }
-        Some(stalled("Drifted", message))
+        Some(stalled(Reason::Drifted, message))
     }
 
     fn ready(&mut self, action: &ActionFact) -> Decision {
         let reason = if self.desired.leaves_isolated() {
-            "Isolated"
+            Reason::Isolated
         } else {
-            "Released"
+            Reason::Released
         };
         let message = format!(
             "device {} by {} action {}",
-            reason.to_lowercase(),
+            reason.as_str().to_lowercase(),
             action.kind.as_str(),
             action.id
         );
         if self.previous_ready_reason() != Some(reason) {
             self.event(false, reason, message.clone());
         }
-        (
-            Phase::Ready {
-                reason: reason.into(),
-                message,
-            },
-            Effect::None,
-            None,
-        )
+        (Phase::Ready { reason, message }, Effect::None, None)
     }
 
     /// An open action serves this generation: wait; the batch poller wakes us on change.
@@ -864,7 +528,7 @@ impl<'a> Planner<'a> {
             .map(rfc3339)
             .unwrap_or_else(|| "an unknown time".into());
         reconciling(
-            "ActionPending",
+            Reason::ActionPending,
             format!(
                 "{} action {} is {} since {since}; offline devices can take up to 3 days",
                 action.kind.as_str(),
@@ -882,7 +546,7 @@ impl<'a> Planner<'a> {
         if attempts >= t.max_attempts {
             self.status.next_attempt_at = None;
             return stalled(
-                "RetriesExhausted",
+                Reason::RetriesExhausted,
                 format!(
                     "{attempts} attempts failed (last: action {} {}); request a retry to try again",
                     failed.id,
@@ -913,7 +577,7 @@ impl<'a> Planner<'a> {
         }
         let wait = (due - self.input.now).to_std().unwrap_or_default();
         reconciling(
-            "RetryScheduled",
+            Reason::RetryScheduled,
             format!(
                 "action {} ended {}; attempt {} of {} at {}",
                 failed.id,
@@ -932,7 +596,7 @@ impl<'a> Planner<'a> {
         let t = self.input.timing;
         let Some(comment) = self.input.comment else {
             return stalled(
-                "CommentMissing",
+                Reason::CommentMissing,
                 "annotation isolation.mde.dev/comment is required: MDE records it as the reason \
                  for the action"
                     .into(),
@@ -944,7 +608,7 @@ impl<'a> Planner<'a> {
             let wait = (due - self.input.now).to_std().unwrap_or_default();
             if self.current_intent().is_some() {
                 return reconciling(
-                    "OutcomeUnknown",
+                    Reason::OutcomeUnknown,
                     format!(
                         "looking up whether the last request created an action at {}",
                         rfc3339(due)
@@ -954,7 +618,7 @@ impl<'a> Planner<'a> {
                 );
             }
             return reconciling(
-                "RetryScheduled",
+                Reason::RetryScheduled,
                 format!("next attempt at {}", rfc3339(due)),
                 Some(wait),
                 Effect::None,
@@ -968,8 +632,8 @@ impl<'a> Planner<'a> {
                 return match failure {
                     CallFailure::AuthenticationFailed(m) | CallFailure::Forbidden(m) => {
                         let reason = match failure {
-                            CallFailure::Forbidden(_) => "Forbidden",
-                            _ => "AuthenticationFailed",
+                            CallFailure::Forbidden(_) => Reason::Forbidden,
+                            _ => Reason::AuthenticationFailed,
                         };
                         // Only the view is read again (no call of this resource's own), soon.
                         stalled_until(
@@ -979,7 +643,7 @@ impl<'a> Planner<'a> {
                         )
                     }
                     other => reconciling(
-                        WAITING_FOR_VIEW,
+                        Reason::WaitingForMdeView,
                         format!(
                             "loading the open actions of the tenant failed, retrying: {other:?}"
                         ),
@@ -989,7 +653,7 @@ impl<'a> Planner<'a> {
                 };
             }
             return reconciling(
-                WAITING_FOR_VIEW,
+                Reason::WaitingForMdeView,
                 "loading the open actions of the tenant before requesting anything".into(),
                 Some(t.view_not_synced_retry),
                 Effect::None,
@@ -1009,7 +673,7 @@ impl<'a> Planner<'a> {
             self.status.next_attempt_at = None;
             self.event(
                 false,
-                "ActionAdopted",
+                Reason::ActionAdopted,
                 format!(
                     "adopted open {} action {} requested by {}",
                     same.kind.as_str(),
@@ -1038,7 +702,7 @@ impl<'a> Planner<'a> {
                 self.status.next_attempt_at = None;
                 self.event(
                     false,
-                    "ActionRequested",
+                    Reason::ActionRequested,
                     format!("recovered action {} from its audit marker", found.id),
                 );
                 self.status.action = Some(found.tracked());
@@ -1054,7 +718,7 @@ impl<'a> Planner<'a> {
             {
                 let wait = (at + settle - self.input.now).to_std().unwrap_or_default();
                 return reconciling(
-                    "OutcomeUnknown",
+                    Reason::OutcomeUnknown,
                     format!(
                         "looking up whether the last request created an action at {}",
                         rfc3339(at + settle)
@@ -1067,7 +731,7 @@ impl<'a> Planner<'a> {
                 let since = parse_time(&intent.recorded_at);
                 let effect = self.lookup_effect(since);
                 return reconciling(
-                    "OutcomeUnknown",
+                    Reason::OutcomeUnknown,
                     "looking up whether the last request created an action".into(),
                     Some(t.transient_retry),
                     effect,
@@ -1090,7 +754,7 @@ impl<'a> Planner<'a> {
 
     fn wait_for_opposite(&self, other: &ActionFact) -> Decision {
         reconciling(
-            "WaitingForOpenAction",
+            Reason::WaitingForOpenAction,
             format!(
                 "{} action {} is open on the machine; waiting for it to end before requesting {}",
                 other.kind.as_str(),
@@ -1106,7 +770,7 @@ impl<'a> Planner<'a> {
         let machine_id = self.machine_id();
         if self.input.dry_run {
             return reconciling(
-                "DryRun",
+                Reason::DryRun,
                 format!(
                     "dry run: would POST /api/machines/{machine_id}/{}",
                     self.desired.as_str().to_lowercase()
@@ -1139,7 +803,7 @@ impl<'a> Planner<'a> {
             }
         };
         reconciling(
-            "ActionRequested",
+            Reason::ActionRequested,
             format!(
                 "requesting {} for machine {machine_id}",
                 self.desired.as_str()
@@ -1150,13 +814,18 @@ impl<'a> Planner<'a> {
                 kind: self.desired,
                 isolation_type: self.input.spec.isolation_type,
                 comment: comment_with_marker(comment, &marker),
+                priority: if self.status.intent.as_ref().map_or(1, |i| i.attempt) > 1 {
+                    Priority::Low
+                } else {
+                    Priority::Normal
+                },
             },
         )
     }
 
     fn lookup_decision(&self, since: Option<DateTime<Utc>>) -> Decision {
         reconciling(
-            "WaitingForOpenAction",
+            Reason::WaitingForOpenAction,
             "MDE reports an action in progress on the machine; looking it up".into(),
             Some(self.input.timing.transient_retry),
             self.lookup_effect(since),
@@ -1190,16 +859,16 @@ impl<'a> Planner<'a> {
             .cloned()
     }
 
-    fn previous_ready_reason(&self) -> Option<&str> {
+    fn previous_ready_reason(&self) -> Option<Reason> {
         conditions::find(&self.input.status.conditions, conditions::READY)
             .filter(|c| c.observed_generation == Some(self.generation()))
-            .map(|c| c.reason.as_str())
+            .and_then(|c| Reason::parse(&c.reason))
     }
 
-    fn event(&mut self, warning: bool, reason: &str, note: String) {
+    fn event(&mut self, warning: bool, reason: Reason, note: String) {
         self.events.push(EventNote {
             warning,
-            reason: reason.into(),
+            reason,
             note,
         });
     }
@@ -1209,8 +878,8 @@ impl<'a> Planner<'a> {
             let previous = conditions::find(&self.input.status.conditions, STALLED)
                 .filter(|c| c.observed_generation == Some(self.generation()))
                 .map(|c| c.reason.as_str());
-            if previous != Some(reason.as_str()) && reason != "Drifted" {
-                self.event(true, reason, message.clone());
+            if previous != Some(reason.as_str()) && *reason != Reason::Drifted {
+                self.event(true, *reason, message.clone());
             }
         }
         let now = rfc3339(self.input.now);
@@ -1227,49 +896,33 @@ impl<'a> Planner<'a> {
             effect,
             requeue,
             events: self.events,
+            reason: phase.reason(),
         }
     }
 }
 
-fn stalled(reason: &str, message: String) -> Decision {
-    (
-        Phase::Stalled {
-            reason: reason.into(),
-            message,
-        },
-        Effect::None,
-        None,
-    )
+fn stalled(reason: Reason, message: String) -> Decision {
+    (Phase::Stalled { reason, message }, Effect::None, None)
 }
 
 /// Stalled, but looked at again after `recheck` (the cause may be fixed outside the resource).
-fn stalled_until(reason: &str, message: String, recheck: Duration) -> Decision {
+fn stalled_until(reason: Reason, message: String, recheck: Duration) -> Decision {
     (
-        Phase::Stalled {
-            reason: reason.into(),
-            message,
-        },
+        Phase::Stalled { reason, message },
         Effect::None,
         Some(recheck),
     )
 }
 
 fn reconciling(
-    reason: &str,
+    reason: Reason,
     message: String,
     requeue: Option<Duration>,
     effect: Effect,
 ) -> Decision {
-    (
-        Phase::Reconciling {
-            reason: reason.into(),
-            message,
-        },
-        effect,
-        requeue,
-    )
+    (Phase::Reconciling { reason, message }, effect, requeue)
 }
 
 #[cfg(test)]
-#[path = "planner_tests.rs"]
+#[path = "plan_tests.rs"]
 mod tests;

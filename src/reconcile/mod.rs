@@ -1,0 +1,400 @@
+//! Reconciling one DeviceIsolation: plan → perform → feed back.
+//!
+//! - [`vocab`]: the types every part speaks (actions, facts, effects, plans, reasons).
+//! - [`plan`]: the pure decision, table-tested.
+//! - [`effects`]: the one place that calls MDE, the quota gate and the API server.
+//! - [`memory`]: what the process remembers per resource, freed on delete.
+//!
+//! The driver below asks the planner for the next step, performs the one effect it names, feeds
+//! the outcome back into the facts, and plans again until nothing is left to do; the status is
+//! written only when it changed. It decides nothing itself.
+
+pub mod effects;
+pub mod memory;
+pub mod plan;
+pub mod vocab;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+use tokio::sync::Notify;
+
+pub use effects::{Effects, Live, Request, failure_of};
+pub use memory::Memory;
+pub use plan::plan;
+pub use vocab::*;
+
+use crate::cache::{Gone, Stores};
+use crate::crd::{DeviceIsolation, DeviceIsolationStatus};
+use crate::events::EventPublisher;
+use crate::mde::client::MdeClient;
+use crate::metrics::Metrics;
+use crate::poller::Wake;
+use crate::quota::QuotaGate;
+use crate::resolver::DeviceResolver;
+use crate::view::ActionView;
+
+/// Field manager of the operator's status writes.
+pub const FIELD_MANAGER: &str = "mde-isolation-operator";
+
+/// Plan/act rounds per reconcile: plan, lookup, plan, POST, plan, lookup, plan is the longest
+/// useful chain; a cap keeps a bug from looping against the quota.
+const MAX_ROUNDS: usize = 8;
+
+/// Errors that end a reconcile early; it is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The Kubernetes API refused a status write.
+    #[error("writing status: {0}")]
+    StatusWrite(#[source] kube::Error),
+}
+
+/// State shared by every reconcile; each piece has this one owner.
+pub struct Context {
+    /// Kubernetes client (status writes).
+    pub kube: kube::Client,
+    /// MDE client (through the quota gate).
+    pub mde: MdeClient,
+    /// Shared view of isolation actions.
+    pub view: Arc<ActionView>,
+    /// Watch caches of every watched scope.
+    pub stores: Stores,
+    /// Per-resource process memory.
+    pub memory: Memory,
+    /// Event publisher.
+    pub events: EventPublisher,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Retry timings.
+    pub timing: Timing,
+    /// Plan only.
+    pub dry_run: bool,
+    /// Wakes the batch poller early after a new action.
+    pub poller_nudge: Arc<Notify>,
+    /// Wakes resources (those sharing a machine with a deleted one).
+    pub waker: Arc<dyn Wake>,
+    /// Batches spec.deviceName lookups.
+    pub resolver: Arc<DeviceResolver>,
+}
+
+/// Reconciles one DeviceIsolation.
+pub async fn reconcile(di: Arc<DeviceIsolation>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let resource = ResourceRef::from_obj(&*di);
+    let result = drive(
+        &di,
+        &Live::new(&ctx, &di),
+        &ctx.memory,
+        &ctx.timing,
+        ctx.dry_run,
+    )
+    .await;
+    ctx.metrics.reconciled(result.is_ok());
+    if ctx.metrics.recount_due() {
+        ctx.metrics.set_phase_counts(&ctx.stores.count_phases());
+        ctx.metrics.set_tracked(&ctx.tracked());
+    }
+    if result.is_ok() {
+        ctx.memory.succeeded(&resource);
+    }
+    result
+}
+
+/// One reconcile: plan → perform → feed back, until the plan asks for nothing.
+pub async fn drive<E: Effects>(
+    di: &DeviceIsolation,
+    fx: &E,
+    memory: &Memory,
+    timing: &Timing,
+    dry_run: bool,
+) -> Result<Action, Error> {
+    let resource = ResourceRef::from_obj(di);
+    // Remembered first, checked second (see `Live::watch`): a deletion reported meanwhile
+    // cannot leave an entry behind, and a deleted resource requests nothing.
+    memory.track(&resource);
+    let Some(mut pass) = Pass::start(di, fx) else {
+        memory.forget(&resource);
+        return Ok(Action::await_change());
+    };
+    for _ in 0..MAX_ROUNDS {
+        let plan = pass.plan(di, memory, timing, dry_run, fx.now());
+        if plan.reason == Reason::WaitingForMdeView {
+            // The poller loads the view on demand only, so that a restart over converged
+            // resources makes no MDE call; this resource needs it now.
+            fx.nudge_view();
+        }
+        fx.publish(&plan.events).await;
+        pass.status = plan.status.clone();
+        pass.follow_resolved_machine(fx);
+        match plan.effect {
+            Effect::None => return pass.finish(fx, &plan).await,
+            Effect::ResolveDevice { device_name } => {
+                pass.facts.resolution = fx.resolve(&device_name).await;
+            }
+            Effect::Lookup {
+                machine_id,
+                created_since,
+            } => {
+                pass.facts.lookup = fx.lookup(&machine_id, created_since).await;
+                pass.facts.actions = fx.actions_for(&machine_id);
+            }
+            Effect::Post {
+                machine_id,
+                kind,
+                isolation_type,
+                comment,
+                priority,
+            } => {
+                let request = Request {
+                    machine_id,
+                    kind,
+                    isolation_type,
+                    comment,
+                    priority,
+                };
+                let outcome = pass.post(fx, &request).await?;
+                let marker = pass.intent_marker();
+                memory.after_post(&pass.resource, &marker, &outcome, fx.now());
+                pass.facts.post = Some(outcome);
+                pass.facts.actions = fx.actions_for(&request.machine_id);
+            }
+        }
+    }
+    tracing::error!(resource = %key_of(&pass.resource), "planner did not settle; retrying later");
+    pass.write(fx).await?;
+    Ok(Action::requeue(timing.transient_retry))
+}
+
+/// What one reconcile knows and has written so far.
+struct Pass {
+    resource: ResourceRef,
+    /// Unknown until spec.deviceName is resolved (then recorded in status and reused).
+    machine: Option<String>,
+    siblings: Vec<Sibling>,
+    /// The status last written (or read).
+    written: DeviceIsolationStatus,
+    /// The status the plans have led to.
+    status: DeviceIsolationStatus,
+    facts: Facts,
+}
+
+impl Pass {
+    /// `None` when the resource is gone.
+    fn start<E: Effects>(di: &DeviceIsolation, fx: &E) -> Option<Self> {
+        let machine = di.machine_id().map(str::to_string);
+        let present = match &machine {
+            Some(m) => fx.watch(m),
+            None => fx.present(),
+        };
+        if !present {
+            return None;
+        }
+        let (synced, view_failure) = fx.view_state();
+        let persisted = di.status.clone().unwrap_or_default();
+        Some(Pass {
+            resource: ResourceRef::from_obj(di),
+            siblings: machine
+                .as_deref()
+                .map(|m| fx.siblings(m))
+                .unwrap_or_default(),
+            facts: Facts {
+                synced,
+                view_failure,
+                actions: machine
+                    .as_deref()
+                    .map(|m| fx.actions_for(m))
+                    .unwrap_or_default(),
+                ..Facts::default()
+            },
+            machine,
+            written: persisted.clone(),
+            status: persisted,
+        })
+    }
+
+    /// The planner's next step, from the resource, the facts and the process's memory.
+    fn plan(
+        &mut self,
+        di: &DeviceIsolation,
+        memory: &Memory,
+        timing: &Timing,
+        dry_run: bool,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Plan {
+        let marker = self.intent_marker();
+        self.facts.intent_unsent =
+            self.status.intent.is_some() && memory.unsent(&self.resource, &marker);
+        self.facts.intent_ambiguous_at = self
+            .status
+            .intent
+            .as_ref()
+            .and_then(|_| memory.ambiguous_at(&self.resource, &marker));
+        let plan = plan::plan(&Input {
+            namespace: self.resource.namespace.as_deref().unwrap_or_default(),
+            name: &self.resource.name,
+            uid: di.metadata.uid.as_deref().unwrap_or_default(),
+            generation: di.metadata.generation.unwrap_or(1),
+            spec: &di.spec,
+            comment: di.comment(),
+            retry_request: di.retry_request(),
+            status: &self.status,
+            siblings: &self.siblings,
+            facts: &self.facts,
+            now,
+            dry_run,
+            timing,
+        });
+        self.facts.post = None;
+        plan
+    }
+
+    /// A device name was just resolved: from now on this is a machine like any other.
+    fn follow_resolved_machine<E: Effects>(&mut self, fx: &E) {
+        if self.machine.is_some() {
+            return;
+        }
+        if let Some(resolved) = self.status.machine_id.clone() {
+            fx.watch(&resolved);
+            self.facts.actions = fx.actions_for(&resolved);
+            self.siblings = fx.siblings(&resolved);
+            self.machine = Some(resolved);
+        }
+    }
+
+    /// The intent reaches the API server before the POST leaves (crash safety). A request that
+    /// would only wait for quota holds its slot instead and its intent is written once, with the
+    /// reason it waits (by the plan that follows). When the intent is already there (a request
+    /// that waited), nothing is written: a write that only flips the reason back and forth would
+    /// wake the resource again and again while it waits.
+    async fn post<E: Effects>(&mut self, fx: &E, request: &Request) -> Result<PostOutcome, Error> {
+        if self.written.intent != self.status.intent {
+            if let Some(wait) = fx.hold(request) {
+                return Ok(PostOutcome::Failed(wait));
+            }
+            self.write(fx).await?;
+        }
+        Ok(fx.post(request).await)
+    }
+
+    async fn finish<E: Effects>(&mut self, fx: &E, plan: &Plan) -> Result<Action, Error> {
+        self.write(fx).await?;
+        if plan.settled() {
+            fx.release_quota();
+        }
+        Ok(match plan.requeue {
+            Some(after) => Action::requeue(after.max(Duration::from_millis(50))),
+            None => Action::await_change(),
+        })
+    }
+
+    /// Writes the status when it differs from what was last written.
+    async fn write<E: Effects>(&mut self, fx: &E) -> Result<(), Error> {
+        if self.written != self.status {
+            fx.write_status(&self.status)
+                .await
+                .map_err(Error::StatusWrite)?;
+            self.written = self.status.clone();
+        }
+        Ok(())
+    }
+
+    fn intent_marker(&self) -> String {
+        self.status
+            .intent
+            .as_ref()
+            .map(|i| i.marker.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Every owner of per-resource state in the process.
+pub struct Owners<'a> {
+    /// Per-resource memory.
+    pub memory: &'a Memory,
+    /// Interest in machines.
+    pub view: &'a ActionView,
+    /// Quota reservations and priority classes.
+    pub gate: &'a QuotaGate,
+    /// Wakes other resources.
+    pub waker: &'a dyn Wake,
+}
+
+impl Owners<'_> {
+    /// Frees everything held for `resource` (its memory, its interest in a machine, its quota
+    /// slots) and wakes the resources it shared `machine` with: a partner stalled in `Conflict`
+    /// may proceed now.
+    pub fn forget(&self, resource: &ResourceRef, machine: Option<&str>) {
+        self.memory.forget(resource);
+        let watched = self.view.unwatch(resource);
+        self.gate.forget(&key_of(resource));
+        let machines: HashSet<String> = watched
+            .into_iter()
+            .chain(machine.map(String::from))
+            .collect();
+        for other in self.view.watchers_of(machines.iter()) {
+            self.waker.wake(&other);
+        }
+    }
+
+    /// A (re-)list of `scope` (a namespace; every one when `None`) holds exactly `present`: frees
+    /// every resource of that scope it does not hold (deleted while the watch was down).
+    pub fn relisted(&self, scope: Option<&str>, present: &HashSet<ResourceRef>) {
+        let of_scope = |r: &ResourceRef| scope.is_none_or(|s| r.namespace.as_deref() == Some(s));
+        for resource in self.memory.retain(|r| !of_scope(r) || present.contains(r)) {
+            self.forget(&resource, None);
+        }
+    }
+
+    /// Resources each owner holds state for.
+    pub fn tracked(&self) -> [(&'static str, usize); 3] {
+        [
+            ("memory", self.memory.len()),
+            ("view", self.view.watched()),
+            ("quota", self.gate.keys(is_resource_key)),
+        ]
+    }
+}
+
+impl Context {
+    fn owners(&self) -> Owners<'_> {
+        Owners {
+            memory: &self.memory,
+            view: &self.view,
+            gate: self.mde.gate(),
+            waker: &*self.waker,
+        }
+    }
+
+    /// Resources each per-resource owner still holds state for.
+    pub fn tracked(&self) -> [(&'static str, usize); 3] {
+        self.owners().tracked()
+    }
+
+    /// Frees what the watches report gone.
+    pub fn gone(&self, gone: Gone) {
+        let owners = self.owners();
+        match gone {
+            Gone::Deleted { resource, machine } => owners.forget(&resource, machine.as_deref()),
+            Gone::Relisted { scope, present } => owners.relisted(scope.as_deref(), &present),
+        }
+        self.metrics.set_tracked(&owners.tracked());
+    }
+}
+
+/// Exponential backoff for reconciles that failed on the Kubernetes side (a flat requeue would
+/// hammer an API server that is already in trouble).
+pub fn error_policy(di: Arc<DeviceIsolation>, error: &Error, ctx: Arc<Context>) -> Action {
+    let resource = ResourceRef::from_obj(&*di);
+    let failures = ctx.memory.failed(&resource);
+    let delay = ctx
+        .timing
+        .transient_retry
+        .saturating_mul(1u32 << (failures - 1).min(5))
+        .min(ctx.timing.backoff_max);
+    tracing::warn!(resource = %key_of(&resource), %error, failures, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}

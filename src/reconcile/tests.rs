@@ -1,0 +1,449 @@
+//! The driver against a fake [`Effects`]: what it performs, in which order, for the cases where
+//! the planner's decisions meet process memory and I/O (quota waits, ambiguous outcomes, a
+//! restart with an intent, deletion).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use super::*;
+use crate::audit::carries_marker;
+use crate::conditions::{self, READY, RECONCILING, STALLED};
+use crate::mde::model::ActionStatus;
+
+const MACHINE: &str = "1e5bc9d7e413ddd7902c2932e418702b84d0cc07";
+
+fn t0() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+/// A DeviceIsolation as the watch cache holds it.
+fn resource(name: &str, isolated: bool, status: Option<DeviceIsolationStatus>) -> DeviceIsolation {
+    let mut di: DeviceIsolation = serde_json::from_value(json!({
+        "apiVersion": "isolation.mde.dev/v1alpha1",
+        "kind": "DeviceIsolation",
+        "metadata": {
+            "name": name, "namespace": "secops", "uid": format!("uid-{name}"), "generation": 1,
+            "annotations": {crate::crd::COMMENT_ANNOTATION: "INC-4711"},
+        },
+        "spec": {"machineId": MACHINE, "isolated": isolated},
+    }))
+    .unwrap();
+    di.status = status;
+    di
+}
+
+/// One performed effect, as the fake saw it.
+#[derive(Clone, Debug, PartialEq)]
+enum Call {
+    Lookup,
+    Hold,
+    Post(String),
+    Write(Option<String>, String),
+    Release,
+    Nudge,
+}
+
+/// A fake MDE, quota gate and API server for one resource.
+struct Fake {
+    now: Mutex<DateTime<Utc>>,
+    present: AtomicBool,
+    /// What the shared view knows.
+    view: Mutex<Vec<ActionFact>>,
+    /// What MDE holds (a lookup copies it into the view).
+    mde: Mutex<Vec<ActionFact>>,
+    siblings: Mutex<Vec<Sibling>>,
+    /// Answers of `hold`, in order; none left means "go now".
+    holds: Mutex<VecDeque<CallFailure>>,
+    /// Answers of `post`, in order; none left means MDE creates a Pending action.
+    posts: Mutex<VecDeque<CallFailure>>,
+    calls: Mutex<Vec<Call>>,
+    /// The last status written.
+    written: Mutex<Option<DeviceIsolationStatus>>,
+}
+
+impl Fake {
+    fn new() -> Self {
+        Fake {
+            now: Mutex::new(t0()),
+            present: AtomicBool::new(true),
+            view: Mutex::default(),
+            mde: Mutex::default(),
+            siblings: Mutex::default(),
+            holds: Mutex::default(),
+            posts: Mutex::default(),
+            calls: Mutex::default(),
+            written: Mutex::default(),
+        }
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
+    }
+
+    fn log(&self, call: Call) {
+        self.calls.lock().unwrap().push(call);
+    }
+
+    fn advance(&self, by: std::time::Duration) {
+        *self.now.lock().unwrap() += chrono::Duration::from_std(by).unwrap();
+    }
+
+    /// The resource as the watch cache shows it after the last write.
+    fn cached(&self, name: &str, isolated: bool) -> DeviceIsolation {
+        resource(name, isolated, self.written.lock().unwrap().clone())
+    }
+
+    fn posts_made(calls: &[Call]) -> usize {
+        calls.iter().filter(|c| matches!(c, Call::Post(_))).count()
+    }
+}
+
+impl Effects for Fake {
+    fn now(&self) -> DateTime<Utc> {
+        *self.now.lock().unwrap()
+    }
+    fn present(&self) -> bool {
+        self.present.load(Ordering::SeqCst)
+    }
+    fn view_state(&self) -> (bool, Option<CallFailure>) {
+        (true, None)
+    }
+    fn actions_for(&self, machine: &str) -> Vec<ActionFact> {
+        assert_eq!(machine, MACHINE);
+        self.view.lock().unwrap().clone()
+    }
+    fn siblings(&self, _machine: &str) -> Vec<Sibling> {
+        self.siblings.lock().unwrap().clone()
+    }
+    fn watch(&self, _machine: &str) -> bool {
+        self.present()
+    }
+    fn nudge_view(&self) {
+        self.log(Call::Nudge);
+    }
+    async fn resolve(&self, _name: &str) -> Resolution {
+        unreachable!("the fixtures name a machine id")
+    }
+    async fn lookup(&self, _machine: &str, _since: Option<DateTime<Utc>>) -> Lookup {
+        self.log(Call::Lookup);
+        *self.view.lock().unwrap() = self.mde.lock().unwrap().clone();
+        Lookup::Done
+    }
+    fn hold(&self, _request: &Request) -> Option<CallFailure> {
+        self.log(Call::Hold);
+        self.holds.lock().unwrap().pop_front()
+    }
+    async fn post(&self, request: &Request) -> PostOutcome {
+        self.log(Call::Post(request.comment.clone()));
+        let created = ActionFact {
+            id: format!("action-{}", self.mde.lock().unwrap().len() + 1),
+            kind: request.kind,
+            status: ActionStatus::Pending,
+            requestor: Some("mde-isolation-operator".into()),
+            comment: Some(request.comment.clone()),
+            created_at: Some(self.now()),
+            updated_at: Some(self.now()),
+        };
+        match self.posts.lock().unwrap().pop_front() {
+            Some(CallFailure::Ambiguous(msg)) => {
+                // Applied, but the answer was lost.
+                self.mde.lock().unwrap().push(created);
+                PostOutcome::Failed(CallFailure::Ambiguous(msg))
+            }
+            Some(failure) => PostOutcome::Failed(failure),
+            None => {
+                self.mde.lock().unwrap().push(created.clone());
+                self.view.lock().unwrap().push(created.clone());
+                PostOutcome::Action(created)
+            }
+        }
+    }
+    async fn write_status(&self, status: &DeviceIsolationStatus) -> Result<(), kube::Error> {
+        let reason = conditions::find(&status.conditions, READY)
+            .map(|c| c.reason.clone())
+            .unwrap_or_default();
+        let marker = status.intent.as_ref().map(|i| i.marker.clone());
+        self.log(Call::Write(marker, reason));
+        *self.written.lock().unwrap() = Some(status.clone());
+        Ok(())
+    }
+    async fn publish(&self, _notes: &[EventNote]) {}
+    fn release_quota(&self) {
+        self.log(Call::Release);
+    }
+}
+
+fn timing() -> Timing {
+    Timing::default()
+}
+
+async fn run(fake: &Fake, di: &DeviceIsolation, memory: &Memory) -> Action {
+    drive(di, fake, memory, &timing(), false).await.unwrap()
+}
+
+fn reason_of(status: &DeviceIsolationStatus, type_: &str) -> Option<String> {
+    conditions::find(&status.conditions, type_).map(|c| c.reason.clone())
+}
+
+#[tokio::test]
+async fn a_request_that_must_wait_writes_its_intent_once_and_sends_without_a_lookup() {
+    let (fake, memory) = (Fake::new(), Memory::default());
+    let wait = std::time::Duration::from_secs(30);
+    fake.holds
+        .lock()
+        .unwrap()
+        .push_back(CallFailure::QuotaWait(wait));
+    let action = run(&fake, &resource("a", false, None), &memory).await;
+    assert_eq!(action, Action::requeue(wait));
+    let calls = fake.calls();
+    assert_eq!(Fake::posts_made(&calls), 0, "{calls:?}");
+    let writes: Vec<_> = calls
+        .iter()
+        .filter(|c| matches!(c, Call::Write(..)))
+        .collect();
+    assert_eq!(writes.len(), 1, "one write while waiting: {calls:?}");
+    let Call::Write(Some(marker), reason) = writes[0] else {
+        panic!("the write holds the intent: {calls:?}")
+    };
+    assert_eq!(reason, "WaitingForQuota");
+    assert!(memory.unsent(&ResourceRef::new("a").within("secops"), marker));
+
+    // The slot has come: the intent is already persisted and known unsent, so the request goes
+    // at once, under the same marker, with no lookup and no second intent write.
+    fake.advance(wait);
+    let marker = marker.clone();
+    run(&fake, &fake.cached("a", false), &memory).await;
+    let calls = fake.calls();
+    assert!(!calls.contains(&Call::Lookup), "{calls:?}");
+    assert!(!calls.contains(&Call::Hold), "{calls:?}");
+    let posted: Vec<&String> = calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::Post(comment) => Some(comment),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(posted.len(), 1, "{calls:?}");
+    assert!(carries_marker(Some(posted[0]), &marker));
+    let status = fake.written.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        status.intent, None,
+        "the action is recorded, the intent cleared"
+    );
+    assert_eq!(
+        reason_of(&status, RECONCILING).as_deref(),
+        Some("ActionPending")
+    );
+}
+
+#[tokio::test]
+async fn an_ambiguous_post_is_looked_up_after_the_settle_time_and_never_sent_twice() {
+    let (fake, memory) = (Fake::new(), Memory::default());
+    fake.posts
+        .lock()
+        .unwrap()
+        .push_back(CallFailure::Ambiguous("timed out".into()));
+    let first = resource("a", false, None);
+    let settle = timing().ambiguous_settle;
+    assert_eq!(run(&fake, &first, &memory).await, Action::requeue(settle));
+    let calls = fake.calls();
+    assert_eq!(Fake::posts_made(&calls), 1);
+    assert!(
+        matches!(calls.first(), Some(Call::Hold))
+            && matches!(calls.get(1), Some(Call::Write(Some(_), _))),
+        "the intent is written before the POST leaves: {calls:?}"
+    );
+
+    // Woken early, from a watch cache that has not seen the last write yet: the process's own
+    // memory keeps it from looking up (and proving absent) what may still be applied.
+    let mut lagging = fake.cached("a", false);
+    lagging.status.as_mut().unwrap().next_attempt_at = None;
+    fake.advance(settle / 2);
+    run(&fake, &lagging, &memory).await;
+    let calls = fake.calls();
+    assert!(!calls.contains(&Call::Lookup), "{calls:?}");
+    assert_eq!(Fake::posts_made(&calls), 0, "{calls:?}");
+
+    // After the settle time: a lookup finds the action by its marker and adopts it.
+    fake.advance(settle);
+    run(&fake, &fake.cached("a", false), &memory).await;
+    let calls = fake.calls();
+    assert_eq!(calls.first(), Some(&Call::Lookup), "{calls:?}");
+    assert_eq!(Fake::posts_made(&calls), 0, "{calls:?}");
+    let status = fake.written.lock().unwrap().clone().unwrap();
+    assert_eq!(status.action.unwrap().id, "action-1");
+    assert_eq!(status.intent, None);
+}
+
+#[tokio::test]
+async fn after_a_restart_an_intent_is_looked_up_before_anything_is_sent() {
+    // A previous process wrote the intent and crashed: whether its POST left is unknown.
+    let (fake, before) = (Fake::new(), Memory::default());
+    fake.holds
+        .lock()
+        .unwrap()
+        .push_back(CallFailure::QuotaWait(std::time::Duration::from_secs(1)));
+    run(&fake, &resource("a", false, None), &before).await;
+    let Some(DeviceIsolationStatus {
+        intent: Some(intent),
+        ..
+    }) = fake.written.lock().unwrap().clone()
+    else {
+        panic!("an intent was written")
+    };
+    fake.calls();
+
+    // Case 1: it had been sent and has even finished (the view, loaded after the restart,
+    // does not show it): the lookup finds it, nothing is sent, the device is released.
+    let restarted = Memory::default();
+    fake.mde.lock().unwrap().push(ActionFact {
+        id: "done".into(),
+        kind: ActionKind::Unisolate,
+        status: ActionStatus::Succeeded,
+        requestor: None,
+        comment: Some(crate::audit::comment_with_marker(
+            "INC-4711",
+            &intent.marker,
+        )),
+        created_at: Some(t0()),
+        updated_at: Some(t0()),
+    });
+    run(&fake, &fake.cached("a", false), &restarted).await;
+    let calls = fake.calls();
+    assert_eq!(calls.first(), Some(&Call::Lookup), "{calls:?}");
+    assert_eq!(Fake::posts_made(&calls), 0, "{calls:?}");
+    let status = fake.written.lock().unwrap().clone().unwrap();
+    assert_eq!(reason_of(&status, READY).as_deref(), Some("Released"));
+    assert!(calls.contains(&Call::Release), "settled: slots released");
+
+    // Case 2: it never left: the lookup proves it absent and it is sent once, same marker.
+    let fake = Fake::new();
+    *fake.written.lock().unwrap() = Some(DeviceIsolationStatus {
+        intent: Some(intent.clone()),
+        ..Default::default()
+    });
+    run(&fake, &fake.cached("a", false), &Memory::default()).await;
+    let calls = fake.calls();
+    let lookup = calls.iter().position(|c| c == &Call::Lookup);
+    let post = calls.iter().position(|c| matches!(c, Call::Post(_)));
+    assert!(
+        lookup.is_some() && post.is_some() && lookup < post,
+        "{calls:?}"
+    );
+    assert_eq!(Fake::posts_made(&calls), 1);
+    let Some(Call::Post(comment)) = post.map(|i| calls[i].clone()) else {
+        unreachable!()
+    };
+    assert!(carries_marker(Some(&comment), &intent.marker));
+}
+
+#[tokio::test]
+async fn a_deleted_partner_lets_a_conflicting_resource_proceed_and_a_deleted_resource_does_nothing()
+{
+    let (fake, memory) = (Fake::new(), Memory::default());
+    fake.siblings.lock().unwrap().push(Sibling {
+        key: "secops/b".into(),
+        isolated: true,
+    });
+    assert_eq!(
+        run(&fake, &resource("a", false, None), &memory).await,
+        Action::await_change()
+    );
+    let status = fake.written.lock().unwrap().clone().unwrap();
+    assert_eq!(reason_of(&status, STALLED).as_deref(), Some("Conflict"));
+    assert_eq!(Fake::posts_made(&fake.calls()), 0);
+
+    // b is deleted; the wake-up reconciles a, which no longer sees it.
+    fake.siblings.lock().unwrap().clear();
+    run(&fake, &fake.cached("a", false), &memory).await;
+    assert_eq!(Fake::posts_made(&fake.calls()), 1);
+    assert_eq!(memory.len(), 1);
+
+    // a itself is deleted while a reconcile of it is queued: nothing is called or written,
+    // and nothing is remembered of it.
+    fake.present.store(false, Ordering::SeqCst);
+    fake.siblings.lock().unwrap().clear();
+    let last = fake.cached("a", false);
+    assert_eq!(run(&fake, &last, &memory).await, Action::await_change());
+    assert!(fake.calls().is_empty());
+    assert!(memory.is_empty());
+}
+
+/// A wake-up recorder for [`Owners::forget`].
+#[derive(Default)]
+struct Woken(Mutex<Vec<ResourceRef>>);
+
+impl Wake for Woken {
+    fn wake(&self, resource: &ResourceRef) {
+        self.0.lock().unwrap().push(resource.clone());
+    }
+}
+
+#[test]
+fn forgetting_a_deleted_resource_frees_every_owner_and_wakes_its_partners() {
+    use crate::quota::{Api, Priority, QuotaConfig};
+    let (memory, view, woken) = (Memory::default(), ActionView::new(), Woken::default());
+    let gate = QuotaGate::new(QuotaConfig::from_budget(1.0, 1.0));
+    let owners = Owners {
+        memory: &memory,
+        view: &view,
+        gate: &gate,
+        waker: &woken,
+    };
+    let (a, b) = (
+        ResourceRef::new("a").within("secops"),
+        ResourceRef::new("b").within("secops"),
+    );
+    for r in [&a, &b] {
+        memory.track(r);
+        view.watch(r.clone(), MACHINE);
+    }
+    gate.set_priority("secops/b", Priority::Low);
+    let now = tokio::time::Instant::now();
+    for _ in 0..100 {
+        gate.reserve(Api::Unisolate, "secops/other", now);
+    }
+    assert!(matches!(
+        gate.reserve(Api::Unisolate, "secops/b", now),
+        crate::quota::Admission::WaitUntil(_)
+    ));
+    assert_eq!(owners.tracked(), [("memory", 2), ("view", 2), ("quota", 1)]);
+
+    owners.forget(&b, Some(MACHINE));
+    assert_eq!(*woken.0.lock().unwrap(), vec![a.clone()]);
+    assert_eq!(owners.tracked(), [("memory", 1), ("view", 1), ("quota", 0)]);
+    owners.forget(&a, Some(MACHINE));
+    assert_eq!(owners.tracked(), [("memory", 0), ("view", 0), ("quota", 0)]);
+}
+
+#[test]
+fn a_relist_frees_what_it_no_longer_holds_in_its_own_scope_only() {
+    let (memory, view, woken) = (Memory::default(), ActionView::new(), Woken::default());
+    let gate = QuotaGate::new(crate::quota::QuotaConfig::from_budget(1.0, 1.0));
+    let owners = Owners {
+        memory: &memory,
+        view: &view,
+        gate: &gate,
+        waker: &woken,
+    };
+    let kept = ResourceRef::new("kept").within("secops");
+    let gone = ResourceRef::new("gone").within("secops");
+    let elsewhere = ResourceRef::new("x").within("other");
+    for r in [&kept, &gone, &elsewhere] {
+        memory.track(r);
+        view.watch(r.clone(), MACHINE);
+    }
+    owners.relisted(Some("secops"), &[kept.clone()].into());
+    assert_eq!(owners.tracked(), [("memory", 2), ("view", 2), ("quota", 0)]);
+    assert!(!memory.forget(&gone), "freed by the relist");
+    memory.track(&gone);
+    owners.relisted(None, &[kept.clone()].into());
+    assert_eq!(owners.tracked(), [("memory", 1), ("view", 1), ("quota", 0)]);
+    assert!(memory.forget(&kept));
+}
