@@ -1,0 +1,172 @@
+//! Deletions reach the operator (issue 11): against a real kube-apiserver and `mde-sim`, with
+//! real kubectl, and no operator restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::cluster;
+use common::operator::{
+    Operator, OperatorConfig, SeedMachine, apply, condition, device_isolation, machine_id,
+    seed_file, wait_ready, wait_stalled,
+};
+use common::sim::Sim;
+use kube::api::{Api, ListParams};
+use mde_isolation_operator::crd::DeviceIsolation;
+
+/// `mde_isolation_tracked_resources` per owner, from the operator's metrics.
+async fn tracked(addr: &str) -> Vec<(String, i64)> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("mde_isolation_tracked_resources{owner=\""))
+        .filter_map(|l| {
+            let (owner, value) = l.split_once("\"} ")?;
+            Some((owner.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Waits until the memory and the view track `want` resources and the quota gate none (the
+/// resources are settled or gone, so none waits for a slot).
+async fn wait_tracked(addr: &str, op: &Operator, want: i64) {
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut now = tracked(addr).await;
+        now.sort();
+        let expected =
+            [("memory", want), ("quota", 0), ("view", want)].map(|(o, n)| (o.to_string(), n));
+        if now == expected {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "tracked resources stay at {now:?}, want {expected:?}\n{}",
+            op.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn unisolates(calls: &[serde_json::Value], machine: &str) -> usize {
+    calls
+        .iter()
+        .filter(|c| c["api"] == "unisolate" && c["path"].as_str().unwrap_or("").contains(machine))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_conflicting_partner_lets_the_other_proceed_without_a_restart() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("delete").await;
+    let client = c.client().await;
+    let m = machine_id(0xde1);
+    let dir = tempfile::tempdir().unwrap();
+    let seed = seed_file(
+        dir.path(),
+        &[SeedMachine {
+            id: &m,
+            name: "shared.contoso.local",
+            behaviour: "online",
+            isolated: true,
+        }],
+    );
+    let sim = Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", "60"]);
+    let op = Operator::start(&sim, OperatorConfig::new(&c.kubeconfig, &ns));
+    let addr = op.http_addr(Duration::from_secs(60));
+
+    apply(
+        &client,
+        &ns,
+        &device_isolation("release", &m, false, Some("INC-1")),
+    )
+    .await;
+    apply(
+        &client,
+        &ns,
+        &device_isolation("isolate", &m, true, Some("INC-2")),
+    )
+    .await;
+    let (reason, message) = wait_stalled(&client, &ns, "release", &op).await;
+    assert_eq!(reason, "Conflict", "{message}");
+    assert_eq!(
+        wait_stalled(&client, &ns, "isolate", &op).await.0,
+        "Conflict"
+    );
+    assert_eq!(unisolates(&sim.admin_calls().await, &m), 0);
+
+    let out = c
+        .kubectl()
+        .args(["delete", "deviceisolation", "isolate", "-n", &ns])
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let di = wait_ready(&client, &ns, "release", &op).await;
+    let (_, reason, _) = condition(&di, "Ready").unwrap();
+    assert_eq!(reason, "Released");
+    assert_eq!(unisolates(&sim.admin_calls().await, &m), 1);
+    assert_eq!(sim.ground_truth(&m).await["isolated"], false);
+    // Only the remaining resource is remembered.
+    wait_tracked(&addr, &op, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_created_and_deleted_three_times_leave_nothing_tracked() {
+    const N: u32 = 40;
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("churn").await;
+    let client = c.client().await;
+    let ids: Vec<String> = (0..N).map(|i| machine_id(0xc000 + i)).collect();
+    let names: Vec<String> = (0..N).map(|i| format!("churn-{i}.contoso.local")).collect();
+    let machines: Vec<SeedMachine<'_>> = ids
+        .iter()
+        .zip(&names)
+        .map(|(id, name)| SeedMachine {
+            id,
+            name,
+            behaviour: "online",
+            isolated: true,
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let seed = seed_file(dir.path(), &machines);
+    let sim = Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", "60"]);
+    let op = Operator::start(&sim, OperatorConfig::new(&c.kubeconfig, &ns));
+    let addr = op.http_addr(Duration::from_secs(60));
+    let api: Api<DeviceIsolation> = Api::namespaced(client.clone(), &ns);
+
+    for round in 0..3 {
+        // Alternate the desired state so that every round requests an action per device.
+        let isolated = round % 2 == 1;
+        for (i, id) in ids.iter().enumerate() {
+            let di = device_isolation(&format!("d{i}"), id, isolated, Some("churn"));
+            apply(&client, &ns, &di).await;
+        }
+        for i in 0..N {
+            wait_ready(&client, &ns, &format!("d{i}"), &op).await;
+        }
+        wait_tracked(&addr, &op, i64::from(N)).await;
+        api.delete_collection(&Default::default(), &ListParams::default())
+            .await
+            .expect("delete all");
+        wait_tracked(&addr, &op, 0).await;
+    }
+    assert!(
+        api.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+}
