@@ -2,7 +2,8 @@
 # The demo: a real kube-apiserver, mde-sim with the example machines, the CRD, the operator, and
 # the manifests of examples/, then `kubectl get deviceisolations` until everything settles.
 #
-#   scripts/demo.sh                      keep running until Ctrl-C (prints a KUBECONFIG line)
+#   scripts/demo.sh                      keep running until Ctrl-C (prints a KUBECONFIG line);
+#                                        Ctrl-C shuts down everything it started and exits 0
 #   scripts/demo.sh --exit-when-settled  exit 0 once settled, 1 after --timeout seconds (CI)
 #
 # Settled: every resource is Ready, except that of the offline device, whose action is Pending.
@@ -44,8 +45,19 @@ cleanup() {
   wait 2>/dev/null || true
   rm -rf "$work"
 }
+# Ctrl-C is the ordinary way to end the demo: shut everything down, say so, and exit 0. In CI mode
+# (--exit-when-settled) an interrupt means the demo never settled, so it stays a failure, as does
+# SIGTERM.
+interrupted() {
+  $exit_when_settled && exit 130
+  trap - EXIT
+  cleanup
+  say "demo stopped; everything it started is shut down"
+  exit 0
+}
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap interrupted INT
+trap 'exit 130' TERM
 
 # wait_line FILE PREFIX SECONDS: prints the rest of the first line of FILE starting with PREFIX.
 wait_line() {

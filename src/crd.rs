@@ -37,7 +37,11 @@ pub const RETRY_ANNOTATION: &str = "isolation.mde.dev/retry-requested-at";
            isolated from the network or released from isolation. Deleting it leaves the device as \
            it is.",
     printcolumn(name = "Machine", type_ = "string", json_path = ".spec.machineId"),
-    printcolumn(name = "Isolated", type_ = "boolean", json_path = ".spec.isolated"),
+    // Want is the desired state (spec), Isolated the device's last known real state (status;
+    // blank while unknown), so that a release still pending on an offline device never reads as
+    // a released device.
+    printcolumn(name = "Want", type_ = "boolean", json_path = ".spec.isolated"),
+    printcolumn(name = "Isolated", type_ = "boolean", json_path = ".status.isolated"),
     printcolumn(name = "Action", type_ = "string", json_path = ".status.action.status"),
     printcolumn(
         name = "Ready",

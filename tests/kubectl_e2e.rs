@@ -215,6 +215,33 @@ fn manifest(name: &str, spec: &str) -> String {
     )
 }
 
+/// The header and rows of a `kubectl get` table, each row cut at the header's column starts
+/// (kubectl aligns every cell under its header), so that a blank cell, a field the object does
+/// not have, reads as "" instead of shifting the cells after it.
+fn table(stdout: &str) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut lines = stdout.lines();
+    let header = lines.next().unwrap_or_default();
+    let bytes = header.as_bytes();
+    let starts: Vec<usize> = (0..bytes.len())
+        .filter(|&i| bytes[i] != b' ' && (i == 0 || bytes[i - 1] == b' '))
+        .collect();
+    let cells = |line: &str| -> Vec<String> {
+        let cut = |i: usize| i.min(line.len());
+        starts
+            .iter()
+            .enumerate()
+            .map(|(k, &start)| {
+                let end = starts.get(k + 1).copied().unwrap_or(line.len());
+                line.get(cut(start)..cut(end))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            })
+            .collect()
+    };
+    (cells(header), lines.map(cells).collect())
+}
+
 /// `kubectl apply -f crds/...`, retried when another test's concurrent installation created the
 /// CRD between kubectl's read and its create (the only expected failure).
 async fn kubectl_apply_crd(tools: &Tools) -> Out {
@@ -558,8 +585,9 @@ async fn wait_events(tools: &Tools, ns: &str, wanted: &[(String, &str)]) -> Vec<
 }
 
 /// The manifests of `examples/` as a user applies them: `kubectl wait` sees Ready, `kubectl get
-/// di` shows the printer columns, `kubectl get events` the operator's events, and each device
-/// ends in its manifest's state after one action.
+/// di` shows the printer columns (the desired state, and the device's state once known),
+/// `kubectl get events` the operator's events, and each device ends in its manifest's state
+/// after one action.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn examples_apply_wait_and_show_in_get_and_events() {
     let c = cluster();
@@ -594,7 +622,6 @@ async fn examples_apply_wait_and_show_in_get_and_events() {
     let dir = tempfile::tempdir().expect("tempdir");
     let seed = seed_file(dir.path(), &seed);
     let sim = Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", SCALE]);
-    let op = Operator::start(&sim, OperatorConfig::new(&c.kubeconfig, &ns));
 
     let mut args = vec!["apply", "-n", &ns];
     for e in &examples {
@@ -612,6 +639,31 @@ async fn examples_apply_wait_and_show_in_get_and_events() {
         );
     }
 
+    // The printer columns of the CRD, exactly. Before the operator runs, WANT shows each
+    // manifest's desired state while ISOLATED (the device's known state) and every other status
+    // column are blank: nothing is known about the devices yet.
+    const HEADER: [&str; 8] = [
+        "NAME", "MACHINE", "WANT", "ISOLATED", "ACTION", "READY", "REASON", "AGE",
+    ];
+    let out = tools.kubectl(&["get", "di", "-n", &ns], None).await.ok();
+    let (header, rows) = table(&out.stdout);
+    assert_eq!(header, HEADER, "{}", out.dump());
+    assert_eq!(rows.len(), examples.len(), "{}", out.dump());
+    for e in &examples {
+        let row = rows
+            .iter()
+            .find(|r| r[0] == e.name)
+            .unwrap_or_else(|| panic!("no row for {}:\n{}", e.name, out.dump()));
+        let want = if e.isolated { "true" } else { "false" };
+        assert_eq!(
+            row[..7],
+            [e.name.as_str(), e.machine_id.as_str(), want, "", "", "", ""],
+            "{}",
+            out.dump()
+        );
+    }
+
+    let op = Operator::start(&sim, OperatorConfig::new(&c.kubeconfig, &ns));
     let mut args = vec!["wait", "--for=condition=Ready", "-n", &ns, "--timeout=90s"];
     let refs: Vec<String> = examples
         .iter()
@@ -631,44 +683,42 @@ async fn examples_apply_wait_and_show_in_get_and_events() {
         assert!(out.stdout.contains(&met), "{}", out.dump());
     }
 
-    // The printer columns of the CRD, exactly, and one converged row per example.
+    // One converged row per example. ISOLATED, blank before the operator ran, now shows the
+    // state the operator saw MDE reach, which is WANT's (the released examples' devices started
+    // isolated).
     let out = tools.kubectl(&["get", "di", "-n", &ns], None).await.ok();
-    let mut lines = out.stdout.lines();
-    let header: Vec<&str> = lines
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    assert_eq!(
-        header,
-        [
-            "NAME", "MACHINE", "ISOLATED", "ACTION", "READY", "REASON", "AGE"
-        ],
-        "{}",
-        out.dump()
-    );
-    let rows: Vec<Vec<&str>> = lines.map(|l| l.split_whitespace().collect()).collect();
+    let (header, rows) = table(&out.stdout);
+    assert_eq!(header, HEADER, "{}", out.dump());
     assert_eq!(rows.len(), examples.len(), "{}", out.dump());
+    assert!(
+        examples.iter().any(|e| !e.isolated),
+        "examples/ lost its released device"
+    );
     for e in &examples {
         let row = rows
             .iter()
-            .find(|r| r.first() == Some(&e.name.as_str()))
+            .find(|r| r[0] == e.name)
             .unwrap_or_else(|| panic!("no row for {}:\n{}", e.name, out.dump()));
-        let reason = if e.isolated { "Isolated" } else { "Released" };
+        let (state, reason) = if e.isolated {
+            ("true", "Isolated")
+        } else {
+            ("false", "Released")
+        };
         assert_eq!(
-            row[..6],
+            row[..7],
             [
                 e.name.as_str(),
                 e.machine_id.as_str(),
-                if e.isolated { "true" } else { "false" },
+                state,
+                state,
                 "Succeeded",
                 "True",
-                reason,
+                reason
             ],
             "{}",
             out.dump()
         );
-        assert_eq!(row.len(), 7, "{}", out.dump());
+        assert!(!row[7].is_empty(), "no AGE for {}:\n{}", e.name, out.dump());
     }
 
     // The operator's events: one ActionRequested and one Released/Isolated per example,
