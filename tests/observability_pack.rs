@@ -70,6 +70,7 @@ const ON_DASHBOARD: &[&str] = &[
     "mde_isolation_poll_interval_seconds",
     "mde_isolation_reconciles_total",
     "mde_isolation_resources",
+    "mde_isolation_tracked_resources",
 ];
 /// Alerts the rules must define.
 const ALERTS: &[&str] = &[

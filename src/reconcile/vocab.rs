@@ -534,6 +534,37 @@ mod tests {
         assert_eq!(Reason::parse("NoSuchReason"), None);
     }
 
+    /// The README's "Status and conditions" section documents every reason: a table row for
+    /// those given in a condition, the events line for the others.
+    #[test]
+    fn every_reason_is_documented_in_the_readme() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+            .expect("README.md");
+        let section = readme
+            .split("## Status and conditions")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("a Status and conditions section");
+        let events = section
+            .lines()
+            .skip_while(|l| !l.starts_with("Events (`kubectl get events`)"))
+            .take_while(|l| !l.is_empty())
+            .collect::<String>();
+        for r in Reason::ALL {
+            let documented = match r.phase() {
+                ReasonPhase::Ready => section.contains(&format!("| Ready=True | `{r}` |")),
+                ReasonPhase::Reconciling => section.contains(&format!("| Reconciling | `{r}` |")),
+                ReasonPhase::Stalled => section.contains(&format!("| Stalled | `{r}` |")),
+                ReasonPhase::Event => events.contains(&format!("`{r}`")),
+            };
+            assert!(
+                documented,
+                "{r} ({:?}) is not in the README's table",
+                r.phase()
+            );
+        }
+    }
+
     #[test]
     fn sticky_and_rechecked_stalls_are_stalls() {
         for r in Reason::ALL {
