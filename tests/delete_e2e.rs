@@ -10,6 +10,7 @@ use common::operator::{
     Operator, OperatorConfig, SeedMachine, apply, condition, device_isolation, machine_id,
     seed_file, wait_ready, wait_stalled,
 };
+use common::poll::poll;
 use common::sim::Sim;
 use kube::api::{Api, ListParams};
 use mde_isolation_operator::crd::DeviceIsolation;
@@ -34,21 +35,27 @@ async fn tracked(addr: &str) -> Vec<(String, i64)> {
 /// Waits until the memory and the view track `want` resources and the quota gate none (the
 /// resources are settled or gone, so none waits for a slot).
 async fn wait_tracked(addr: &str, op: &Operator, want: i64) {
-    let end = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut now = tracked(addr).await;
-        now.sort();
-        let expected =
-            [("memory", want), ("quota", 0), ("view", want)].map(|(o, n)| (o.to_string(), n));
-        if now == expected {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < end,
-            "tracked resources stay at {now:?}, want {expected:?}\n{}",
+    let expected =
+        [("memory", want), ("quota", 0), ("view", want)].map(|(o, n)| (o.to_string(), n));
+    let waited = poll(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async {
+            let mut now = tracked(addr).await;
+            now.sort();
+            if now == expected {
+                Ok(())
+            } else {
+                Err(format!("{now:?}"))
+            }
+        },
+    )
+    .await;
+    if let Err(last) = waited {
+        panic!(
+            "tracked resources stay at {last}, want {expected:?}\n{}",
             op.tail()
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -15,12 +15,13 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::cluster::{SA_NAME, SA_NAMESPACE, cluster};
 use common::operator::{
     Operator, OperatorConfig, SeedMachine, condition, machine_id, seed_file, wait_ready,
 };
+use common::poll::eventually;
 use common::sim::Sim;
 use kube::api::Api;
 use mde_isolation_operator::crd::DeviceIsolation;
@@ -182,25 +183,6 @@ async fn run(cmd: std::process::Command, tool: &str, args: &[&str], stdin: Optio
         code: output.status.code(),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-/// Polls `f` every 250 ms until it returns `Some`, panicking with `what` and the description
-/// of the last attempt (from `f`'s `Err`) after `timeout`.
-async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let end = Instant::now() + timeout;
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(last) if Instant::now() > end => {
-                panic!("timed out after {timeout:?} waiting for {what}; last seen:\n{last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
     }
 }
 

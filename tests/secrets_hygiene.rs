@@ -166,24 +166,19 @@ async fn wait_until(
     what: &str,
     pred: impl Fn(&DeviceIsolation) -> bool,
 ) -> Result<(), String> {
-    let end = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Ok(d) = api.get(name).await
-            && pred(&d)
-        {
-            return Ok(());
-        }
-        if Instant::now() > end {
-            let last = api
-                .get(name)
-                .await
-                .ok()
-                .and_then(|d| d.status)
-                .map(|s| s.conditions);
-            return Err(format!("{name} never became {what}; conditions: {last:?}"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::poll::poll(
+        Duration::from_secs(90),
+        Duration::from_millis(100),
+        || async {
+            match api.get(name).await {
+                Ok(d) if pred(&d) => Ok(()),
+                Ok(d) => Err(format!("{:?}", d.status.map(|s| s.conditions))),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await
+    .map_err(|last| format!("{name} never became {what}; conditions: {last}"))
 }
 
 fn is(type_: &'static str, reason: &'static str) -> impl Fn(&DeviceIsolation) -> bool {

@@ -2,4 +2,5 @@
 pub mod cluster;
 pub mod http;
 pub mod operator;
+pub mod poll;
 pub mod sim;

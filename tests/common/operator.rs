@@ -321,28 +321,27 @@ pub async fn wait_for<F>(
     timeout: Duration,
     op: &Operator,
     what: &str,
-    mut pred: F,
+    pred: F,
 ) -> DeviceIsolation
 where
-    F: FnMut(&DeviceIsolation) -> bool,
+    F: Fn(&DeviceIsolation) -> bool,
 {
     let api: Api<DeviceIsolation> = Api::namespaced(client.clone(), ns);
-    let end = Instant::now() + timeout;
-    loop {
-        if let Ok(di) = api.get(name).await
-            && pred(&di)
-        {
-            return di;
+    let (api, pred) = (&api, &pred);
+    let found = super::poll::poll(timeout, Duration::from_millis(100), || async move {
+        match api.get(name).await {
+            Ok(di) if pred(&di) => Ok(di),
+            Ok(di) => Err(format!("{:#?}", di.status)),
+            Err(e) => Err(e.to_string()),
         }
-        if Instant::now() > end {
-            let last = api.get(name).await.ok().and_then(|d| d.status);
-            panic!(
-                "timed out waiting for {ns}/{name} to be {what}; last status: {last:#?}\noperator log tail:\n{}",
-                op.tail()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    found.unwrap_or_else(|last| {
+        panic!(
+            "timed out waiting for {ns}/{name} to be {what}; last status: {last}\noperator log tail:\n{}",
+            op.tail()
+        )
+    })
 }
 
 /// Waits until Ready=True.

@@ -308,17 +308,14 @@ impl Sim {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let end = std::time::Instant::now() + Duration::from_secs(deadline_secs);
-        loop {
-            if let Some(v) = f().await {
-                return v;
-            }
-            assert!(
-                std::time::Instant::now() < end,
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let timeout = Duration::from_secs(deadline_secs);
+        let every = Duration::from_millis(50);
+        super::poll::poll(timeout, every, || {
+            let next = f();
+            async move { next.await.ok_or_else(|| "not yet".to_string()) }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
     }
 }
 
