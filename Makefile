@@ -10,6 +10,7 @@ test: ## Run the whole test suite (what CI runs)
 bench: ## Run the benchmark; writes docs/benchmarks.md and .json (a subset: make bench SCENARIOS="n100 latency")
 	scripts/build-control-plane.sh >/dev/null
 	scripts/install-tools.sh
+	cargo build --release --quiet -p mde-sim
 	cargo bench --bench operator -- $(SCENARIOS)
 
 crd: ## Regenerate crds/ and the chart's copy from the Rust types

@@ -2040,7 +2040,7 @@ async fn admin_calls_and_exact_window_stats() {
 
 #[test]
 fn help_explains_every_flag_with_its_env_var() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mde-sim"))
+    let out = std::process::Command::new(common::sim::binary())
         .arg("--help")
         .output()
         .unwrap();
@@ -2082,7 +2082,7 @@ fn bad_flags_fail_fast() {
         &["--page-size", "0"],
         &["--seed", "/nonexistent/seed.yaml"],
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mde-sim"))
+        let out = std::process::Command::new(common::sim::binary())
             .args(args)
             .args(["--listen", "127.0.0.1:0"])
             .output()

@@ -86,7 +86,7 @@ impl Sim {
         } else {
             Stdio::null()
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mde-sim"))
+        let mut child = Command::new(binary())
             .args(&all)
             .env_remove("MDE_SIM_LISTEN")
             .stdin(Stdio::null())
@@ -317,6 +317,26 @@ impl Sim {
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
     }
+}
+
+/// The simulator's binary. It is a workspace member of its own (`sim/`), built beside the
+/// executable running this code: `cargo test` and `cargo build` at the root build every member
+/// (`make bench` builds its release build); `cargo build -p mde-sim` builds it alone.
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the running executable");
+    // target/<profile>/deps/<this> → target/<profile>/mde-sim
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("a target directory");
+    let bin = dir.join(format!("mde-sim{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the simulator with `cargo build -p mde-sim` (`--release` for the \
+         benchmark)",
+        bin.display()
+    );
+    bin
 }
 
 impl Drop for Sim {
