@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::leader::Leading;
 use crate::metrics::Metrics;
 
 /// Liveness and readiness as the process sees them.
@@ -18,7 +19,7 @@ pub struct Health {
     /// Every watch cache has synced.
     pub caches_synced: AtomicBool,
     /// This replica may talk to MDE (it is the leader, or leader election is off).
-    pub leading: AtomicBool,
+    pub leading: Leading,
     /// Another live replica holds the leader-election lease (this one is a hot standby). Shared
     /// with the election, which sets it whenever it reads the Lease.
     pub leader_known: Arc<AtomicBool>,
@@ -32,10 +33,10 @@ pub struct Health {
 
 impl Health {
     /// Health before anything has started.
-    pub fn new(poller_max_silence: Duration) -> Self {
+    pub fn new(poller_max_silence: Duration, leading: Leading) -> Self {
         Health {
             caches_synced: AtomicBool::new(false),
-            leading: AtomicBool::new(false),
+            leading,
             leader_known: Arc::new(AtomicBool::new(false)),
             controllers_running: AtomicBool::new(true),
             poller_heartbeat_ms: AtomicI64::new(now_ms()),
@@ -55,9 +56,7 @@ impl Health {
             return Err("a controller stopped".into());
         }
         let silent_ms = now_ms() - self.poller_heartbeat_ms.load(Ordering::Relaxed);
-        if self.leading.load(Ordering::Relaxed)
-            && silent_ms > self.poller_max_silence.as_millis() as i64
-        {
+        if self.leading.now() && silent_ms > self.poller_max_silence.as_millis() as i64 {
             return Err(format!("batch poller silent for {} s", silent_ms / 1000));
         }
         Ok(())
@@ -71,7 +70,7 @@ impl Health {
         if !self.caches_synced.load(Ordering::Relaxed) {
             return Err("watch caches not synced yet".into());
         }
-        if self.leading.load(Ordering::Relaxed) {
+        if self.leading.now() {
             return Ok("leader");
         }
         if self.leader_known.load(Ordering::Relaxed) {
@@ -147,21 +146,22 @@ mod tests {
 
     #[test]
     fn readiness_needs_synced_caches_and_leadership() {
-        let h = Health::new(Duration::from_secs(60));
+        let (leader, leading) = crate::leader::leading(false);
+        let h = Health::new(Duration::from_secs(60), leading);
         assert!(h.live().is_ok());
         assert!(h.ready().is_err());
         h.caches_synced.store(true, Ordering::Relaxed);
         assert_eq!(h.ready().unwrap_err(), "no leader known yet");
         h.leader_known.store(true, Ordering::Relaxed);
         assert_eq!(h.ready(), Ok("standby"));
-        h.leading.store(true, Ordering::Relaxed);
+        leader.lead();
         assert_eq!(h.ready(), Ok("leader"));
     }
 
     #[test]
     fn liveness_fails_when_the_poller_goes_silent_or_a_controller_stops() {
-        let h = Health::new(Duration::from_secs(60));
-        h.leading.store(true, Ordering::Relaxed);
+        let (_leader, leading) = crate::leader::leading(true);
+        let h = Health::new(Duration::from_secs(60), leading);
         h.poller_heartbeat_ms
             .store(now_ms() - 120_000, Ordering::Relaxed);
         assert!(h.live().unwrap_err().contains("poller silent"));

@@ -515,6 +515,41 @@ async fn release(api: &Api<Lease>, cfg: &LeaseConfig, mut lease: Lease) {
     }
 }
 
+/// Whether this replica may talk to MDE (it holds the Lease, or leader election is off): one
+/// value with one writer ([`LeadingSender`], held by whoever follows the election), read through
+/// cloned handles by the reconcile gate, the batch poller and readiness.
+#[derive(Clone, Debug)]
+pub struct Leading(watch::Receiver<bool>);
+
+/// The one writer of [`Leading`].
+#[derive(Debug)]
+pub struct LeadingSender(watch::Sender<bool>);
+
+/// A leadership value, `true` from the start when there is no election.
+pub fn leading(from_start: bool) -> (LeadingSender, Leading) {
+    let (tx, rx) = watch::channel(from_start);
+    (LeadingSender(tx), Leading(rx))
+}
+
+impl LeadingSender {
+    /// This replica leads from now on (it never stops: losing the Lease ends the process).
+    pub fn lead(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl Leading {
+    /// Whether this replica leads now.
+    pub fn now(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Waits until this replica leads; `false` if that can no longer happen (the writer is gone).
+    pub async fn wait(mut self) -> bool {
+        self.0.wait_for(|l| *l).await.is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ use crate::config::{CLIENT_SECRET_ENV, RunArgs};
 use crate::crd::DeviceIsolation;
 use crate::events::EventPublisher;
 use crate::http::{self, Health};
-use crate::leader::{self, Election, LeaseConfig, LeaseTiming, Role};
+use crate::leader::{self, Election, Leading, LeadingSender, LeaseConfig, LeaseTiming, Role};
 use crate::mde::client::{MdeClient, MdeClientConfig};
 use crate::mde::cloud::resolve_endpoints;
 use crate::mde::token::{ClientSecret, CredentialError, CredentialSources, SecretString};
@@ -113,27 +113,27 @@ fn lease_config(args: &RunArgs) -> Result<LeaseConfig, RunError> {
 async fn reconcile_when_leading(
     di: Arc<DeviceIsolation>,
     ctx: Arc<Context>,
-    health: Arc<Health>,
+    leading: Leading,
 ) -> Result<Action, reconcile::Error> {
-    if !health.leading.load(Ordering::SeqCst) {
+    if !leading.now() {
         return Ok(Action::await_change());
     }
     reconcile::reconcile(di, ctx).await
 }
 
-/// One item once `leading` turns true (never, if it does not).
-fn once_leading(mut leading: watch::Receiver<bool>) -> impl Stream<Item = ()> + Send + 'static {
-    futures::stream::once(async move { leading.wait_for(|l| *l).await.is_ok() })
+/// One item once this replica leads (never, if it does not).
+fn once_leading(leading: Leading) -> impl Stream<Item = ()> + Send + 'static {
+    futures::stream::once(leading.wait())
         .filter_map(|led| futures::future::ready(led.then_some(())))
 }
 
-/// Follows the election: on becoming leader, opens the reconcile gate and then signals
-/// `leading` (in that order, so the bulk reconcile it triggers passes the gate); on losing the
-/// lease, exits the process.
+/// Follows the election: on becoming leader, says so through `leading` (which opens the
+/// reconcile gate, starts the poller and triggers the bulk reconcile, all from one value); on
+/// losing the lease, exits the process.
 async fn follow_election(
     mut role: watch::Receiver<Role>,
     health: Arc<Health>,
-    leading: watch::Sender<bool>,
+    leading: LeadingSender,
 ) {
     let Ok(first) = role.wait_for(|r| *r != Role::Candidate).await.map(|r| *r) else {
         return; // stopped while standing by
@@ -142,8 +142,7 @@ async fn follow_election(
         // The poller beats only after its first sleep: count its silence from now, not from
         // start-up, or a standby that waited long would fail liveness right after taking over.
         health.poller_beat();
-        health.leading.store(true, Ordering::SeqCst);
-        leading.send_replace(true);
+        leading.lead();
         tracing::info!("leading: reconciling and polling MDE");
         if role.wait_for(|r| *r == Role::Lost).await.is_err() {
             return; // released on shutdown
@@ -206,16 +205,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         args.time_scale,
         Duration::from_secs(args.drift_interval_seconds),
     );
-    let health = Arc::new(Health::new(poll_timing.max_open.max(poll_timing.idle) * 3));
+    // Without leader election this replica is the only one talking to MDE; with it, it may only
+    // once it holds the lease (`follow_election`).
+    let (leading_tx, leading) = leader::leading(lease.is_none());
+    let health = Arc::new(Health::new(
+        poll_timing.max_open.max(poll_timing.idle) * 3,
+        leading.clone(),
+    ));
     // The election reports a live holder straight into readiness (a standby is ready).
     let lease = lease.map(|cfg| LeaseConfig {
         leader_seen: health.leader_known.clone(),
         ..cfg
     });
-    // Without leader election this replica is the only one talking to MDE; with it, it may only
-    // once it holds the lease (`follow_election`).
-    health.leading.store(lease.is_none(), Ordering::SeqCst);
-    let (leading_tx, leading_rx) = watch::channel(lease.is_none());
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
 
@@ -294,9 +295,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             .reconcile_on(wakeups)
             .graceful_shutdown_on(shutdown.clone().cancelled_owned());
         if lease.is_some() {
-            controller = controller.reconcile_all_on(once_leading(leading_rx.clone()));
+            controller = controller.reconcile_all_on(once_leading(leading.clone()));
         }
-        let gate = health.clone();
+        let gate = leading.clone();
         let run = controller
             .run(
                 move |di, ctx| reconcile_when_leading(di, ctx, gate.clone()),
@@ -342,10 +343,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         nudge,
     };
     let poller_task = tokio::spawn({
-        let (mut leading, shutdown) = (leading_rx.clone(), shutdown.clone());
+        let (leading, shutdown) = (leading.clone(), shutdown.clone());
         async move {
             let lead = tokio::select! {
-                led = leading.wait_for(|l| *l) => led.is_ok(),
+                led = leading.wait() => led,
                 _ = shutdown.cancelled() => false,
             };
             if lead {
