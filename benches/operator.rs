@@ -2,17 +2,22 @@
 //! local kube-apiserver (`tests/control-plane`) and `mde-sim`, both on one time scale.
 //!
 //! ```sh
-//! make bench                                   # every scenario (about 10-15 minutes)
+//! make bench                                   # every scenario (about 15-20 minutes)
 //! cargo bench --bench operator -- n100 latency # a subset
 //! MDE_BENCH_SCENARIOS=restart cargo bench --bench operator
 //! ```
 //!
-//! Scenarios: `latency`, `n100`, `n1000`, `n3000`, `restart`, `offline`, `rss`. Each one gets
-//! its own namespace, simulator and operator process. The measurements come from the
+//! (`make bench` builds the simulator first; before a direct `cargo bench`, run
+//! `cargo build --release -p mde-sim`.)
+//!
+//! Scenarios: `latency`, `n100`, `n1000`, `n3000`, `restart`, `offline`, `rss`, `churn`. Each
+//! one gets its own namespace, simulator and operator process. The measurements come from the
 //! simulator's call log and statistics (simulated time, exact sliding windows), its ground truth,
-//! a watch on the DeviceIsolations (when everything settled), and `/proc/<pid>` of the operator
-//! (peak RSS, CPU seconds). Nothing is estimated: a figure that could not be measured is written
-//! as "not measured", and every target is marked PASS or FAIL from the figures alone.
+//! a watch on the DeviceIsolations (when everything settled), `/proc/<pid>` of the operator
+//! (peak and current RSS, CPU seconds) and, for `churn`, the operator's own
+//! `mde_isolation_tracked_resources` gauge. Nothing is estimated: a figure that could not be
+//! measured is written as "not measured", and every target is marked PASS or FAIL from the
+//! figures alone.
 //!
 //! The results are merged into `docs/benchmarks.json` (a subset run replaces only its
 //! scenarios; each scenario records its own date, commit, machine and load) and
@@ -37,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use mde_isolation_operator::crd::DeviceIsolation;
@@ -49,9 +54,9 @@ use common::operator::{SIM_SECRET, condition, device_isolation, machine_id};
 use common::sim::Sim;
 
 /// Scenarios in the order a full run executes them: the latency probe first, while the API
-/// server holds nothing yet, and the 5,000-resource memory run last.
-const SCENARIOS: [&str; 7] = [
-    "latency", "n100", "n1000", "n3000", "restart", "offline", "rss",
+/// server holds nothing yet, and the 5,000-resource memory runs last.
+const SCENARIOS: [&str; 8] = [
+    "latency", "n100", "n1000", "n3000", "restart", "offline", "rss", "churn",
 ];
 
 /// MDE's documented limits per API (`--quota-budget 1` spends all of them).
@@ -79,6 +84,24 @@ const LATENCY_SPACING: Duration = Duration::from_millis(150);
 /// Real time a restarted operator runs over the memory run's settled resources before its RSS is
 /// read: its first full reconcile pass and the first load of the tenant's actions happen in it.
 const RSS_IDLE_WAIT: Duration = Duration::from_secs(20);
+
+/// The churn run (issue 11): resources created and deleted, rounds over one operator process.
+const CHURN_RESOURCES: usize = 5000;
+const CHURN_ROUNDS: usize = 3;
+
+/// Real time between the tracked-resources gauge reaching 0 and the reading of VmRSS, the same
+/// in every round (the last deletions' work and frees have happened by then).
+const CHURN_RSS_WAIT: Duration = Duration::from_secs(5);
+
+/// Real time the gauge gets to reach 0 once the deletion is done; past it the run stops.
+const CHURN_GONE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Real time the gauge gets to show every created resource once all are Ready.
+const CHURN_CREATE_GAUGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Annotation set on one resource to make the operator reconcile it once (no spec change), so
+/// that it recounts the gauge, which it does on reconciles only and at most once a second.
+const TOUCH_ANNOTATION: &str = "bench.mde.dev/touch";
 
 /// Where the results go.
 const JSON_OUT: &str = "docs/benchmarks.json";
@@ -285,6 +308,121 @@ struct LatencyMetrics {
     cold_ms: Option<f64>,
 }
 
+/// `mde_isolation_tracked_resources` of the operator: resources each per-resource owner holds
+/// state for (absent: no such series).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Tracked {
+    memory: Option<i64>,
+    view: Option<i64>,
+    quota: Option<i64>,
+}
+
+impl Tracked {
+    /// Every owner holds nothing.
+    fn is_empty(&self) -> bool {
+        [self.memory, self.view, self.quota]
+            .iter()
+            .all(|v| *v == Some(0))
+    }
+
+    /// The memory and the view track exactly `n` resources.
+    fn holds(&self, n: usize) -> bool {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        self.memory == Some(n) && self.view == Some(n)
+    }
+
+    /// `memory / view / quota`.
+    fn show(&self) -> String {
+        let v = |x: Option<i64>| x.map_or("—".to_string(), |n| n.to_string());
+        format!("{} / {} / {}", v(self.memory), v(self.view), v(self.quota))
+    }
+}
+
+/// One round of the churn run: create, wait Ready, delete, wait for the gauge to reach 0.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ChurnRound {
+    /// 1, 2, 3.
+    round: usize,
+    /// Creation of the objects.
+    apply: ApplyInfo,
+    /// Real seconds from the apply start until every resource was Ready (none: timed out).
+    ready_after_apply: Option<f64>,
+    /// Resources Ready when the wait ended.
+    ready: usize,
+    /// Devices released by the simulator's ground truth once all were Ready.
+    released: usize,
+    /// Calls the simulator received during the round, by API.
+    calls: BTreeMap<String, usize>,
+    /// The gauge once all were Ready: when memory and view showed every resource, else the
+    /// last reading after `CHURN_CREATE_GAUGE_TIMEOUT`.
+    tracked_after_create: Option<Tracked>,
+    /// Resources touched (one reconcile each) before the gauge showed every resource.
+    touches: usize,
+    /// Real seconds from the deletecollection until a list showed no object (none: some left).
+    delete_seconds: Option<f64>,
+    /// Real seconds from the deletecollection until the gauge showed 0 for every owner (none:
+    /// it did not within `CHURN_GONE_TIMEOUT` after the deletion).
+    gone_after_delete: Option<f64>,
+    /// The gauge when that wait ended.
+    tracked_after_delete: Option<Tracked>,
+    /// VmRSS, MiB, `CHURN_RSS_WAIT` after the gauge reached 0.
+    rss_mib: Option<f64>,
+    /// VmHWM at the same moment, MiB.
+    peak_rss_mib: Option<f64>,
+}
+
+impl ChurnRound {
+    fn calls_of(&self, apis: &[&str]) -> usize {
+        apis.iter().filter_map(|a| self.calls.get(*a)).sum()
+    }
+
+    /// isolate + unisolate POSTs.
+    fn posts(&self) -> usize {
+        self.calls_of(&["isolate", "unisolate"])
+    }
+
+    /// Machine-action and machine reads.
+    fn reads(&self) -> usize {
+        self.calls_of(&[
+            "machineactions-list",
+            "machineactions-get",
+            "machines-list",
+            "machines-get",
+            "machines-findbytag",
+        ])
+    }
+}
+
+/// The same resources created and deleted `CHURN_ROUNDS` times over one operator process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ChurnMetrics {
+    /// Resources created (and deleted) per round.
+    resources: usize,
+    /// Rounds run; fewer than `CHURN_ROUNDS` when the run stopped.
+    rounds: Vec<ChurnRound>,
+    /// Real seconds between the gauge reaching 0 and the VmRSS reading.
+    rss_wait_seconds: f64,
+    /// VmRSS after the last round divided by VmRSS after the first.
+    rss_ratio: Option<f64>,
+    /// Why the run stopped before its last round, if it did.
+    stopped: Option<String>,
+}
+
+impl ChurnMetrics {
+    /// Every round ran and left nothing tracked.
+    fn all_gone(&self) -> bool {
+        self.stopped.is_none()
+            && self.rounds.len() == CHURN_ROUNDS
+            && self.rounds.iter().all(|r| {
+                r.gone_after_delete.is_some()
+                    && r.tracked_after_delete.is_some_and(|t| t.is_empty())
+            })
+    }
+}
+
 /// One scenario's results.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -311,6 +449,8 @@ struct ScenarioResult {
     restart: Option<RestartMetrics>,
     offline: Option<OfflineMetrics>,
     latency: Option<LatencyMetrics>,
+    #[serde(default)]
+    churn: Option<ChurnMetrics>,
     /// Anything that went wrong while measuring (timeouts, failed creations).
     notes: Vec<String>,
 }
@@ -385,6 +525,8 @@ fn time_scale(scenario: &str) -> f64 {
         "latency" | "n100" => 60.0,
         "n1000" => 10.0,
         "n3000" => 20.0,
+        // restart, offline, rss and churn (whose first round, like rss, waits T(5,000) =
+        // 10,980 simulated seconds for the quota: 92 real seconds).
         _ => 120.0,
     }
 }
@@ -401,6 +543,7 @@ async fn run(selected: Vec<&'static str>) {
             "n1000" => vec![burst("n1000", mix_for(1000)).await],
             "n3000" => vec![burst("n3000", mix_for(3000)).await],
             "rss" => vec![burst("rss", mix_for(5000)).await],
+            "churn" => vec![churn().await],
             "restart" => vec![restart().await],
             "offline" => vec![offline(10).await, offline(500).await],
             _ => unreachable!("validated in selected_scenarios"),
@@ -687,6 +830,32 @@ impl OperatorProcess {
         proc_usage(self.child.as_ref()?.id())
     }
 
+    /// VmRSS of the live process, MiB: what it holds now (VmHWM, in `usage`, is its peak).
+    fn rss_mib(&self) -> Option<f64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        Some(status_kib(&status, "VmRSS:")? / 1024.0)
+    }
+
+    /// The address of the HTTP endpoint (/metrics), once the live process logged it.
+    async fn http_addr(&self, timeout: Duration) -> Option<String> {
+        let end = Instant::now() + timeout;
+        loop {
+            let out = self.output();
+            let found = out
+                .lines()
+                .rev()
+                .filter(|l| l.contains("serving /metrics"))
+                .filter_map(|l| l.split("addr=").nth(1))
+                .find_map(|rest| rest.split_whitespace().next())
+                .map(String::from);
+            if found.is_some() || Instant::now() >= end {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// SIGKILL, after reading the process's usage (gone once it is reaped).
     fn kill(&mut self) -> Option<ProcUsage> {
         let mut child = self.child.take()?;
@@ -743,13 +912,7 @@ impl Drop for OperatorProcess {
 /// VmHWM and utime + stime of a live process.
 fn proc_usage(pid: u32) -> Option<ProcUsage> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let hwm_kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
+    let hwm_kib = status_kib(&status, "VmHWM:")?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name start at field 3 (state); utime and stime
     // are fields 14 and 15.
@@ -759,6 +922,17 @@ fn proc_usage(pid: u32) -> Option<ProcUsage> {
         peak_rss_mib: hwm_kib / 1024.0,
         cpu_seconds: ticks / clock_ticks(),
     })
+}
+
+/// A `kB` field of `/proc/<pid>/status` (`field` with its colon, e.g. `VmRSS:`).
+fn status_kib(status: &str, field: &str) -> Option<f64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// `sysconf(_SC_CLK_TCK)` via getconf (no libc binding in this crate); 100 on Linux.
@@ -1299,6 +1473,7 @@ async fn burst(name: &'static str, mix: Mix) -> ScenarioResult {
         restart: None,
         offline: None,
         latency: None,
+        churn: None,
         notes,
     }
 }
@@ -1445,6 +1620,7 @@ async fn restart() -> ScenarioResult {
         restart: Some(metrics),
         offline: None,
         latency: None,
+        churn: None,
         notes,
     }
 }
@@ -1513,6 +1689,7 @@ async fn offline(pending: usize) -> ScenarioResult {
         restart: None,
         offline: Some(metrics),
         latency: None,
+        churn: None,
         notes,
     }
 }
@@ -1622,8 +1799,371 @@ async fn latency() -> ScenarioResult {
         restart: None,
         offline: None,
         latency: Some(metrics),
+        churn: None,
         notes,
     }
+}
+
+/// 5,000 online devices, all isolated at the start; their DeviceIsolations (each releasing its
+/// device) are created, all Ready, and deleted `CHURN_ROUNDS` times over one operator process.
+/// After each deletion the operator's `mde_isolation_tracked_resources` must show 0 for every
+/// owner; VmRSS is read `CHURN_RSS_WAIT` later, to compare the last round with the first.
+async fn churn() -> ScenarioResult {
+    let name = "churn";
+    let scale = time_scale(name);
+    let mix = Mix {
+        online: CHURN_RESOURCES,
+        ..Mix::default()
+    };
+    let mut bed = Bed::new(name, fleet(mix, 1), scale).await;
+    let addr = bed.op.http_addr(Duration::from_secs(30)).await;
+    if addr.is_none() {
+        bed.notes
+            .push("the operator logged no HTTP address: the gauge was not read".into());
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("HTTP client");
+    let mut rounds = Vec::new();
+    let mut stopped = None;
+    for round in 1..=CHURN_ROUNDS {
+        if round > 1 {
+            // A fresh watch: the previous round's objects are gone and their names come back.
+            bed.watch.abort();
+            let (tracker, watch) = track(&bed.kube, &bed.namespace, &bed.devices);
+            bed.tracker = tracker;
+            bed.watch = watch;
+        }
+        let (result, failure) = churn_round(&mut bed, round, &http, addr.as_deref()).await;
+        eprintln!(
+            "[churn] round {round}: tracked after create {}, after delete {}, \
+             VmRSS {} MiB, VmHWM {} MiB, POSTs {}",
+            result
+                .tracked_after_create
+                .map_or("not read".into(), |t| t.show()),
+            result
+                .tracked_after_delete
+                .map_or("not read".into(), |t| t.show()),
+            opt(result.rss_mib, 1),
+            opt(result.peak_rss_mib, 1),
+            result.posts()
+        );
+        rounds.push(result);
+        if let Some(why) = failure {
+            eprintln!(
+                "\n!!!!!!!! churn FAILED in round {round}: {why}\n[churn] operator log tail:\n{}\n",
+                bed.op.tail()
+            );
+            bed.notes
+                .push(format!("FAILED in round {round}, run stopped: {why}"));
+            stopped = Some(format!("round {round}: {why}"));
+            break;
+        }
+    }
+    let rss_ratio = match (rounds.first(), rounds.get(CHURN_ROUNDS - 1)) {
+        (Some(first), Some(last)) => match (first.rss_mib, last.rss_mib) {
+            (Some(a), Some(b)) if a > 0.0 => Some(b / a),
+            _ => None,
+        },
+        _ => None,
+    };
+    let log = calls(&bed.sim).await;
+    let all: Vec<&Call> = log.iter().collect();
+    let (calls_by_api, throttled) = call_summary(&bed.sim, &all, mix.total()).await;
+    let metrics = ChurnMetrics {
+        resources: mix.total(),
+        rounds,
+        rss_wait_seconds: CHURN_RSS_WAIT.as_secs_f64(),
+        rss_ratio,
+        stopped,
+    };
+    let (run, operator, notes) = bed.finish().await;
+    ScenarioResult {
+        name: name.into(),
+        title: format!(
+            "Churn: {} resources created and deleted {CHURN_ROUNDS} times",
+            mix.total()
+        ),
+        run,
+        time_scale: scale,
+        mix,
+        apply: metrics.rounds.first().map(|r| r.apply.clone()),
+        calls: calls_by_api,
+        throttled,
+        operator,
+        burst: None,
+        restart: None,
+        offline: None,
+        latency: None,
+        churn: Some(metrics),
+        notes,
+    }
+}
+
+/// One round: create every resource, wait until all are Ready, read the gauge, delete them
+/// all, wait until the gauge shows 0 for every owner, read VmRSS. A failure that makes the
+/// later rounds meaningless (objects left, the gauge not back to 0) comes back as the reason.
+async fn churn_round(
+    bed: &mut Bed,
+    round: usize,
+    http: &reqwest::Client,
+    addr: Option<&str>,
+) -> (ChurnRound, Option<String>) {
+    let label = format!("churn round {round}");
+    let n = bed.devices.len();
+    let api: Api<DeviceIsolation> = Api::namespaced(bed.kube.clone(), &bed.namespace);
+    let calls_before = calls_per_api(&bed.sim).await;
+    let (applied, apply) = bed.apply().await;
+    eprintln!(
+        "[{label}] created {} objects in {:.1} s real ({:.0} simulated)",
+        apply.objects, apply.real_seconds, apply.sim_seconds
+    );
+    // Round 1 sends one unisolate per device, paced by the quota; the later rounds find every
+    // device released already and should need no POST, but get the same generous limit (a
+    // timeout costs nothing when they are fast, and would hide a slow re-sync).
+    let expected = quota_bound(n) + 300.0;
+    let settled = bed
+        .settle(&label, timeout_for(expected, bed.scale, apply.real_seconds))
+        .await;
+    // Settled also counts Stalled; this round asks for Ready.
+    let ready = match api.list(&ListParams::default()).await {
+        Ok(list) => list
+            .items
+            .iter()
+            .filter(|di| condition(di, "Ready").is_some_and(|c| c.0 == "True"))
+            .count(),
+        Err(e) => {
+            bed.notes
+                .push(format!("round {round}: listing the resources failed: {e}"));
+            0
+        }
+    };
+    if settled.is_none() || ready != n {
+        bed.notes.push(format!(
+            "round {round}: {ready}/{n} Ready when the wait ended; deleted all the same"
+        ));
+    }
+    let released = isolated_now(&bed.sim)
+        .await
+        .values()
+        .filter(|isolated| !**isolated)
+        .count();
+    let (tracked_after_create, touches) = match addr {
+        Some(a) => gauge_after_create(&api, &bed.devices[0].name, http, a, n, round).await,
+        None => (None, 0),
+    };
+    if !tracked_after_create.is_some_and(|t| t.holds(n)) {
+        bed.notes.push(format!(
+            "round {round}: tracked resources (memory / view / quota) {} once all were Ready, \
+             not {n} / {n}",
+            tracked_after_create.map_or("not read".into(), |t| t.show())
+        ));
+    }
+
+    eprintln!("[{label}] deleting every DeviceIsolation");
+    let delete_start = Instant::now();
+    let deleted = delete_all(&api, CHURN_GONE_TIMEOUT).await;
+    let mut failure = None;
+    let (gone_after_delete, tracked_after_delete) = match (&deleted, addr) {
+        (Err(left), _) => {
+            failure = Some(format!(
+                "objects still listed {} s after the deletecollection: {left}",
+                CHURN_GONE_TIMEOUT.as_secs()
+            ));
+            let last = match addr {
+                Some(a) => read_tracked(http, a).await,
+                None => None,
+            };
+            (None, last)
+        }
+        (Ok(_), None) => (None, None),
+        (Ok(_), Some(a)) => match wait_tracked_empty(http, a, CHURN_GONE_TIMEOUT).await {
+            Ok(t) => (Some(delete_start.elapsed().as_secs_f64()), Some(t)),
+            Err(last) => {
+                failure = Some(format!(
+                    "tracked resources (memory / view / quota) still {} {} s after the \
+                     deletion completed",
+                    last.map_or("unreadable".into(), |t| t.show()),
+                    CHURN_GONE_TIMEOUT.as_secs()
+                ));
+                (None, last)
+            }
+        },
+    };
+    tokio::time::sleep(CHURN_RSS_WAIT).await;
+    let rss_mib = bed.op.rss_mib();
+    let peak_rss_mib = bed.op.usage().map(|u| u.peak_rss_mib);
+    let calls_after = calls_per_api(&bed.sim).await;
+    let calls = calls_after
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.saturating_sub(calls_before.get(k).copied().unwrap_or(0)),
+            )
+        })
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    let result = ChurnRound {
+        round,
+        ready_after_apply: settled.map(|t| seconds_between(applied.start, t)),
+        apply,
+        ready,
+        released,
+        calls,
+        tracked_after_create,
+        touches,
+        delete_seconds: deleted.ok(),
+        gone_after_delete,
+        tracked_after_delete,
+        rss_mib,
+        peak_rss_mib,
+    };
+    (result, failure)
+}
+
+/// The gauge once the memory and the view show all `n` resources, or the last reading after
+/// `CHURN_CREATE_GAUGE_TIMEOUT`. The operator recounts it on reconciles only, at most once a
+/// second, so the resources that settled last may be missing until another reconcile: after
+/// 3 s without the full count, and every 5 s after that, one resource is touched (a new
+/// annotation: one reconcile, nothing to do). Returns the reading and the number of touches.
+async fn gauge_after_create(
+    api: &Api<DeviceIsolation>,
+    touched: &str,
+    http: &reqwest::Client,
+    addr: &str,
+    n: usize,
+    round: usize,
+) -> (Option<Tracked>, usize) {
+    let start = Instant::now();
+    let mut next_touch = start + Duration::from_secs(3);
+    let mut touches = 0;
+    let mut last = None;
+    loop {
+        if let Some(t) = read_tracked(http, addr).await {
+            if t.holds(n) {
+                return (Some(t), touches);
+            }
+            last = Some(t);
+        }
+        if start.elapsed() >= CHURN_CREATE_GAUGE_TIMEOUT {
+            return (last, touches);
+        }
+        if Instant::now() >= next_touch {
+            touches += 1;
+            let value = format!("round-{round}-{touches}");
+            let patch = json!({ "metadata": { "annotations": { TOUCH_ANNOTATION: value } } });
+            if let Err(e) = api
+                .patch(touched, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                eprintln!("[churn] touching {touched} failed: {e}");
+            }
+            next_touch += Duration::from_secs(5);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits up to `timeout` until the gauge shows 0 for every owner; the last reading otherwise.
+async fn wait_tracked_empty(
+    http: &reqwest::Client,
+    addr: &str,
+    timeout: Duration,
+) -> Result<Tracked, Option<Tracked>> {
+    let start = Instant::now();
+    let mut next_report = start + Duration::from_secs(10);
+    let mut last = None;
+    loop {
+        if let Some(t) = read_tracked(http, addr).await {
+            if t.is_empty() {
+                return Ok(t);
+            }
+            last = Some(t);
+        }
+        if start.elapsed() >= timeout {
+            return Err(last);
+        }
+        if Instant::now() >= next_report {
+            eprintln!(
+                "[churn] tracked resources (memory / view / quota) {} after {:.0} s",
+                last.map_or("unreadable".into(), |t| t.show()),
+                start.elapsed().as_secs_f64()
+            );
+            next_report += Duration::from_secs(10);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `mde_isolation_tracked_resources` per owner from the operator's /metrics (none: no answer).
+async fn read_tracked(http: &reqwest::Client, addr: &str) -> Option<Tracked> {
+    let text = http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let mut t = Tracked::default();
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix("mde_isolation_tracked_resources{owner=\"") else {
+            continue;
+        };
+        let Some((owner, value)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        let value = value.split_whitespace().next().and_then(|v| v.parse().ok());
+        match owner {
+            "memory" => t.memory = value,
+            "view" => t.view = value,
+            "quota" => t.quota = value,
+            _ => {}
+        }
+    }
+    Some(t)
+}
+
+/// Deletes every DeviceIsolation of the namespace (a deletecollection, repeated while some
+/// remain) until a list shows none: the real seconds it took, or what was left at `timeout`.
+async fn delete_all(api: &Api<DeviceIsolation>, timeout: Duration) -> Result<f64, String> {
+    let start = Instant::now();
+    loop {
+        let mut last = match api
+            .delete_collection(&DeleteParams::default(), &ListParams::default())
+            .await
+        {
+            Ok(_) => String::new(),
+            Err(e) => format!("deletecollection: {e}; "),
+        };
+        match api.list_metadata(&ListParams::default().limit(1)).await {
+            Ok(l) if l.items.is_empty() => return Ok(start.elapsed().as_secs_f64()),
+            Ok(l) => {
+                let left = l.items.len() as i64 + l.metadata.remaining_item_count.unwrap_or(0);
+                last.push_str(&format!("{left} left"));
+            }
+            Err(e) => last.push_str(&format!("list: {e}")),
+        }
+        if start.elapsed() >= timeout {
+            return Err(last);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Calls the simulator received so far, by API (`/sim/stats`).
+async fn calls_per_api(sim: &Sim) -> BTreeMap<String, usize> {
+    let stats = sim.admin_stats().await;
+    stats["apis"]
+        .as_object()
+        .map(|apis| {
+            apis.iter()
+                .map(|(api, s)| (api.clone(), s["calls"].as_u64().unwrap_or(0) as usize))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1853,6 +2393,53 @@ fn targets(r: &Report) -> Vec<Target> {
         }),
         None => out.push(missing("peak RSS with 5,000 resources".into(), "≤ 64 MiB")),
     }
+    match find(r, "churn").and_then(|s| s.churn.as_ref()) {
+        Some(c) => {
+            let gauges: Vec<String> = c
+                .rounds
+                .iter()
+                .map(|r| {
+                    r.tracked_after_delete
+                        .map_or("not read".into(), |t| t.show())
+                })
+                .collect();
+            out.push(Target {
+                what: format!(
+                    "churn: tracked resources after deleting {}, {CHURN_ROUNDS} rounds \
+                     (memory / view / quota)",
+                    thousands(c.resources)
+                ),
+                measured: match &c.stopped {
+                    None => gauges.join(" · "),
+                    Some(why) => format!("{} (stopped: {why})", gauges.join(" · ")),
+                },
+                limit: "0 / 0 / 0 after each round".into(),
+                pass: Some(c.all_gone()),
+            });
+            let rss = |i: usize| c.rounds.get(i).and_then(|r| r.rss_mib);
+            out.push(Target {
+                what: format!("churn: RSS after round {CHURN_ROUNDS} vs round 1"),
+                measured: match (rss(0), rss(CHURN_ROUNDS - 1), c.rss_ratio) {
+                    (Some(a), Some(b), Some(q)) => {
+                        format!("{b:.1} MiB vs {a:.1} MiB ({:+.1} %)", (q - 1.0) * 100.0)
+                    }
+                    _ => "not measured".into(),
+                },
+                limit: "within 10 %".into(),
+                pass: c.rss_ratio.map(|q| (q - 1.0).abs() <= 0.10),
+            });
+        }
+        None => {
+            out.push(missing(
+                "churn: tracked resources after deleting 5,000, three rounds".into(),
+                "0 / 0 / 0 after each round",
+            ));
+            out.push(missing(
+                "churn: RSS after round 3 vs round 1".into(),
+                "within 10 %",
+            ));
+        }
+    }
     match find(r, "latency").and_then(|s| s.latency.as_ref()) {
         Some(l) => out.push(Target {
             what: "apply-to-POST p50 while quota is free".into(),
@@ -1861,6 +2448,19 @@ fn targets(r: &Report) -> Vec<Target> {
             pass: Some(l.p50_ms < 500.0),
         }),
         None => out.push(missing("apply-to-POST p50".into(), "< 500 ms")),
+    }
+    out
+}
+
+/// 5000 → "5,000".
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
     }
     out
 }
@@ -1879,6 +2479,9 @@ fn verdict(p: Option<bool>) -> &'static str {
 
 /// One cell of the bursts table: a figure of one scenario, formatted.
 type BurstCell = dyn Fn(&ScenarioResult, &BurstMetrics) -> String;
+
+/// One cell of the churn table: a figure of one round, formatted.
+type ChurnCell = dyn Fn(&ChurnRound) -> String;
 
 /// Renders the Markdown page from the report.
 fn render(r: &Report) -> String {
@@ -1899,7 +2502,7 @@ fn render(r: &Report) -> String {
     );
     line("");
 
-    line("## Targets (issue 4)");
+    line("## Targets (issues 4 and 11)");
     line("");
     line("| target | measured | limit | result |");
     line("|---|---|---|---|");
@@ -2083,8 +2686,9 @@ fn render(r: &Report) -> String {
         line(
             "Calls received by the simulator divided by the number of resources: bursts until \
              every resource settled, `restart` in the 10 simulated minutes after the restart, \
-             `offline-*` in the two-hour window, `latency` for the whole run. `token` is the \
-             token endpoint, not an MDE API.",
+             `offline-*` in the two-hour window, `latency` for the whole run, `churn` over its \
+             three rounds (divided by its 5,000 devices). `token` is the token endpoint, not an \
+             MDE API.",
         );
         line("");
         let mut header = String::from("| API |");
@@ -2202,6 +2806,122 @@ fn render(r: &Report) -> String {
         line("");
     }
 
+    if let Some(s) = find(r, "churn")
+        && let Some(c) = &s.churn
+    {
+        line(&format!(
+            "## Churn: {} resources created and deleted {CHURN_ROUNDS} times",
+            thousands(c.resources)
+        ));
+        line("");
+        line(&format!(
+            "{} online devices, all isolated at the start; one operator process throughout, time \
+             scale {}. Each round creates one DeviceIsolation per device releasing it ({} at \
+             once), waits until all are Ready, reads `mde_isolation_tracked_resources` (memory / \
+             view / quota), deletes them all (one deletecollection) and waits until the gauge \
+             shows 0 for every owner; VmRSS is read {:.0} real seconds later. Round 1 sends one \
+             unisolate per device, paced by the quota; rounds 2 and 3 create the same manifests \
+             over devices already released (a GitOps re-sync), which should need no POST (the \
+             POSTs row shows whether it did). Times are real seconds.",
+            thousands(c.resources),
+            s.time_scale,
+            s.apply
+                .as_ref()
+                .map_or(CREATE_CONCURRENCY, |a| a.concurrency),
+            c.rss_wait_seconds
+        ));
+        line("");
+        let mut header = String::from("| |");
+        let mut rule = String::from("|---|");
+        for round in &c.rounds {
+            header.push_str(&format!(" round {} |", round.round));
+            rule.push_str("---|");
+        }
+        line(&header);
+        line(&rule);
+        let rows: Vec<(&str, Box<ChurnCell>)> = vec![
+            (
+                "apply: real s",
+                Box::new(|r| format!("{:.1}", r.apply.real_seconds)),
+            ),
+            (
+                "all Ready after apply start: real s",
+                Box::new(|r| opt(r.ready_after_apply, 1)),
+            ),
+            (
+                "Ready / created",
+                Box::new(|r| format!("{} / {}", r.ready, r.apply.objects)),
+            ),
+            (
+                "devices released (ground truth)",
+                Box::new(|r| r.released.to_string()),
+            ),
+            (
+                "POSTs (isolate + unisolate)",
+                Box::new(|r| r.posts().to_string()),
+            ),
+            (
+                "… of which unisolate",
+                Box::new(|r| r.calls_of(&["unisolate"]).to_string()),
+            ),
+            (
+                "machine-action and machine reads",
+                Box::new(|r| r.reads().to_string()),
+            ),
+            (
+                "tracked after create (memory / view / quota)",
+                Box::new(|r| {
+                    let t = r
+                        .tracked_after_create
+                        .map_or("not read".into(), |t| t.show());
+                    match r.touches {
+                        0 => t,
+                        k => format!("{t} ({k} touch{})", if k == 1 { "" } else { "es" }),
+                    }
+                }),
+            ),
+            (
+                "deletecollection until none listed: real s",
+                Box::new(|r| opt(r.delete_seconds, 1)),
+            ),
+            (
+                "deletion until the gauge shows 0: real s",
+                Box::new(|r| opt(r.gone_after_delete, 1)),
+            ),
+            (
+                "**tracked after delete (memory / view / quota)**",
+                Box::new(|r| {
+                    r.tracked_after_delete
+                        .map_or("not read".into(), |t| t.show())
+                }),
+            ),
+            (
+                "**VmRSS after delete (MiB)**",
+                Box::new(|r| opt(r.rss_mib, 1)),
+            ),
+            ("VmHWM so far (MiB)", Box::new(|r| opt(r.peak_rss_mib, 1))),
+        ];
+        for (label, f) in &rows {
+            let mut l = format!("| {label} |");
+            for round in &c.rounds {
+                l.push_str(&format!(" {} |", f(round)));
+            }
+            line(&l);
+        }
+        line("");
+        line(&format!(
+            "VmRSS after round {CHURN_ROUNDS} / after round 1: {}. Operator CPU seconds, all \
+             rounds: {:.1}.",
+            opt(c.rss_ratio, 3),
+            s.operator.cpu_seconds
+        ));
+        if let Some(why) = &c.stopped {
+            line("");
+            line(&format!("**The run stopped early** ({why})."));
+        }
+        line("");
+    }
+
     line("## Runs");
     line("");
     line(
@@ -2272,6 +2992,14 @@ fn render(r: &Report) -> String {
          operator divides every window, interval and delay by it.",
         "Ground truth (`/sim/machines`) confirms the end state: online devices released, offline \
          and failing ones still isolated.",
+        "The churn run reads `mde_isolation_tracked_resources` from the operator's /metrics. The \
+         operator sets it on every deletion its watch reports and recounts it on reconciles, at \
+         most once a second; so that the count after creation includes the resources that \
+         settled last, one resource is touched (a new annotation: one reconcile, no spec \
+         change) when the count is short 3 s after all were Ready, and every 5 s after that \
+         (the table shows how many touches a round needed). VmRSS is what the process holds \
+         at the moment of reading, VmHWM its peak so far. A gauge not back to 0 within 120 \
+         real seconds of the deletion stops the run.",
     ] {
         line(&format!("- {item}"));
     }
