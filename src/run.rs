@@ -356,9 +356,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     });
     tokio::spawn({
         let (metrics, gate, shutdown) = (metrics.clone(), gate.clone(), shutdown.clone());
+        let ctx = ctx.clone();
         async move {
             loop {
                 metrics.observe_quota(&gate, tokio::time::Instant::now());
+                // Also on reconciles and deletions; this tick keeps the per-resource gauges
+                // true in a quiet cluster (a count taken just before a deletion and written
+                // after it is corrected here).
+                metrics.set_tracked(&ctx.tracked());
+                metrics.set_phase_counts(&ctx.stores.count_phases());
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
