@@ -122,9 +122,7 @@ pub async fn drive<E: Effects>(
     };
     for _ in 0..MAX_ROUNDS {
         let plan = pass.plan(di, memory, timing, dry_run, fx.now());
-        if plan.reason == Reason::WaitingForMdeView {
-            // The poller loads the view on demand only, so that a restart over converged
-            // resources makes no MDE call; this resource needs it now.
+        if plan.needs_view() {
             fx.nudge_view();
         }
         fx.publish(&plan.events).await;

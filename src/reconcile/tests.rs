@@ -53,6 +53,8 @@ enum Call {
 struct Fake {
     now: Mutex<DateTime<Utc>>,
     present: AtomicBool,
+    /// Whether the shared view has loaded once.
+    synced: AtomicBool,
     /// What the shared view knows.
     view: Mutex<Vec<ActionFact>>,
     /// What MDE holds (a lookup copies it into the view).
@@ -72,6 +74,7 @@ impl Fake {
         Fake {
             now: Mutex::new(t0()),
             present: AtomicBool::new(true),
+            synced: AtomicBool::new(true),
             view: Mutex::default(),
             mde: Mutex::default(),
             siblings: Mutex::default(),
@@ -112,7 +115,7 @@ impl Effects for Fake {
         self.present.load(Ordering::SeqCst)
     }
     fn view_state(&self) -> (bool, Option<CallFailure>) {
-        (true, None)
+        (self.synced.load(Ordering::SeqCst), None)
     }
     fn actions_for(&self, machine: &str) -> Vec<ActionFact> {
         assert_eq!(machine, MACHINE);
@@ -373,6 +376,23 @@ async fn a_deleted_partner_lets_a_conflicting_resource_proceed_and_a_deleted_res
     assert_eq!(run(&fake, &last, &memory).await, Action::await_change());
     assert!(fake.calls().is_empty());
     assert!(memory.is_empty());
+}
+
+#[tokio::test]
+async fn before_the_view_is_loaded_nothing_is_requested_and_the_poller_is_asked_for_it() {
+    let (fake, memory) = (Fake::new(), Memory::default());
+    fake.synced.store(false, Ordering::SeqCst);
+    let action = run(&fake, &resource("a", false, None), &memory).await;
+    assert_eq!(action, Action::requeue(timing().view_not_synced_retry));
+    let calls = fake.calls();
+    assert!(calls.contains(&Call::Nudge), "{calls:?}");
+    assert_eq!(Fake::posts_made(&calls), 0, "{calls:?}");
+    let status = fake.written.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        reason_of(&status, RECONCILING).as_deref(),
+        Some("WaitingForMdeView")
+    );
+    assert_eq!(status.intent, None, "no intent before anything may be sent");
 }
 
 /// A wake-up recorder for [`Owners::forget`].

@@ -377,6 +377,12 @@ impl Plan {
     pub fn settled(&self) -> bool {
         self.effect == Effect::None && self.requeue.is_none()
     }
+
+    /// The resource waits for the shared view's first load. The poller loads it on demand only
+    /// (so that a restart over converged resources makes no MDE call): it should load it now.
+    pub fn needs_view(&self) -> bool {
+        self.reason == Reason::WaitingForMdeView
+    }
 }
 
 /// Reason of the phase that waits for the shared view's first load.
