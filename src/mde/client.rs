@@ -147,9 +147,9 @@ fn check_machine_id(api: Api, id: &str) -> Result<(), MdeError> {
     Ok(())
 }
 
-/// `Retry-After` (delta seconds or an HTTP date) in local time, defaulting to 60 server seconds.
-fn retry_after(headers: &HeaderMap, time_scale: f64) -> Duration {
-    let secs = headers
+/// `Retry-After` (delta seconds or an HTTP date) in server seconds, when present and readable.
+fn retry_after_header(headers: &HeaderMap) -> Option<f64> {
+    headers
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
@@ -162,6 +162,29 @@ fn retry_after(headers: &HeaderMap, time_scale: f64) -> Duration {
             })
         })
         .filter(|s| s.is_finite() && *s >= 0.0)
+}
+
+/// The wait a 429's body names, in server seconds: MDE's message ends "… You can send requests
+/// again in 8 seconds" (or "… try again in 8 seconds").
+fn retry_after_in_body(body: &[u8]) -> Option<f64> {
+    let text = String::from_utf8_lossy(body).to_ascii_lowercase();
+    let (_, rest) = text.rsplit_once("again in ")?;
+    let number: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let unit = rest[number.len()..].trim_start();
+    if !unit.starts_with("second") {
+        return None;
+    }
+    number.parse::<f64>().ok().filter(|s| s.is_finite())
+}
+
+/// A 429's pause in local time: `Retry-After`, else the wait its body names, else 60 server
+/// seconds; at most a day.
+fn retry_after(headers: &HeaderMap, body: &[u8], time_scale: f64) -> Duration {
+    let secs = retry_after_header(headers)
+        .or_else(|| retry_after_in_body(body))
         .unwrap_or(DEFAULT_RETRY_AFTER_SECS)
         .min(MAX_RETRY_AFTER_SECS);
     Duration::from_secs_f64(secs / time_scale)
@@ -485,21 +508,31 @@ impl MdeClient {
             Err(e) => return Attempt::Done(Err(MdeError::transport(api, e))),
         };
         let status = resp.status().as_u16();
-        let pause = (status == 429).then(|| retry_after(resp.headers(), self.inner.time_scale));
-        if pause.is_none() {
-            // MDE answered without throttling: a probe after a 429 succeeded.
-            self.inner.gate.record_answer(api);
-        }
-        if let Some(wait) = pause {
-            // Pause before reading the body so concurrent callers stop as early as possible.
+        let scale = self.inner.time_scale;
+        let throttle = |wait: Duration| {
             self.inner.gate.pause_until(api, Instant::now() + wait);
             tracing::warn!(
                 api = api.as_str(),
                 retry_after_ms = wait.as_millis() as u64,
                 "MDE throttled the API (429)"
             );
+            wait
+        };
+        // With `Retry-After`, pause before reading the body so concurrent callers stop as early
+        // as possible; without it, the body may name the wait.
+        let mut pause = None;
+        if status != 429 {
+            // MDE answered without throttling: a probe after a 429 succeeded.
+            self.inner.gate.record_answer(api);
+        } else if retry_after_header(resp.headers()).is_some() {
+            pause = Some(throttle(retry_after(resp.headers(), b"", scale)));
         }
+        let headers = resp.headers().clone();
         let bytes = read_limited(resp, MAX_BODY).await;
+        if status == 429 && pause.is_none() {
+            let body = bytes.as_deref().unwrap_or_default();
+            pause = Some(throttle(retry_after(&headers, body, scale)));
+        }
         match (status, bytes) {
             (401, b) => Attempt::Unauthorized(b.unwrap_or_default()),
             (429, b) => Attempt::Done(Err(MdeError::rate_limited(

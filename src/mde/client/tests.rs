@@ -361,6 +361,31 @@ async fn quota_wait_sends_nothing() {
 }
 
 #[tokio::test]
+async fn a_429_without_retry_after_pauses_for_the_wait_its_body_names() {
+    let m = mock(|_, _| {
+        err(
+            429,
+            "TooManyRequests",
+            "Maximum allowed 30 per 00:01:00 for the key Destination+TenantID+AppID. You can send \
+             requests again in 8 seconds",
+        )
+    });
+    let url = serve_plain(router(m.clone())).await;
+    let (c, _rec) = Setup::new(&url).build();
+    let before = Instant::now();
+    let e = c.unisolate(MACHINE, "c", "ns/a").await.unwrap_err();
+    assert_eq!(
+        e.class(),
+        ErrorClass::RateLimited {
+            retry_after: Duration::from_secs(8)
+        }
+    );
+    let paused = c.gate().paused_until(Api::Unisolate).unwrap();
+    assert!(paused >= before + Duration::from_secs(8));
+    assert!(paused < before + Duration::from_secs(60), "not the default");
+}
+
+#[tokio::test]
 async fn a_429_pauses_the_api_for_everyone() {
     let m = mock(|_, _| {
         let (s, _, b) = err(429, "TooManyRequests", "slow down");
@@ -392,24 +417,50 @@ async fn a_429_pauses_the_api_for_everyone() {
 #[test]
 fn retry_after_forms() {
     let mut h = HeaderMap::new();
-    assert_eq!(retry_after(&h, 1.0), Duration::from_secs(60));
-    assert_eq!(retry_after(&h, 60.0), Duration::from_secs(1));
+    assert_eq!(retry_after(&h, b"", 1.0), Duration::from_secs(60));
+    assert_eq!(retry_after(&h, b"", 60.0), Duration::from_secs(1));
     h.insert(RETRY_AFTER, "7".parse().unwrap());
-    assert_eq!(retry_after(&h, 1.0), Duration::from_secs(7));
+    assert_eq!(retry_after(&h, b"", 1.0), Duration::from_secs(7));
     h.insert(RETRY_AFTER, "1.5".parse().unwrap());
-    assert_eq!(retry_after(&h, 1.0), Duration::from_millis(1500));
+    assert_eq!(retry_after(&h, b"", 1.0), Duration::from_millis(1500));
     h.insert(RETRY_AFTER, "-3".parse().unwrap());
-    assert_eq!(retry_after(&h, 1.0), Duration::from_secs(60));
+    assert_eq!(retry_after(&h, b"", 1.0), Duration::from_secs(60));
     h.insert(RETRY_AFTER, "soon".parse().unwrap());
-    assert_eq!(retry_after(&h, 1.0), Duration::from_secs(60));
+    assert_eq!(retry_after(&h, b"", 1.0), Duration::from_secs(60));
     h.insert(RETRY_AFTER, "99999999".parse().unwrap());
-    assert_eq!(retry_after(&h, 1.0), Duration::from_secs(86_400));
+    assert_eq!(retry_after(&h, b"", 1.0), Duration::from_secs(86_400));
     let at = (Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
     h.insert(RETRY_AFTER, at.parse().unwrap());
-    let d = retry_after(&h, 1.0);
+    let d = retry_after(&h, b"", 1.0);
     assert!(
         d > Duration::from_secs(27) && d <= Duration::from_secs(30),
         "{d:?}"
+    );
+}
+
+#[test]
+fn a_429_without_retry_after_uses_the_wait_its_body_names() {
+    let none = HeaderMap::new();
+    let real = br#"{"error":{"code":"TooManyRequests","message":"Maximum allowed 30 per 00:01:00 for the key Destination+TenantID+AppID. You can send requests again in 8 seconds","target":"x"}}"#;
+    assert_eq!(retry_after(&none, real, 1.0), Duration::from_secs(8));
+    assert_eq!(retry_after(&none, real, 4.0), Duration::from_secs(2));
+    let sim = b"API calls quota exceeded! ... Please try again in 12 seconds.";
+    assert_eq!(retry_after(&none, sim, 1.0), Duration::from_secs(12));
+    // The header wins over the body; no number, or another unit, falls back to 60 s.
+    let mut h = HeaderMap::new();
+    h.insert(RETRY_AFTER, "3".parse().unwrap());
+    assert_eq!(retry_after(&h, real, 1.0), Duration::from_secs(3));
+    assert_eq!(
+        retry_after(&none, b"try again in a while", 1.0),
+        Duration::from_secs(60)
+    );
+    assert_eq!(
+        retry_after(&none, b"try again in 5 minutes", 1.0),
+        Duration::from_secs(60)
+    );
+    assert_eq!(
+        retry_after(&none, b"send requests again in 999999 seconds", 1.0),
+        Duration::from_secs(86_400)
     );
 }
 
