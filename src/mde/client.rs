@@ -181,10 +181,19 @@ fn retry_after_in_body(body: &[u8]) -> Option<f64> {
 }
 
 /// A 429's pause in local time: `Retry-After`, else the wait its body names, else 60 server
-/// seconds; at most a day.
+/// seconds; at most a day. (`request` applies the same order in two steps, so that a pause from
+/// the header starts before the body is read.)
+#[cfg(test)]
 fn retry_after(headers: &HeaderMap, body: &[u8], time_scale: f64) -> Duration {
-    let secs = retry_after_header(headers)
-        .or_else(|| retry_after_in_body(body))
+    local_pause(
+        retry_after_header(headers).or_else(|| retry_after_in_body(body)),
+        time_scale,
+    )
+}
+
+/// `secs` server seconds (60 when unknown, at most a day) in local time.
+fn local_pause(secs: Option<f64>, time_scale: f64) -> Duration {
+    let secs = secs
         .unwrap_or(DEFAULT_RETRY_AFTER_SECS)
         .min(MAX_RETRY_AFTER_SECS);
     Duration::from_secs_f64(secs / time_scale)
@@ -520,18 +529,18 @@ impl MdeClient {
         };
         // With `Retry-After`, pause before reading the body so concurrent callers stop as early
         // as possible; without it, the body may name the wait.
-        let mut pause = None;
-        if status != 429 {
+        let header = if status == 429 {
+            retry_after_header(resp.headers())
+        } else {
             // MDE answered without throttling: a probe after a 429 succeeded.
             self.inner.gate.record_answer(api);
-        } else if retry_after_header(resp.headers()).is_some() {
-            pause = Some(throttle(retry_after(resp.headers(), b"", scale)));
-        }
-        let headers = resp.headers().clone();
+            None
+        };
+        let mut pause = header.map(|secs| throttle(local_pause(Some(secs), scale)));
         let bytes = read_limited(resp, MAX_BODY).await;
         if status == 429 && pause.is_none() {
             let body = bytes.as_deref().unwrap_or_default();
-            pause = Some(throttle(retry_after(&headers, body, scale)));
+            pause = Some(throttle(local_pause(retry_after_in_body(body), scale)));
         }
         match (status, bytes) {
             (401, b) => Attempt::Unauthorized(b.unwrap_or_default()),
