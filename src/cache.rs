@@ -10,7 +10,7 @@
 //! patch of its own fields, so nothing it sends depends on them.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
@@ -72,11 +72,10 @@ pub fn slim_watch(
 ) {
     let (reader, writer) = reflector::store();
     // Objects of the list in progress (between Init and InitDone).
-    let listing: Mutex<Option<HashSet<ResourceRef>>> = Mutex::new(None);
+    let mut listing: Option<HashSet<ResourceRef>> = None;
     let stream = reflector::reflector(writer, watcher(api, config).modify(slim))
         .inspect(move |event| {
             let Ok(event) = event else { return };
-            let mut listing = listing.lock().unwrap_or_else(|e| e.into_inner());
             match event {
                 watcher::Event::Delete(di) => {
                     let _ = gone.send(Gone::Deleted {
@@ -84,7 +83,7 @@ pub fn slim_watch(
                         machine: di.machine_id().map(String::from),
                     });
                 }
-                watcher::Event::Init => *listing = Some(HashSet::new()),
+                watcher::Event::Init => listing = Some(HashSet::new()),
                 watcher::Event::InitApply(di) => {
                     if let Some(seen) = listing.as_mut() {
                         seen.insert(ResourceRef::from_obj(di));

@@ -138,36 +138,25 @@ impl ActionView {
     }
 
     /// Registers that `resource` manages `machine_id` (replacing an earlier machine).
-    pub fn watch(&self, resource: ResourceRef, machine_id: &str) {
+    pub fn watch(&self, resource: &ResourceRef, machine_id: &str) {
+        if self.read().machine_of.get(resource).map(String::as_str) == Some(machine_id) {
+            return; // the common case, on every reconcile: no write lock
+        }
         let mut inner = self.write();
-        if inner.machine_of.get(&resource).map(String::as_str) == Some(machine_id) {
-            return;
-        }
-        if let Some(old) = inner
+        unregister(&mut inner, resource);
+        inner
             .machine_of
-            .insert(resource.clone(), machine_id.to_string())
-            && let Some(set) = inner.watchers.get_mut(&old)
-        {
-            set.remove(&resource);
-        }
+            .insert(resource.clone(), machine_id.to_string());
         inner
             .watchers
             .entry(machine_id.to_string())
             .or_default()
-            .insert(resource);
+            .insert(resource.clone());
     }
 
     /// Forgets a deleted resource; returns the machine it watched.
     pub fn unwatch(&self, resource: &ResourceRef) -> Option<String> {
-        let mut inner = self.write();
-        let machine = inner.machine_of.remove(resource)?;
-        if let Some(set) = inner.watchers.get_mut(&machine) {
-            set.remove(resource);
-            if set.is_empty() {
-                inner.watchers.remove(&machine);
-            }
-        }
-        Some(machine)
+        unregister(&mut self.write(), resource)
     }
 
     /// Resources watching a machine (for the tracked-resources gauge).
@@ -215,6 +204,19 @@ fn age(known: &Known, now: DateTime<Utc>) -> Duration {
         .and_then(|c| (now - c).to_std().ok())
         .unwrap_or_default();
     by_stamp.max(known.first_seen.elapsed())
+}
+
+/// Removes `resource`'s interest in its machine (and the machine's entry once nobody watches
+/// it); returns the machine.
+fn unregister(inner: &mut Inner, resource: &ResourceRef) -> Option<String> {
+    let machine = inner.machine_of.remove(resource)?;
+    if let Some(set) = inner.watchers.get_mut(&machine) {
+        set.remove(resource);
+        if set.is_empty() {
+            inner.watchers.remove(&machine);
+        }
+    }
+    Some(machine)
 }
 
 /// The open actions of the view.
@@ -327,9 +329,9 @@ mod tests {
     fn watchers_follow_the_machine_a_resource_manages() {
         let view = ActionView::new();
         let r = ResourceRef::new("a").within("ns");
-        view.watch(r.clone(), "m1");
+        view.watch(&r, "m1");
         assert_eq!(view.watchers_of([&"m1".to_string()]), vec![r.clone()]);
-        view.watch(r.clone(), "m2");
+        view.watch(&r, "m2");
         assert!(view.watchers_of([&"m1".to_string()]).is_empty());
         assert_eq!(view.watched(), 1);
         assert_eq!(view.unwatch(&r).as_deref(), Some("m2"));

@@ -4,7 +4,6 @@
 //! into the planner's [`CallFailure`] ([`failure_of`], the only such mapping).
 
 use std::future::Future;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -86,8 +85,6 @@ pub struct Live<'a> {
     key: String,
     /// Held from the first POST of this reconcile to its end.
     machine_guard: tokio::sync::Mutex<Option<MachineGuard>>,
-    /// The machine registered with the view, to undo it if the resource turns out deleted.
-    watching: Mutex<Option<String>>,
 }
 
 impl<'a> Live<'a> {
@@ -100,7 +97,6 @@ impl<'a> Live<'a> {
             ctx,
             di,
             machine_guard: Default::default(),
-            watching: Default::default(),
         }
     }
 
@@ -152,14 +148,10 @@ impl Effects for Live<'_> {
     }
 
     fn watch(&self, machine: &str) -> bool {
-        let mut watching = self.watching.lock().unwrap_or_else(|e| e.into_inner());
-        if watching.as_deref() != Some(machine) && self.present() {
-            self.ctx.view.watch(self.resource.clone(), machine);
-            *watching = Some(machine.to_string());
-        }
         // Registered first, checked second: the watch removes a deleted object from the cache
         // before it reports the deletion, so either this sees it gone or the deletion, reported
         // later, unregisters it.
+        self.ctx.view.watch(&self.resource, machine);
         if !self.present() {
             self.ctx.view.unwatch(&self.resource);
             return false;

@@ -422,7 +422,7 @@ fn forgetting_a_deleted_resource_frees_every_owner_and_wakes_its_partners() {
     );
     for r in [&a, &b] {
         memory.track(r);
-        view.watch(r.clone(), MACHINE);
+        view.watch(r, MACHINE);
     }
     gate.set_priority("secops/b", Priority::Low);
     let now = tokio::time::Instant::now();
@@ -457,7 +457,7 @@ fn a_relist_frees_what_it_no_longer_holds_in_its_own_scope_only() {
     let elsewhere = ResourceRef::new("x").within("other");
     for r in [&kept, &gone, &elsewhere] {
         memory.track(r);
-        view.watch(r.clone(), MACHINE);
+        view.watch(r, MACHINE);
     }
     owners.relisted(Some("secops"), &[kept.clone()].into());
     assert_eq!(owners.tracked(), [("memory", 2), ("view", 2), ("quota", 0)]);
