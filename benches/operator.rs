@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use mde_isolation_operator::crd::DeviceIsolation;
@@ -98,10 +98,6 @@ const CHURN_GONE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Real time the gauge gets to show every created resource once all are Ready.
 const CHURN_CREATE_GAUGE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Annotation set on one resource to make the operator reconcile it once (no spec change), so
-/// that it recounts the gauge, which it does on reconciles only and at most once a second.
-const TOUCH_ANNOTATION: &str = "bench.mde.dev/touch";
 
 /// Where the results go.
 const JSON_OUT: &str = "docs/benchmarks.json";
@@ -358,8 +354,6 @@ struct ChurnRound {
     /// The gauge once all were Ready: when memory and view showed every resource, else the
     /// last reading after `CHURN_CREATE_GAUGE_TIMEOUT`.
     tracked_after_create: Option<Tracked>,
-    /// Resources touched (one reconcile each) before the gauge showed every resource.
-    touches: usize,
     /// Real seconds from the deletecollection until a list showed no object (none: some left).
     delete_seconds: Option<f64>,
     /// Real seconds from the deletecollection until the gauge showed 0 for every owner (none:
@@ -1949,9 +1943,9 @@ async fn churn_round(
         .values()
         .filter(|isolated| !**isolated)
         .count();
-    let (tracked_after_create, touches) = match addr {
-        Some(a) => gauge_after_create(&api, &bed.devices[0].name, http, a, n, round).await,
-        None => (None, 0),
+    let tracked_after_create = match addr {
+        Some(a) => gauge_after_create(http, a, n).await,
+        None => None,
     };
     if !tracked_after_create.is_some_and(|t| t.holds(n)) {
         bed.notes.push(format!(
@@ -2013,7 +2007,6 @@ async fn churn_round(
         released,
         calls,
         tracked_after_create,
-        touches,
         delete_seconds: deleted.ok(),
         gone_after_delete,
         tracked_after_delete,
@@ -2024,43 +2017,19 @@ async fn churn_round(
 }
 
 /// The gauge once the memory and the view show all `n` resources, or the last reading after
-/// `CHURN_CREATE_GAUGE_TIMEOUT`. The operator recounts it on reconciles only, at most once a
-/// second, so the resources that settled last may be missing until another reconcile: after
-/// 3 s without the full count, and every 5 s after that, one resource is touched (a new
-/// annotation: one reconcile, nothing to do). Returns the reading and the number of touches.
-async fn gauge_after_create(
-    api: &Api<DeviceIsolation>,
-    touched: &str,
-    http: &reqwest::Client,
-    addr: &str,
-    n: usize,
-    round: usize,
-) -> (Option<Tracked>, usize) {
+/// `CHURN_CREATE_GAUGE_TIMEOUT` (the operator recounts it every 5 s).
+async fn gauge_after_create(http: &reqwest::Client, addr: &str, n: usize) -> Option<Tracked> {
     let start = Instant::now();
-    let mut next_touch = start + Duration::from_secs(3);
-    let mut touches = 0;
     let mut last = None;
     loop {
         if let Some(t) = read_tracked(http, addr).await {
             if t.holds(n) {
-                return (Some(t), touches);
+                return Some(t);
             }
             last = Some(t);
         }
         if start.elapsed() >= CHURN_CREATE_GAUGE_TIMEOUT {
-            return (last, touches);
-        }
-        if Instant::now() >= next_touch {
-            touches += 1;
-            let value = format!("round-{round}-{touches}");
-            let patch = json!({ "metadata": { "annotations": { TOUCH_ANNOTATION: value } } });
-            if let Err(e) = api
-                .patch(touched, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                eprintln!("[churn] touching {touched} failed: {e}");
-            }
-            next_touch += Duration::from_secs(5);
+            return last;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -2871,13 +2840,8 @@ fn render(r: &Report) -> String {
             (
                 "tracked after create (memory / view / quota)",
                 Box::new(|r| {
-                    let t = r
-                        .tracked_after_create
-                        .map_or("not read".into(), |t| t.show());
-                    match r.touches {
-                        0 => t,
-                        k => format!("{t} ({k} touch{})", if k == 1 { "" } else { "es" }),
-                    }
+                    r.tracked_after_create
+                        .map_or("not read".into(), |t| t.show())
                 }),
             ),
             (
@@ -2993,11 +2957,7 @@ fn render(r: &Report) -> String {
         "Ground truth (`/sim/machines`) confirms the end state: online devices released, offline \
          and failing ones still isolated.",
         "The churn run reads `mde_isolation_tracked_resources` from the operator's /metrics. The \
-         operator sets it on every deletion its watch reports and recounts it on reconciles, at \
-         most once a second; so that the count after creation includes the resources that \
-         settled last, one resource is touched (a new annotation: one reconcile, no spec \
-         change) when the count is short 3 s after all were Ready, and every 5 s after that \
-         (the table shows how many touches a round needed). VmRSS is what the process holds \
+         operator sets it on every deletion its watch reports and recounts it every 5 s. VmRSS is what the process holds \
          at the moment of reading, VmHWM its peak so far. A gauge not back to 0 within 120 \
          real seconds of the deletion stops the run.",
     ] {

@@ -84,8 +84,6 @@ pub struct Metrics {
     pub resources: Family<PhaseLabels, Gauge>,
     /// Resources each per-resource owner holds state for; back to 0 once they are deleted.
     pub tracked_resources: Family<OwnerLabels, Gauge>,
-    /// When the per-resource gauges were last recounted (ms since the epoch).
-    recounted_ms: std::sync::atomic::AtomicI64,
 }
 
 impl Default for Metrics {
@@ -177,7 +175,6 @@ impl Metrics {
             registry,
             resources,
             tracked_resources,
-            recounted_ms: std::sync::atomic::AtomicI64::new(0),
             reconciles,
             mde_calls,
             mde_call_seconds,
@@ -197,19 +194,6 @@ impl Metrics {
                 result: result.into(),
             })
             .inc();
-    }
-
-    /// Whether the per-resource gauges are due for a recount: at most once a second (a recount
-    /// scans the watch caches, O(resources)); `true` to exactly one caller per second.
-    pub fn recount_due(&self) -> bool {
-        use std::sync::atomic::Ordering;
-        let now = chrono::Utc::now().timestamp_millis();
-        let last = self.recounted_ms.load(Ordering::Relaxed);
-        now - last >= 1000
-            && self
-                .recounted_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
     }
 
     /// Sets the per-owner tracked-resource counts.

@@ -360,9 +360,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         async move {
             loop {
                 metrics.observe_quota(&gate, tokio::time::Instant::now());
-                // Also on reconciles and deletions; this tick keeps the per-resource gauges
-                // true in a quiet cluster (a count taken just before a deletion and written
-                // after it is corrected here).
+                // The per-resource gauges (tracked ones are also set on every deletion): an
+                // O(resources) scan of the caches, so on this tick, not on every reconcile.
                 metrics.set_tracked(&ctx.tracked());
                 metrics.set_phase_counts(&ctx.stores.count_phases());
                 tokio::select! {

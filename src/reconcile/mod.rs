@@ -94,10 +94,6 @@ pub async fn reconcile(di: Arc<DeviceIsolation>, ctx: Arc<Context>) -> Result<Ac
     )
     .await;
     ctx.metrics.reconciled(result.is_ok());
-    if ctx.metrics.recount_due() {
-        ctx.metrics.set_phase_counts(&ctx.stores.count_phases());
-        ctx.metrics.set_tracked(&ctx.tracked());
-    }
     if result.is_ok() {
         ctx.memory.succeeded(&resource);
     }
@@ -155,8 +151,9 @@ pub async fn drive<E: Effects>(
                     priority,
                 };
                 let outcome = pass.post(fx, &request).await?;
-                let marker = pass.intent_marker();
-                memory.after_post(&pass.resource, &marker, &outcome, fx.now());
+                if let Some(intent) = &pass.status.intent {
+                    memory.after_post(&pass.resource, &intent.marker, &outcome, fx.now());
+                }
                 pass.facts.post = Some(outcome);
                 pass.facts.actions = fx.actions_for(&request.machine_id);
             }
@@ -223,14 +220,10 @@ impl Pass {
         dry_run: bool,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Plan {
-        let marker = self.intent_marker();
-        self.facts.intent_unsent =
-            self.status.intent.is_some() && memory.unsent(&self.resource, &marker);
-        self.facts.intent_ambiguous_at = self
-            .status
-            .intent
-            .as_ref()
-            .and_then(|_| memory.ambiguous_at(&self.resource, &marker));
+        let marker = self.status.intent.as_ref().map(|i| i.marker.as_str());
+        self.facts.intent_unsent = marker.is_some_and(|m| memory.unsent(&self.resource, m));
+        self.facts.intent_ambiguous_at =
+            marker.and_then(|m| memory.ambiguous_at(&self.resource, m));
         let plan = plan::plan(&Input {
             namespace: self.resource.namespace.as_deref().unwrap_or_default(),
             name: &self.resource.name,
@@ -298,14 +291,6 @@ impl Pass {
             self.written = self.status.clone();
         }
         Ok(())
-    }
-
-    fn intent_marker(&self) -> String {
-        self.status
-            .intent
-            .as_ref()
-            .map(|i| i.marker.clone())
-            .unwrap_or_default()
     }
 }
 
