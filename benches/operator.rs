@@ -2957,7 +2957,7 @@ fn render(r: &Report) -> String {
         "Ground truth (`/sim/machines`) confirms the end state: online devices released, offline \
          and failing ones still isolated.",
         "The churn run reads `mde_isolation_tracked_resources` from the operator's /metrics. The \
-         operator sets it on every deletion its watch reports and recounts it every 5 s. VmRSS is what the process holds \
+         operator recounts it every 5 s. VmRSS is what the process holds \
          at the moment of reading, VmHWM its peak so far. A gauge not back to 0 within 120 \
          real seconds of the deletion stops the run.",
     ] {

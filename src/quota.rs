@@ -559,16 +559,16 @@ impl QuotaGate {
     /// Keys passing `wanted` that the gate holds anything for: a reservation of any API or a
     /// priority class (for the tracked-resources gauge).
     pub fn keys(&self, wanted: impl Fn(&str) -> bool) -> usize {
-        let mut keys: std::collections::HashSet<String> = self
-            .priorities
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let priorities = self.priorities.lock().unwrap_or_else(|e| e.into_inner());
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        keys.extend(state.iter().flat_map(|st| st.keys.keys().cloned()));
-        keys.iter().filter(|k| wanted(k)).count()
+        let reserved = state.iter().flat_map(|st| st.keys.keys());
+        let keys: std::collections::HashSet<&str> = priorities
+            .keys()
+            .chain(reserved)
+            .map(String::as_str)
+            .filter(|k| wanted(k))
+            .collect();
+        keys.len()
     }
 
     /// Calls still allowed right now in the (minute, hour) windows ending at `now`, counting only

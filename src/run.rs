@@ -360,8 +360,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         async move {
             loop {
                 metrics.observe_quota(&gate, tokio::time::Instant::now());
-                // The per-resource gauges (tracked ones are also set on every deletion): an
-                // O(resources) scan of the caches, so on this tick, not on every reconcile.
+                // The per-resource gauges: an O(resources) scan of the caches, so on this tick,
+                // not on every reconcile or deletion.
                 metrics.set_tracked(&ctx.tracked());
                 metrics.set_phase_counts(&ctx.stores.count_phases());
                 tokio::select! {

@@ -357,14 +357,13 @@ impl Context {
         self.owners().tracked()
     }
 
-    /// Frees what the watches report gone.
+    /// Frees what the watches report gone (the gauges follow on the next 5 s tick).
     pub fn gone(&self, gone: Gone) {
         let owners = self.owners();
         match gone {
             Gone::Deleted { resource, machine } => owners.forget(&resource, machine.as_deref()),
             Gone::Relisted { scope, present } => owners.relisted(scope.as_deref(), &present),
         }
-        self.metrics.set_tracked(&owners.tracked());
     }
 }
 
