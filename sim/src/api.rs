@@ -92,19 +92,31 @@ impl CallInfo {
 /// Entry point of every request: routes to the admin API, the token endpoints or the MDE API;
 /// anything else is a 404 with the MDE error body.
 pub async fn dispatch(State(shared): State<Arc<Shared>>, req: Request) -> Response<Body> {
+    let mut resp = route(&shared, req).await;
+    // MDE's `Date` header is MDE's clock: here the simulated one (clients measure the age of
+    // actions with it).
+    let now = shared.lock().clock.now();
+    let date = now.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    if let Ok(v) = header::HeaderValue::from_str(&date) {
+        resp.headers_mut().insert(header::DATE, v);
+    }
+    resp
+}
+
+async fn route(shared: &Arc<Shared>, req: Request) -> Response<Body> {
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match segs.as_slice() {
-        ["sim", rest @ ..] => crate::admin::handle(&shared, req, rest).await,
+        ["sim", rest @ ..] => crate::admin::handle(shared, req, rest).await,
         ["api", rest @ ..] => {
             let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
-            api_call(&shared, req, &rest).await
+            api_call(shared, req, &rest).await
         }
         [tenant, "oauth2", "v2.0", "token"] => {
-            token_call(&shared, req, tenant.to_string(), Endpoint::V2).await
+            token_call(shared, req, tenant.to_string(), Endpoint::V2).await
         }
         [tenant, "oauth2", "token"] => {
-            token_call(&shared, req, tenant.to_string(), Endpoint::V1).await
+            token_call(shared, req, tenant.to_string(), Endpoint::V1).await
         }
         _ => {
             let resp = ApiError::new(

@@ -24,12 +24,13 @@ use super::error::{ErrorClass, MdeError};
 use super::model::{IsolationType, Machine, MachineAction, Page, is_valid_machine_id};
 use super::odata::ListQuery;
 use super::token::{ClientSecret, TokenSource, read_limited, sane_scale};
-use crate::quota::{Admission, Api, QuotaGate};
+use crate::quota::{Admission, Api, QuotaGate, Span};
 
 /// Retry-After assumed when a 429 carries none (server seconds).
 const DEFAULT_RETRY_AFTER_SECS: f64 = 60.0;
-/// Longest Retry-After honoured (server seconds); longer values are treated as this.
-const MAX_RETRY_AFTER_SECS: f64 = 86_400.0;
+/// Longest Retry-After honoured (server seconds): no window of MDE's is longer than an hour, so
+/// a longer value (or one longer than the window the 429 names) is capped to that window.
+const MAX_RETRY_AFTER_SECS: f64 = 3_600.0;
 /// A response body larger than this is refused (10,000 actions are about 10 MB).
 const MAX_BODY: usize = 64 << 20;
 /// Paging stops with an error after this many pages.
@@ -180,23 +181,34 @@ fn retry_after_in_body(body: &[u8]) -> Option<f64> {
     number.parse::<f64>().ok().filter(|s| s.is_finite())
 }
 
-/// A 429's pause in local time: `Retry-After`, else the wait its body names, else 60 server
-/// seconds; at most a day. (`request` applies the same order in two steps, so that a pause from
-/// the header starts before the body is read.)
-#[cfg(test)]
-fn retry_after(headers: &HeaderMap, body: &[u8], time_scale: f64) -> Duration {
-    local_pause(
-        retry_after_header(headers).or_else(|| retry_after_in_body(body)),
-        time_scale,
-    )
+/// The window a 429's body names, in server seconds: MDE's message reads "Maximum allowed 30
+/// per 00:01:00 for the key …".
+fn window_in_body(body: &[u8]) -> Option<f64> {
+    let text = String::from_utf8_lossy(body);
+    let (_, rest) = text.split_once(" per ")?;
+    let hms = rest.split_whitespace().next()?.trim_end_matches(['.', ',']);
+    let mut parts = hms.split(':').map(|p| p.parse::<u32>().ok());
+    let (Some(Some(h)), Some(Some(m)), Some(Some(s)), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let secs = f64::from(h) * 3600.0 + f64::from(m) * 60.0 + f64::from(s);
+    (secs > 0.0).then_some(secs)
 }
 
-/// `secs` server seconds (60 when unknown, at most a day) in local time.
-fn local_pause(secs: Option<f64>, time_scale: f64) -> Duration {
-    let secs = secs
+/// What a 429 says: the pause in local time (`Retry-After`, else the wait its body names, else
+/// 60 server seconds; never longer than the window it names, nor than an hour) and which window
+/// refused the call, when the body names it.
+fn throttle_of(headers: &HeaderMap, body: &[u8], time_scale: f64) -> (Duration, Option<Span>) {
+    let window = window_in_body(body);
+    let secs = retry_after_header(headers)
+        .or_else(|| retry_after_in_body(body))
         .unwrap_or(DEFAULT_RETRY_AFTER_SECS)
+        .min(window.unwrap_or(MAX_RETRY_AFTER_SECS))
         .min(MAX_RETRY_AFTER_SECS);
-    Duration::from_secs_f64(secs / time_scale)
+    let span = window.map(|w| if w <= 60.0 { Span::Minute } else { Span::Hour });
+    (Duration::from_secs_f64(secs / time_scale), span)
 }
 
 impl MdeClient {
@@ -446,12 +458,14 @@ impl MdeClient {
         let mut refreshed = false;
         loop {
             let token = self.inner.tokens.token().await?;
-            if let Admission::WaitUntil(until) = self.inner.gate.reserve(api, key, Instant::now()) {
+            let started = Instant::now();
+            if let Admission::WaitUntil(until) = self.inner.gate.reserve(api, key, started) {
                 tracing::debug!(api = api.as_str(), key, "waiting for quota");
                 return Err(MdeError::quota_wait(api, until));
             }
-            let started = Instant::now();
-            let attempt = self.send(api, &method, &url, body, &token, parse).await;
+            let attempt = self
+                .send(api, started, &method, &url, body, &token, parse)
+                .await;
             let elapsed = started.elapsed();
             let (outcome, result) = match attempt {
                 Attempt::Unauthorized(_) if !refreshed => {
@@ -491,9 +505,12 @@ impl MdeClient {
         }
     }
 
+    /// One HTTP request of a call the gate admitted at `sent`.
+    #[allow(clippy::too_many_arguments)]
     async fn send<T, E>(
         &self,
         api: Api,
+        sent: Instant,
         method: &Method,
         url: &Url,
         body: Option<&Value>,
@@ -517,38 +534,29 @@ impl MdeClient {
             Err(e) => return Attempt::Done(Err(MdeError::transport(api, e))),
         };
         let status = resp.status().as_u16();
-        let scale = self.inner.time_scale;
-        let throttle = |wait: Duration| {
-            self.inner.gate.pause_until(api, Instant::now() + wait);
+        if status != 429 {
+            // MDE answered without throttling: a probe after a 429 succeeded.
+            self.inner.gate.record_answer(api);
+        }
+        let headers = (status == 429).then(|| resp.headers().clone());
+        let bytes = read_limited(resp, MAX_BODY).await;
+        if let Some(headers) = headers {
+            // A 429's body is a few hundred bytes: reading it before pausing costs nothing, and
+            // it names the window that refused the call.
+            let body = bytes.unwrap_or_default();
+            let (wait, span) = throttle_of(&headers, &body, self.inner.time_scale);
+            let now = Instant::now();
+            self.inner.gate.refused(api, sent, span, now + wait, now);
             tracing::warn!(
                 api = api.as_str(),
                 retry_after_ms = wait.as_millis() as u64,
+                window = ?span,
                 "MDE throttled the API (429)"
             );
-            wait
-        };
-        // With `Retry-After`, pause before reading the body so concurrent callers stop as early
-        // as possible; without it, the body may name the wait.
-        let header = if status == 429 {
-            retry_after_header(resp.headers())
-        } else {
-            // MDE answered without throttling: a probe after a 429 succeeded.
-            self.inner.gate.record_answer(api);
-            None
-        };
-        let mut pause = header.map(|secs| throttle(local_pause(Some(secs), scale)));
-        let bytes = read_limited(resp, MAX_BODY).await;
-        if status == 429 && pause.is_none() {
-            let body = bytes.as_deref().unwrap_or_default();
-            pause = Some(throttle(local_pause(retry_after_in_body(body), scale)));
+            return Attempt::Done(Err(MdeError::rate_limited(api, wait, &body)));
         }
         match (status, bytes) {
             (401, b) => Attempt::Unauthorized(b.unwrap_or_default()),
-            (429, b) => Attempt::Done(Err(MdeError::rate_limited(
-                api,
-                pause.unwrap_or_default(),
-                &b.unwrap_or_default(),
-            ))),
             (200..=299, Ok(b)) => {
                 Attempt::Done(parse(&b).map_err(|e| MdeError::bad_success_body(api, status, e)))
             }

@@ -414,6 +414,10 @@ async fn a_429_pauses_the_api_for_everyone() {
     assert!(c.gate().paused_until(Api::Isolate).is_none());
 }
 
+fn retry_after(headers: &HeaderMap, body: &[u8], time_scale: f64) -> Duration {
+    throttle_of(headers, body, time_scale).0
+}
+
 #[test]
 fn retry_after_forms() {
     let mut h = HeaderMap::new();
@@ -428,7 +432,7 @@ fn retry_after_forms() {
     h.insert(RETRY_AFTER, "soon".parse().unwrap());
     assert_eq!(retry_after(&h, b"", 1.0), Duration::from_secs(60));
     h.insert(RETRY_AFTER, "99999999".parse().unwrap());
-    assert_eq!(retry_after(&h, b"", 1.0), Duration::from_secs(86_400));
+    assert_eq!(retry_after(&h, b"", 1.0), Duration::from_secs(3600));
     let at = (Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
     h.insert(RETRY_AFTER, at.parse().unwrap());
     let d = retry_after(&h, b"", 1.0);
@@ -460,8 +464,33 @@ fn a_429_without_retry_after_uses_the_wait_its_body_names() {
     );
     assert_eq!(
         retry_after(&none, b"send requests again in 999999 seconds", 1.0),
-        Duration::from_secs(86_400)
+        Duration::from_secs(3600)
     );
+}
+
+#[test]
+fn a_429_names_the_window_that_refused_and_caps_the_pause_to_it() {
+    let minute = br#"{"error":{"code":"TooManyRequests","message":"Maximum allowed 100 per 00:01:00 for the key Destination+TenantID+AppID. You can send requests again in 8 seconds"}}"#;
+    let hour = br#"{"error":{"code":"TooManyRequests","message":"Maximum allowed 1500 per 01:00:00 for the key Destination+TenantID+AppID. You can send requests again in 2400 seconds"}}"#;
+    let none = HeaderMap::new();
+    assert_eq!(
+        throttle_of(&none, minute, 1.0),
+        (Duration::from_secs(8), Some(Span::Minute))
+    );
+    assert_eq!(
+        throttle_of(&none, hour, 1.0),
+        (Duration::from_secs(2400), Some(Span::Hour))
+    );
+    // A Retry-After longer than the window it refers to is capped to that window.
+    let mut h = HeaderMap::new();
+    h.insert(RETRY_AFTER, "68".parse().unwrap());
+    assert_eq!(
+        throttle_of(&h, minute, 1.0),
+        (Duration::from_secs(60), Some(Span::Minute))
+    );
+    assert_eq!(throttle_of(&h, b"no window here", 1.0).1, None);
+    assert_eq!(window_in_body(b"allowed 5 per 1:2 for"), None);
+    assert_eq!(window_in_body(b"allowed 5 per 00:00:00 for"), None);
 }
 
 #[tokio::test]
