@@ -37,6 +37,12 @@ pub fn comment_with_marker(comment: &str, marker: &str) -> String {
     format!("{} {}", comment.trim(), marker)
 }
 
+/// Whether a `requestorComment` carries an audit tag of this operator (of any resource, any
+/// process): the action was requested through this operator's application.
+pub fn is_tagged(requestor_comment: Option<&str>) -> bool {
+    requestor_comment.is_some_and(|c| c.contains("[mde-isolation-operator "))
+}
+
 /// Whether an action's `requestorComment` carries `marker`.
 pub fn carries_marker(requestor_comment: Option<&str>, marker: &str) -> bool {
     requestor_comment.is_some_and(|c| c.trim_end().ends_with(marker))

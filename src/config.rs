@@ -130,6 +130,12 @@ pub struct RunArgs {
     #[arg(long, env = "MDE_QUOTA_BUDGET", default_value_t = 1.0, value_parser = parse_share)]
     pub quota_budget: f64,
 
+    /// What MDE counts the budget against: `endpoint` (each API its own 100/min and 1,500/h, as
+    /// documented) or `app` (one budget for all APIs of the app registration). Either way the
+    /// operator learns from 429s what MDE actually allows.
+    #[arg(long, env = "MDE_QUOTA_KEY", value_enum, default_value_t = crate::quota::QuotaKey::Endpoint)]
+    pub quota_key: crate::quota::QuotaKey,
+
     /// Time compression for tests and demos against mde-sim's --time-scale: quota windows, poll
     /// intervals, retry delays and Retry-After are divided by it. 1 in production.
     #[arg(long, env = "MDE_TIME_SCALE", default_value_t = 1.0, value_parser = parse_scale)]

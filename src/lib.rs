@@ -5,7 +5,9 @@
 //! asks the pure planner ([`reconcile::plan`]) for the next step, and performs that step through
 //! its effects ([`reconcile::effects`]): the [`mde`] client, whose every call passes the [`quota`]
 //! gate, and the API server. The [`poller`] keeps the view fresh with a few batched reads per
-//! cycle, whatever the number of resources. The watch caches ([`cache`]) report deletions, so that
+//! cycle, whatever the number of resources; its first load also rebuilds the gate's ledger from
+//! MDE's record ([`recall`]), so a restart does not start with a full budget in a spent window,
+//! and the gate learns from 429s what MDE allows beside other tools. The watch caches ([`cache`]) report deletions, so that
 //! what the process remembers per resource ([`reconcile::memory`]) is freed with it.
 
 pub mod audit;
@@ -20,6 +22,7 @@ pub mod mde;
 pub mod metrics;
 pub mod poller;
 pub mod quota;
+pub mod recall;
 pub mod reconcile;
 pub mod resolver;
 pub mod run;

@@ -12,7 +12,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::mde::client::CallObserver;
-use crate::quota::{Api, QuotaGate};
+use crate::quota::{Api, QuotaGate, Span};
 
 /// Labels of an MDE call.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,6 +72,11 @@ pub struct Metrics {
     pub mde_call_seconds: Family<ApiLabels, Histogram>,
     /// Calls left in each quota window.
     pub quota_remaining: Family<WindowLabels, Gauge>,
+    /// Calls allowed per window in force: the budget, or below it what MDE was learned to allow
+    /// (other tools spend the same quota key).
+    pub quota_limit: Family<WindowLabels, Gauge>,
+    /// 429 episodes (a first 429 after a time without one) per API.
+    pub quota_throttle_episodes: Family<ApiLabels, Counter>,
     /// Seconds that requests were told to wait for a quota slot.
     pub quota_wait_seconds: Family<ApiLabels, Counter<f64, AtomicU64>>,
     /// Open Isolate/Unisolate actions in the tenant (anyone's).
@@ -117,6 +122,18 @@ impl Metrics {
             "quota_remaining",
             "Calls left in the operator's quota window, per API",
             quota_remaining.clone(),
+        );
+        let quota_limit = Family::<WindowLabels, Gauge>::default();
+        registry.register(
+            "quota_limit",
+            "Calls per window the operator allows itself per API: the budget, or the lower limit learned from MDE's 429s",
+            quota_limit.clone(),
+        );
+        let quota_throttle_episodes = Family::<ApiLabels, Counter>::default();
+        registry.register(
+            "quota_throttle_episodes",
+            "Episodes of 429 answers per API (a first 429 after a time without one)",
+            quota_throttle_episodes.clone(),
         );
         let quota_wait_seconds = Family::<ApiLabels, Counter<f64, AtomicU64>>::default();
         registry.register(
@@ -179,6 +196,8 @@ impl Metrics {
             mde_calls,
             mde_call_seconds,
             quota_remaining,
+            quota_limit,
+            quota_throttle_episodes,
             quota_wait_seconds,
             open_actions,
             oldest_open_action_age_seconds,
@@ -230,6 +249,19 @@ impl Metrics {
     /// Refreshes the quota gauges from the gate.
     pub fn observe_quota(&self, gate: &QuotaGate, now: tokio::time::Instant) {
         for api in Api::all() {
+            let labels = ApiLabels {
+                api: api.as_str().into(),
+            };
+            let episodes = self.quota_throttle_episodes.get_or_create(&labels);
+            episodes.inc_by(gate.episodes(api).saturating_sub(episodes.get()));
+            for (window, span) in [("minute", Span::Minute), ("hour", Span::Hour)] {
+                self.quota_limit
+                    .get_or_create(&WindowLabels {
+                        api: api.as_str().into(),
+                        window: window.into(),
+                    })
+                    .set(i64::from(gate.limit(api, span)));
+            }
             let (minute, hour) = gate.remaining(api, now);
             for (window, left) in [("minute", minute), ("hour", hour)] {
                 self.quota_remaining

@@ -21,7 +21,8 @@ use crate::mde::client::MdeClient;
 use crate::mde::error::ErrorClass;
 use crate::mde::odata::{Filter, ListQuery};
 use crate::metrics::Metrics;
-use crate::quota::Priority;
+use crate::quota::{Api, Priority};
+use crate::recall;
 use crate::reconcile::{ResourceRef, failure_of};
 use crate::view::{ActionView, fact_of};
 
@@ -162,6 +163,17 @@ impl Poller {
         let gate = self.client.gate();
         gate.set_priority(POLLER_KEY, Priority::High);
         gate.set_priority(DRIFT_KEY, Priority::Low);
+        // Becoming leader: a previous process may have just used the budget. Mutating calls are
+        // rebuilt from MDE's record with the first load (`recall`); of the others MDE keeps no
+        // record, so assume the last short window was used at an even pace.
+        let start = tokio::time::Instant::now();
+        for api in Api::all() {
+            if recall::recorded(api) {
+                gate.await_record(api);
+            } else {
+                gate.assume_recent_use(api, start);
+            }
+        }
         // Load the view only when a resource needs it, or for the first drift check.
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -233,6 +245,9 @@ impl Poller {
             changed.extend(self.view.upsert(ended.iter().filter_map(fact_of)));
         }
         if first {
+            // Before any request can go (requests wait for the view): the calls a previous
+            // process made in the last hour, from MDE's record.
+            self.recall_quota(&actions);
             self.view.mark_synced();
             tracing::info!(
                 actions = actions.len(),
@@ -243,6 +258,30 @@ impl Poller {
             self.waker.wake(&resource);
         }
         Ok(())
+    }
+
+    /// Rebuilds the gate's record of this application's mutating calls from MDE's, and lets
+    /// them go (the gate held them since this process became leader).
+    fn recall_quota(&self, actions: &[crate::mde::model::MachineAction]) {
+        // MDE's clock: its `Date`, else (no `Date` header) its newest action, a lower bound.
+        let mde_now = self
+            .client
+            .mde_now()
+            .or_else(|| actions.iter().filter_map(|a| a.created_at).max());
+        let now = tokio::time::Instant::now();
+        let calls = mde_now.map_or_else(Vec::new, |mde_now| {
+            recall::calls_of_app(actions, mde_now, self.timing.mde_clock_rate, now)
+        });
+        let gate = self.client.gate();
+        for api in Api::all().into_iter().filter(|a| recall::recorded(*a)) {
+            let times: Vec<_> = calls.iter().filter(|c| c.0 == api).map(|c| c.1).collect();
+            tracing::info!(
+                api = api.as_str(),
+                calls = times.len(),
+                "recalled this application's calls of the last hour from MDE's record"
+            );
+            gate.recall(api, times, now);
+        }
     }
 
     async fn list(

@@ -180,10 +180,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         args.scope.clone(),
     );
     tracing::info!(api = %endpoints.api_url, authority = %endpoints.authority, "MDE endpoints");
-    let gate = Arc::new(QuotaGate::new(QuotaConfig::from_budget(
-        args.quota_budget,
-        args.time_scale,
-    )));
+    let gate = Arc::new(QuotaGate::with_key(
+        QuotaConfig::from_budget(args.quota_budget, args.time_scale),
+        args.quota_key,
+    ));
     let metrics = Arc::new(Metrics::new());
     let mde = MdeClient::new(
         MdeClientConfig {

@@ -64,6 +64,8 @@ const ON_DASHBOARD: &[&str] = &[
     "mde_isolation_mde_calls_total",
     "mde_isolation_mde_call_duration_seconds_bucket",
     "mde_isolation_quota_remaining",
+    "mde_isolation_quota_limit",
+    "mde_isolation_quota_throttle_episodes_total",
     "mde_isolation_quota_wait_seconds_total",
     "mde_isolation_open_actions",
     "mde_isolation_oldest_open_action_age_seconds",

@@ -98,6 +98,8 @@ struct Inner {
     gate: Arc<QuotaGate>,
     time_scale: f64,
     observer: Option<Arc<dyn CallObserver>>,
+    /// The `Date` of MDE's latest response and when it arrived here.
+    mde_clock: std::sync::Mutex<Option<(DateTime<Utc>, Instant)>>,
 }
 
 impl fmt::Debug for MdeClient {
@@ -269,6 +271,7 @@ impl MdeClient {
                 gate,
                 time_scale: sane_scale(cfg.time_scale),
                 observer: cfg.observer,
+                mde_clock: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -336,6 +339,21 @@ impl MdeClient {
         let url = self.url(&["api", "machineactions", id]);
         self.request(api, Method::GET, url, None, key, parse_json)
             .await
+    }
+
+    /// MDE's clock now, from the `Date` of its latest response plus the time elapsed here since
+    /// (times the time scale). `Date` has whole seconds and is truncated, so this is never ahead
+    /// of MDE: ages measured with it are never longer than the truth. `None` before any answer
+    /// carried a `Date`.
+    pub fn mde_now(&self) -> Option<DateTime<Utc>> {
+        let seen = *self
+            .inner
+            .mde_clock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let (date, at) = seen?;
+        let since = at.elapsed().mul_f64(self.inner.time_scale);
+        Some(date + chrono::Duration::from_std(since).unwrap_or_default())
     }
 
     /// `GET /api/machineactions?...`, following `@odata.nextLink` to the end. Every page passes
@@ -534,6 +552,16 @@ impl MdeClient {
             Err(e) => return Attempt::Done(Err(MdeError::transport(api, e))),
         };
         let status = resp.status().as_u16();
+        let date = resp.headers().get(reqwest::header::DATE);
+        if let Some(date) = date.and_then(|d| d.to_str().ok()) {
+            if let Ok(date) = DateTime::parse_from_rfc2822(date) {
+                *self
+                    .inner
+                    .mde_clock
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some((date.to_utc(), Instant::now()));
+            }
+        }
         if status != 429 {
             // MDE answered without throttling: a probe after a 429 succeeded.
             self.inner.gate.record_answer(api);

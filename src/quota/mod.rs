@@ -489,6 +489,8 @@ pub struct QuotaGate {
     grace: Duration,
     rules: Rules,
     key: QuotaKey,
+    /// Per API: calls wait until MDE's record of a previous process's calls was recalled.
+    awaiting_record: [std::sync::atomic::AtomicBool; 5],
     state: Mutex<[ApiState; 5]>,
     /// Priority class per key; keys not listed are [`Priority::Normal`].
     priorities: Mutex<HashMap<String, Priority>>,
@@ -509,6 +511,7 @@ impl QuotaGate {
         QuotaGate {
             rules: Rules::new(cfg.minute),
             key,
+            awaiting_record: Default::default(),
             cfg,
             windows,
             keep,
@@ -581,6 +584,10 @@ impl QuotaGate {
     /// admission that is recorded can be the probe after a pause.
     fn ask(&self, api: Api, key: &str, now: Instant, record: bool) -> Admission {
         let (base, keep, grace, rules) = (self.windows, self.keep, self.grace, self.rules);
+        if self.awaiting_record[api.index()].load(std::sync::atomic::Ordering::Acquire) {
+            // Not a slot: the record decides when the first one is.
+            return Admission::WaitUntil(now + base[0].span / 20);
+        }
         let priority = self.priority_of(key);
         self.with_state(api, |st| {
             let now = st.calls.back().map_or(now, |&last| now.max(last));
@@ -640,15 +647,23 @@ impl QuotaGate {
         });
     }
 
+    /// Holds every call of `api` (each asker is told to come back shortly) until
+    /// [`recall`](Self::recall) brings MDE's record of the calls a previous process made: after
+    /// a restart or a failover, no call goes into a window that process may have spent.
+    pub fn await_record(&self, api: Api) {
+        self.awaiting_record[api.index()].store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// Adds to `api`'s ledger calls this process did not make but MDE counted: a previous
-    /// process's, rebuilt from MDE's record after a restart or a failover. Times after `now`
-    /// count as `now`.
+    /// process's, rebuilt from MDE's record after a restart or a failover (times after `now`
+    /// count as `now`), and ends [`await_record`](Self::await_record).
     pub fn recall(&self, api: Api, calls: impl IntoIterator<Item = Instant>, now: Instant) {
         let base = self.windows;
         self.with_state(api, |st| {
             let windows = st.in_force(&base);
             st.merge(calls.into_iter().map(|c| c.min(now)), &windows);
         });
+        self.awaiting_record[api.index()].store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// Assumes that just before `now` someone else (a previous process, whose calls to `api`

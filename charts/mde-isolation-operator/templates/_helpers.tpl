@@ -135,4 +135,7 @@ Checks of values that the templates cannot express; called once from the Deploym
 {{- if or (le $budget 0.0) (gt $budget 1.0) }}
 {{- fail (printf "mde.quotaBudget must be in (0, 1], got %v" .Values.mde.quotaBudget) }}
 {{- end }}
+{{- if not (has .Values.mde.quotaKey (list "endpoint" "app")) }}
+{{- fail (printf "mde.quotaKey must be endpoint or app, got %q" (toString .Values.mde.quotaKey)) }}
+{{- end }}
 {{- end }}

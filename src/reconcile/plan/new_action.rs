@@ -39,7 +39,7 @@ impl Planner<'_> {
         if let Lookup::Failed(failure) = &self.facts().lookup {
             return self.failure_decision(failure);
         }
-        if !self.facts().synced && self.facts().lookup != Lookup::Done {
+        if !self.facts().synced {
             if let Some(failure) = &self.facts().view_failure {
                 return match failure {
                     CallFailure::AuthenticationFailed(m) | CallFailure::Forbidden(m) => {

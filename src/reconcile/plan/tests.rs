@@ -232,6 +232,10 @@ fn nothing_is_requested_before_the_shared_view_is_loaded() {
         Some("WaitingForMdeView")
     );
     assert!(plan.requeue.is_some());
+    // Not even after its own lookup found nothing: the first load also brings MDE's record of
+    // the calls a previous process made, which the quota must know before any request.
+    case.facts.lookup = Lookup::Done;
+    assert_eq!(case.plan().effect, Effect::None);
 }
 
 #[test]
