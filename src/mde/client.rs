@@ -553,14 +553,13 @@ impl MdeClient {
         };
         let status = resp.status().as_u16();
         let date = resp.headers().get(reqwest::header::DATE);
-        if let Some(date) = date.and_then(|d| d.to_str().ok()) {
-            if let Ok(date) = DateTime::parse_from_rfc2822(date) {
-                *self
-                    .inner
-                    .mde_clock
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some((date.to_utc(), Instant::now()));
-            }
+        let date = date.and_then(|d| DateTime::parse_from_rfc2822(d.to_str().ok()?).ok());
+        if let Some(date) = date {
+            *self
+                .inner
+                .mde_clock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some((date.to_utc(), Instant::now()));
         }
         if status != 429 {
             // MDE answered without throttling: a probe after a 429 succeeded.
