@@ -217,11 +217,11 @@ async fn rate_limit_storm_converges_with_truthful_conditions() {
     assert!(r.throttled > 0, "the storm produced no 429");
 }
 
-#[ignore = "BUG: when MDE's real limit is below the budget (other SOC tools share it), each Retry-After pause ends in a burst of 429s (4-13 per episode): the gate returns to the full budget after one probe; needs an adaptive budget (see the stop-8 note)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_storm_pauses_instead_of_hammering() {
     // The operator's budget is MDE's full 100/min, but the simulator admits only 5 calls a
-    // minute per API: every API is throttled with real 429s and Retry-After.
+    // minute per API (as when other tools spend the rest): every API is throttled with real
+    // 429s and Retry-After, and the operator must learn the limit rather than burst into it.
     const PER_MINUTE: usize = 5;
     let s = Scenario::start("storm-429", &[], &[]).await;
     let m = s.monitor();
@@ -250,11 +250,11 @@ async fn rate_limit_storm_pauses_instead_of_hammering() {
             episodes.iter().sum::<usize>(),
             episodes.len()
         );
-        // The first episode holds the calls sent before the operator could know that MDE's
-        // limit is below its budget; after that it knows, and a handful per episode is the most
-        // that in-flight calls explain.
+        // The first episode holds the calls already in flight when the first 429 came, before
+        // the operator could know that MDE's limit is below its budget. After that it knows
+        // (the learned limit, calls spaced evenly): at most one 429 per episode, the probe's.
         if let Some(&max) = episodes.iter().skip(1).max()
-            && max > 5
+            && max > 1
         {
             worst.push(format!("{api}: {episodes:?}"));
         }
