@@ -1559,6 +1559,378 @@ apps:
     assert_eq!(throttled[0]["app"], "app-a");
 }
 
+// ---------------------------------------------------------------- §6/§8 a shared quota
+
+/// The `message` of an MDE error body.
+fn message(r: &Resp) -> String {
+    r.body["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// `foreign.apis.<api>` of the stats: (admitted, refused).
+fn foreign(stats: &Value, api: &str) -> (u64, u64) {
+    let t = &stats["foreign"]["apis"][api];
+    (
+        t["admitted"].as_u64().expect("admitted"),
+        t["refused"].as_u64().expect("refused"),
+    )
+}
+
+#[tokio::test]
+async fn foreign_constant_load_takes_its_share_of_the_minute() {
+    let sim = frozen(&[
+        "--machines",
+        "10",
+        "--quota-per-minute",
+        "10",
+        "--foreign-load",
+        "unisolate:4",
+    ]);
+    let tok = sim.token().await;
+    let m = sim.machine_ids().await;
+    // The other app calls at 0, 15, 30 and 45 s: by 59 s it used 4 of the 10.
+    sim.advance(59.0).await;
+    for id in &m[..6] {
+        assert_eq!(unisolate(&sim, &tok, id).await.status, 201);
+    }
+    let r = unisolate(&sim, &tok, &m[6]).await;
+    assert_error(&r, 429, "TooManyRequests");
+    // Its call from 0 s leaves the window in 1 s...
+    assert_eq!(r.header("retry-after"), "1");
+    // ...and in `endpoint` mode isolate has a budget of its own.
+    for id in &m[6..] {
+        assert_eq!(isolate(&sim, &tok, id).await.status, 201);
+    }
+    // After the wait the other app's call due at 60 s takes the freed slot first.
+    sim.advance(1.0).await;
+    let r = unisolate(&sim, &tok, &m[6]).await;
+    assert_error(&r, 429, "TooManyRequests");
+    assert_eq!(r.header("retry-after"), "15");
+
+    let s = sim.admin_stats().await;
+    assert_eq!(foreign(&s, "unisolate"), (5, 0));
+    assert_eq!(foreign(&s, "isolate"), (0, 0));
+    assert_eq!(s["foreign"]["byApp"][CLIENT_ID]["unisolate"]["admitted"], 5);
+    assert_eq!(s["foreign"]["load"][0]["api"], "unisolate");
+    assert_eq!(s["foreign"]["load"][0]["perMinute"], 4);
+    assert_eq!(s["foreign"]["load"][0]["pattern"], "constant");
+    // The operator's own stats and call log hold only its own calls.
+    let u = &s["apis"]["unisolate"];
+    assert_eq!(
+        (u["calls"].as_u64(), u["counted"].as_u64()),
+        (Some(8), Some(6))
+    );
+    assert_eq!(u["throttled"], 2);
+    assert_eq!(u["maxCountedPerMinute"], 6);
+    assert_eq!(
+        sim.admin_get("calls?api=unisolate").await["calls"]
+            .as_array()
+            .unwrap()
+            .len(),
+        8
+    );
+}
+
+#[tokio::test]
+async fn foreign_burst_load_spends_the_budget_at_each_minute_start() {
+    let sim = frozen(&[
+        "--machines",
+        "2",
+        "--quota-per-minute",
+        "10",
+        "--foreign-load",
+        "isolate:12:burst",
+    ]);
+    let tok = sim.token().await;
+    let m = sim.machine_ids().await;
+    // All 12 at the first instant: 10 admitted, 2 refused.
+    let r = isolate(&sim, &tok, &m[0]).await;
+    assert_error(&r, 429, "TooManyRequests");
+    assert_eq!(r.header("retry-after"), "60");
+    assert_eq!(unisolate(&sim, &tok, &m[1]).await.status, 201);
+    assert_eq!(foreign(&sim.admin_stats().await, "isolate"), (10, 2));
+    // Each minute the burst comes first and takes the whole budget again.
+    sim.advance(60.0).await;
+    assert_eq!(isolate(&sim, &tok, &m[0]).await.status, 429);
+    let s = sim.admin_stats().await;
+    assert_eq!(foreign(&s, "isolate"), (20, 4));
+    assert_eq!(s["apis"]["isolate"]["counted"], 0);
+    assert_eq!(s["apis"]["isolate"]["throttled"], 2);
+}
+
+#[tokio::test]
+async fn foreign_load_changes_at_run_time() {
+    let sim = frozen(&["--machines", "20", "--quota-per-minute", "10"]);
+    let tok = sim.token().await;
+    let m = sim.machine_ids().await;
+    let off = sim.admin_get("foreign-load").await;
+    assert_eq!(off["load"], json!([]));
+    sim.advance(30.0).await;
+    let now = sim.now().await;
+    let set = sim
+        .admin_post(
+            "foreign-load",
+            json!({"load": [{"api": "unisolate", "perMinute": 6}]}),
+        )
+        .await;
+    assert_eq!(
+        set,
+        json!({"load": [{"api": "unisolate", "perMinute": 6, "pattern": "constant"}], "since": now})
+    );
+    assert_eq!(sim.admin_get("foreign-load").await, set);
+    // From 30 s on, every 10 s: 30, 40, 50 by 55 s.
+    sim.advance(25.0).await;
+    for id in &m[..7] {
+        assert_eq!(unisolate(&sim, &tok, id).await.status, 201);
+    }
+    assert_eq!(unisolate(&sim, &tok, &m[7]).await.status, 429);
+    assert_eq!(foreign(&sim.admin_stats().await, "unisolate"), (3, 0));
+    // Off again: a minute later the whole budget is the app's.
+    sim.admin_post("foreign-load", json!({"load": []})).await;
+    sim.advance(60.0).await;
+    for id in &m[7..17] {
+        assert_eq!(unisolate(&sim, &tok, id).await.status, 201);
+    }
+    assert_eq!(unisolate(&sim, &tok, &m[17]).await.status, 429);
+    assert_eq!(foreign(&sim.admin_stats().await, "unisolate"), (3, 0));
+    for bad in [
+        json!({"load": [{"api": "token", "perMinute": 5}]}),
+        json!({"load": [{"api": "release", "perMinute": 5}]}),
+        json!({"load": [{"api": "isolate", "perMinute": 0}]}),
+        json!({"load": [{"api": "isolate", "perMinute": 5, "pattern": "spiky"}]}),
+        json!({"load": [{"api": "isolate", "perMinute": 5, "app": "nobody"}]}),
+        json!({"load": [], "extra": 1}),
+        json!({}),
+    ] {
+        let r = sim
+            .send("POST", "/sim/foreign-load", None, Some(bad.clone()))
+            .await;
+        assert_error(&r, 400, "InvalidInput");
+        assert_eq!(
+            sim.admin_get("foreign-load").await["load"],
+            json!([]),
+            "{bad}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn foreign_load_targets_one_app_and_its_refusals_are_counted() {
+    let f = seed_file(
+        r#"
+machines:
+  - computerDnsName: a.contoso.local
+apps:
+  - clientId: app-a
+    clientSecret: a
+    roles: [Machine.Read.All]
+  - clientId: app-b
+    clientSecret: b
+    roles: [Machine.Read.All]
+"#,
+    );
+    let sim = frozen(&[
+        "--seed",
+        f.path().to_str().unwrap(),
+        "--quota-per-minute",
+        "3",
+    ]);
+    let a = sim.token_for("app-a", "a", SCOPE).await;
+    let b = sim.token_for("app-b", "b", SCOPE).await;
+    for _ in 0..3 {
+        assert_eq!(sim.get("/api/machines", &a).await.status, 200);
+    }
+    sim.admin_post(
+        "foreign-load",
+        json!({"load": [{"api": "machines-list", "perMinute": 2, "pattern": "burst", "app": "app-a"}]}),
+    )
+    .await;
+    // app-a's budget is spent: both foreign calls are refused; app-b is untouched.
+    assert_eq!(sim.get("/api/machines", &b).await.status, 200);
+    let s = sim.admin_stats().await;
+    assert_eq!(foreign(&s, "machines-list"), (0, 2));
+    assert_eq!(
+        s["foreign"]["byApp"]["app-a"]["machines-list"]["refused"],
+        2
+    );
+    assert!(s["foreign"]["byApp"]["app-b"].is_null());
+    // Refused calls took nothing: after the minute app-a's own 3 leave and the next burst fits.
+    sim.advance(60.0).await;
+    assert_eq!(sim.get("/api/machines", &a).await.status, 200);
+    assert_eq!(sim.get("/api/machines", &a).await.status, 429);
+    assert_eq!(foreign(&sim.admin_stats().await, "machines-list"), (2, 2));
+}
+
+#[tokio::test]
+async fn foreign_load_runs_on_a_scaled_clock() {
+    let sim = Sim::start(&[
+        "--machines",
+        "1",
+        "--time-scale",
+        "60",
+        "--foreign-load",
+        "machineactions-list:60",
+        "--quota-per-minute",
+        "1000",
+        "--quota-per-hour",
+        "100000",
+    ]);
+    let since = sim.admin_get("foreign-load").await["since"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let s = sim
+        .wait_until(30, "foreign calls on a running clock", || async {
+            let s = sim.admin_stats().await;
+            (foreign(&s, "machineactions-list").0 >= 5).then_some(s)
+        })
+        .await;
+    // One call per simulated second from `since`, all played up to the `now` of the answer.
+    let t = |v: &str| chrono::DateTime::parse_from_rfc3339(v).expect("timestamp");
+    let elapsed = (t(s["now"].as_str().unwrap()) - t(&since)).num_milliseconds();
+    assert_eq!(
+        foreign(&s, "machineactions-list"),
+        (elapsed as u64 / 1000 + 1, 0)
+    );
+}
+
+#[tokio::test]
+async fn quota_key_app_shares_one_budget_across_apis() {
+    let sim = frozen(&[
+        "--machines",
+        "3",
+        "--quota-per-minute",
+        "5",
+        "--quota-key",
+        "app",
+    ]);
+    let tok = sim.token().await;
+    let m = sim.machine_ids().await;
+    assert_eq!(sim.get("/api/machines", &tok).await.status, 200);
+    assert_eq!(sim.get("/api/machineactions", &tok).await.status, 200);
+    assert_eq!(
+        sim.get(&format!("/api/machines/{}", m[0]), &tok)
+            .await
+            .status,
+        200
+    );
+    let action = action_id(&isolate(&sim, &tok, &m[0]).await);
+    assert_eq!(unisolate(&sim, &tok, &m[1]).await.status, 201);
+    // The sixth call of any API is refused.
+    let r = isolate(&sim, &tok, &m[2]).await;
+    assert_error(&r, 429, "TooManyRequests");
+    assert_eq!(r.header("retry-after"), "60");
+    assert!(
+        message(&r).starts_with("Maximum allowed 5 per 00:01:00 "),
+        "{r:?}"
+    );
+    assert_eq!(sim.get("/api/machines", &tok).await.status, 429);
+    assert_eq!(
+        sim.get(&format!("/api/machineactions/{action}"), &tok)
+            .await
+            .status,
+        429
+    );
+    let cancel = sim
+        .post(
+            &format!("/api/machineactions/{action}/cancel"),
+            &tok,
+            json!({"Comment": "x"}),
+        )
+        .await;
+    assert_eq!(cancel.status, 429);
+    let s = sim.admin_stats().await;
+    assert_eq!(s["limits"]["key"], "app");
+    // Per endpoint, the same history leaves every API under its limit.
+    let set = sim
+        .admin_post("settings", json!({"quotaKey": "endpoint"}))
+        .await;
+    assert_eq!(set["quotaKey"], "endpoint");
+    assert_eq!(sim.get("/api/machines", &tok).await.status, 200);
+    assert_eq!(action_id(&isolate(&sim, &tok, &m[2]).await).len(), 36);
+    sim.admin_post("settings", json!({"quotaKey": "app"})).await;
+    assert_eq!(sim.get("/api/machines", &tok).await.status, 429);
+    sim.advance(60.0).await;
+    assert_eq!(sim.get("/api/machines", &tok).await.status, 200);
+}
+
+#[tokio::test]
+async fn quota_key_app_takes_foreign_reads_from_the_writes_budget() {
+    let sim = frozen(&[
+        "--machines",
+        "5",
+        "--quota-per-minute",
+        "5",
+        "--quota-key",
+        "app",
+        "--foreign-load",
+        "machineactions-list:3:burst",
+    ]);
+    let tok = sim.token().await;
+    let m = sim.machine_ids().await;
+    assert_eq!(unisolate(&sim, &tok, &m[0]).await.status, 201);
+    assert_eq!(isolate(&sim, &tok, &m[1]).await.status, 201);
+    assert_eq!(isolate(&sim, &tok, &m[2]).await.status, 429);
+    assert_eq!(
+        foreign(&sim.admin_stats().await, "machineactions-list"),
+        (3, 0)
+    );
+}
+
+#[tokio::test]
+async fn retry_after_modes_shape_the_429() {
+    let again = "You can send requests again in 60 seconds";
+    let head = "Maximum allowed 1 per 00:01:00 for the key Destination+TenantID+AppID.";
+    for (mode, header, with_wait) in [
+        ("header", "60", true),
+        ("body-only", "", true),
+        ("none", "", false),
+        ("long", "120", true),
+    ] {
+        let sim = frozen(&["--quota-per-minute", "1", "--retry-after", mode]);
+        let tok = sim.token().await;
+        assert_eq!(sim.get("/api/machineactions", &tok).await.status, 200);
+        let r = sim.get("/api/machineactions", &tok).await;
+        assert_error(&r, 429, "TooManyRequests");
+        assert_eq!(r.header("retry-after"), header, "{mode}");
+        let msg = message(&r);
+        assert!(msg.starts_with(head), "{mode}: {msg}");
+        assert_eq!(msg.contains(again), with_wait, "{mode}: {msg}");
+        assert_eq!(msg.contains("again in"), with_wait, "{mode}: {msg}");
+        assert_eq!(sim.admin_get("settings").await["retryAfter"], mode);
+    }
+    // The hour window: `long` adds an hour; the body names the hour limit and the true wait.
+    let sim = frozen(&[
+        "--quota-per-minute",
+        "0",
+        "--quota-per-hour",
+        "2",
+        "--retry-after",
+        "long",
+    ]);
+    let tok = sim.token().await;
+    for _ in 0..2 {
+        assert_eq!(sim.get("/api/machineactions", &tok).await.status, 200);
+    }
+    sim.advance(100.0).await;
+    let r = sim.get("/api/machineactions", &tok).await;
+    assert_eq!(r.header("retry-after"), "7100");
+    let msg = message(&r);
+    assert!(msg.starts_with("Maximum allowed 2 per 01:00:00 "), "{msg}");
+    assert!(msg.ends_with("again in 3500 seconds"), "{msg}");
+    // The mode is a setting too.
+    sim.admin_post("settings", json!({"retryAfter": "header"}))
+        .await;
+    assert_eq!(
+        sim.get("/api/machineactions", &tok)
+            .await
+            .header("retry-after"),
+        "3500"
+    );
+}
+
 // ---------------------------------------------------------------- malformed input
 
 #[tokio::test]
@@ -2061,6 +2433,9 @@ fn help_explains_every_flag_with_its_env_var() {
         "--offline-timeout",
         "--quota-per-minute",
         "--quota-per-hour",
+        "--quota-key",
+        "--retry-after",
+        "--foreign-load",
         "--time-scale",
         "--fault-5xx-rate",
         "--latency-ms",
@@ -2072,6 +2447,9 @@ fn help_explains_every_flag_with_its_env_var() {
     }
     assert!(help.contains("MDE_SIM_TIME_SCALE"));
     assert!(help.contains("MDE_SIM_DUPLICATE_MODE"));
+    assert!(help.contains("MDE_SIM_FOREIGN_LOAD"));
+    assert!(help.contains("MDE_SIM_QUOTA_KEY"));
+    assert!(help.contains("MDE_SIM_RETRY_AFTER"));
 }
 
 #[test]
@@ -2081,6 +2459,10 @@ fn bad_flags_fail_fast() {
         &["--time-scale", "-1"],
         &["--page-size", "0"],
         &["--seed", "/nonexistent/seed.yaml"],
+        &["--foreign-load", "release:5"],
+        &["--foreign-load", "unisolate"],
+        &["--quota-key", "tenant"],
+        &["--retry-after", "sometimes"],
     ] {
         let out = std::process::Command::new(common::sim::binary())
             .args(args)

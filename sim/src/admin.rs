@@ -14,6 +14,7 @@ use crate::api::Shared;
 use crate::calls::{ApiName, stats};
 use crate::clock::fmt7;
 use crate::errors::{ApiError, PLAIN_JSON, json_response};
+use crate::foreign::{self, LoadEntry};
 use crate::lifecycle::{ActionType, IsolationType};
 use crate::state::SimState;
 use crate::tenant::{Behaviour, SeedMachine, generate_machines, machine_from_seed};
@@ -113,6 +114,9 @@ fn route(
         }
         ["settings"] if get => settings(st),
         ["settings"] if post => {
+            // Foreign calls until now were made under the settings in force until now.
+            let now = st.clock.now();
+            st.play_foreign(now);
             let mut patch = object(body)?;
             let scale = patch.remove("timeScale");
             let new = merge(&st.settings, patch)?;
@@ -134,6 +138,8 @@ fn route(
             st.faults.settings = new;
             ok(&st.faults.settings)
         }
+        ["foreign-load"] if get => ok(st.foreign.describe()),
+        ["foreign-load"] if post => set_foreign_load(st, object(body)?),
         ["reset"] if post => {
             st.reset();
             time(st)
@@ -151,15 +157,19 @@ fn route(
             ok(json!({"calls": calls}))
         }
         ["stats"] if get => {
+            let now = st.clock.now();
+            st.play_foreign(now);
             let mut apis = stats(&st.calls);
             for a in ApiName::ALL {
                 apis.entry(a.as_str()).or_default();
             }
+            let s = &st.settings;
             ok(json!({
-                "now": fmt7(st.clock.now()),
+                "now": fmt7(now),
                 "totalCalls": st.calls.len(),
-                "limits": {"perMinute": st.settings.quota_per_minute, "perHour": st.settings.quota_per_hour},
+                "limits": {"perMinute": s.quota_per_minute, "perHour": s.quota_per_hour, "key": s.quota_key},
                 "apis": apis,
+                "foreign": st.foreign.report(),
             }))
         }
         ["machines"] if get => {
@@ -271,6 +281,23 @@ fn settings(st: &SimState) -> AdminResult {
     let mut v = json!(st.settings);
     v["timeScale"] = json!(st.clock.scale());
     ok(v)
+}
+
+/// `{"load": [{"api", "perMinute", "pattern", "app"}, ...]}` replaces the foreign load from now
+/// on (an empty list stops it); the calls due until now are played under the old one.
+fn set_foreign_load(st: &mut SimState, mut b: Map<String, Value>) -> AdminResult {
+    let load = b
+        .remove("load")
+        .ok_or_else(|| bad("need {\"load\": [...]}"))?;
+    if let Some(k) = b.keys().next() {
+        return Err(bad(format!("unknown field {k:?}")));
+    }
+    let entries: Vec<LoadEntry> = parse(load)?;
+    foreign::validate(&entries, &st.apps).map_err(bad)?;
+    let now = st.clock.now();
+    st.play_foreign(now);
+    st.foreign.set(entries, now);
+    ok(st.foreign.describe())
 }
 
 /// `{"machines": [seed machines]}` and/or `{"count": N, "behaviour": "..."}`.

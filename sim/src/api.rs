@@ -238,17 +238,10 @@ fn process_api(
         }
     };
     let app = Some(token.client_id.clone());
+    st.play_foreign(now);
     let limits = st.settings.limits();
-    if let Err(retry) = st.quota.check(&token.client_id, api, now, limits) {
-        let e = ApiError::too_many(
-            retry,
-            format!(
-                "API calls quota exceeded! Maximum allowed {} per minute and {} per hour for {}. Please try again in {retry} seconds.",
-                limits.per_minute,
-                limits.per_hour,
-                api.as_str()
-            ),
-        );
+    if let Err(throttle) = st.quota.check(&token.client_id, api, now, limits) {
+        let e = throttle.error(st.settings.retry_after);
         info.log(&mut st, now, app, 429, false, None, None);
         return (e.into_response(), false);
     }

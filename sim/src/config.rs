@@ -33,6 +33,30 @@ pub enum OverlapOrder {
     Fifo,
 }
 
+/// What the per-minute and per-hour budgets are counted per (always per app).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QuotaKey {
+    /// Each API name has its own budget (isolate, unisolate, each read...).
+    Endpoint,
+    /// One budget shared by every quota-counted API of the app.
+    App,
+}
+
+/// How a 429 tells the client when to come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryAfterMode {
+    /// `Retry-After: N` and a body naming the same N.
+    Header,
+    /// No header; the body still says "You can send requests again in N seconds".
+    BodyOnly,
+    /// Neither: no header and a body without the wait.
+    None,
+    /// The header says N plus the length of the window that refused (too long); body as `header`.
+    Long,
+}
+
 /// `mde-sim`: a simulator of the Microsoft Defender for Endpoint machine-action API.
 ///
 /// All delays, windows, token lifetimes and Retry-After values are in simulated seconds; the
@@ -145,13 +169,34 @@ pub struct Cli {
     #[arg(long, env = "MDE_SIM_OFFLINE_TIMEOUT", default_value_t = 259200.0)]
     pub offline_timeout: f64,
 
-    /// Calls per app and API in any sliding 60 s window (0 = unlimited).
+    /// Calls per quota key in any sliding 60 s window (0 = unlimited).
     #[arg(long, env = "MDE_SIM_QUOTA_PER_MINUTE", default_value_t = 100)]
     pub quota_per_minute: u32,
 
-    /// Calls per app and API in any sliding 3600 s window (0 = unlimited).
+    /// Calls per quota key in any sliding 3600 s window (0 = unlimited).
     #[arg(long, env = "MDE_SIM_QUOTA_PER_HOUR", default_value_t = 1500)]
     pub quota_per_hour: u32,
+
+    /// What a quota budget belongs to: `endpoint` (each API of each app has its own) or `app`
+    /// (one budget shared by every API of the app).
+    #[arg(long, env = "MDE_SIM_QUOTA_KEY", value_enum, default_value_t = QuotaKey::Endpoint)]
+    pub quota_key: QuotaKey,
+
+    /// How a 429 names the wait: `header` (Retry-After and the body), `body-only`, `none`, or
+    /// `long` (a Retry-After longer than the window that refused).
+    #[arg(long, env = "MDE_SIM_RETRY_AFTER", value_enum, default_value_t = RetryAfterMode::Header)]
+    pub retry_after: RetryAfterMode,
+
+    /// Another application spending the same quota as the tenant's app(s): comma-separated
+    /// `<api>:<calls per simulated minute>[:burst]`, e.g. `unisolate:50` (spread evenly over
+    /// each minute) or `unisolate:80:burst` (all at the start of each minute).
+    #[arg(
+        long,
+        env = "MDE_SIM_FOREIGN_LOAD",
+        value_name = "SPEC",
+        value_parser = crate::foreign::parse_spec
+    )]
+    pub foreign_load: Option<crate::foreign::LoadSpec>,
 
     /// Speed of the simulated clock relative to real time (0 freezes it; move it with
     /// POST /sim/time/advance).

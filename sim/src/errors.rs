@@ -65,10 +65,10 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, "Forbidden", message)
     }
 
-    /// 429 `TooManyRequests` with `Retry-After`.
-    pub fn too_many(retry_after: u64, message: impl Into<String>) -> Self {
+    /// 429 `TooManyRequests`, with a `Retry-After` header when given.
+    pub fn too_many(retry_after: Option<u64>, message: impl Into<String>) -> Self {
         Self {
-            retry_after: Some(retry_after),
+            retry_after,
             ..Self::new(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message)
         }
     }

@@ -12,6 +12,7 @@ mod config;
 mod credentials;
 mod errors;
 mod faults;
+mod foreign;
 mod handlers;
 mod lifecycle;
 mod odata;
@@ -88,6 +89,8 @@ fn build_state(cli: &Cli) -> Result<SimState, String> {
     let settings = Settings {
         quota_per_minute: cli.quota_per_minute,
         quota_per_hour: cli.quota_per_hour,
+        quota_key: cli.quota_key,
+        retry_after: cli.retry_after,
         duplicate_mode: cli.duplicate_mode,
         overlap_order: cli.overlap_order,
         delays: Delays {
@@ -113,6 +116,7 @@ fn build_state(cli: &Cli) -> Result<SimState, String> {
         clock,
         settings,
         faults,
+        cli.foreign_load.clone().unwrap_or_default().0,
         apps,
         machines,
         cli.machines + 1,

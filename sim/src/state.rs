@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use crate::auth::TokenInfo;
 use crate::calls::CallRecord;
 use crate::clock::{SimClock, add_seconds, fmt7};
-use crate::config::{DuplicateMode, OverlapOrder};
+use crate::config::{DuplicateMode, OverlapOrder, QuotaKey, RetryAfterMode};
 use crate::faults::{FaultSettings, Faults};
+use crate::foreign::{ForeignLoad, LoadEntry};
 use crate::lifecycle::{
     Action, ActionType, ActionView, Cancellation, Delays, IsolationType, Status, plan,
 };
@@ -24,10 +25,14 @@ use crate::tenant::{App, Behaviour, Machine};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Settings {
-    /// Calls per app and API per 60 s (0 = unlimited).
+    /// Calls per quota key per 60 s (0 = unlimited).
     pub quota_per_minute: u32,
-    /// Calls per app and API per 3600 s (0 = unlimited).
+    /// Calls per quota key per 3600 s (0 = unlimited).
     pub quota_per_hour: u32,
+    /// What a budget belongs to: each API of an app, or the whole app.
+    pub quota_key: QuotaKey,
+    /// How a 429 names the wait.
+    pub retry_after: RetryAfterMode,
     /// Repeated isolate/unisolate handling.
     pub duplicate_mode: DuplicateMode,
     /// Completion order of overlapping actions.
@@ -53,6 +58,7 @@ impl Settings {
         Limits {
             per_minute: self.quota_per_minute,
             per_hour: self.quota_per_hour,
+            key: self.quota_key,
         }
     }
 
@@ -104,6 +110,7 @@ struct Initial {
     machines: Vec<Machine>,
     settings: Settings,
     faults: FaultSettings,
+    foreign: Vec<LoadEntry>,
     next_number: usize,
 }
 
@@ -118,6 +125,8 @@ pub struct SimState {
     pub faults: Faults,
     /// Quota windows.
     pub quota: QuotaBook,
+    /// Another application's calls on the same quota keys.
+    pub foreign: ForeignLoad,
     /// Registered apps.
     pub apps: Vec<App>,
     /// Issued tokens.
@@ -141,12 +150,14 @@ pub struct SimState {
 }
 
 impl SimState {
-    /// A fresh state; the machines, settings and faults given here are what `reset` restores.
+    /// A fresh state; the machines, settings, faults and foreign load given here are what
+    /// `reset` restores.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         clock: SimClock,
         settings: Settings,
         faults: FaultSettings,
+        foreign: Vec<LoadEntry>,
         apps: Vec<App>,
         machines: Vec<Machine>,
         next_number: usize,
@@ -156,13 +167,16 @@ impl SimState {
             machines: machines.clone(),
             settings: settings.clone(),
             faults: faults.clone(),
+            foreign: foreign.clone(),
             next_number,
         };
+        let foreign = ForeignLoad::new(foreign, clock.now());
         let mut st = Self {
             clock,
             faults: Faults::new(faults, rng_seed),
             settings,
             quota: QuotaBook::default(),
+            foreign,
             apps,
             tokens: HashMap::new(),
             calls: Vec::new(),
@@ -185,13 +199,15 @@ impl SimState {
         Ok(st)
     }
 
-    /// Back to the start: machines, settings and faults as at start; no calls, actions, quota
-    /// use or tokens. The clock keeps running (time never goes back).
+    /// Back to the start: machines, settings, faults and foreign load as at start (the load
+    /// from now on); no calls, actions, quota use or tokens. The clock keeps running (time
+    /// never goes back).
     pub fn reset(&mut self) {
         let init = self.initial.clone();
         self.settings = init.settings;
         self.faults = Faults::new(init.faults, self.rng_seed);
         self.quota.clear();
+        self.foreign = ForeignLoad::new(init.foreign, self.clock.now());
         self.tokens.clear();
         self.calls.clear();
         self.next_number = init.next_number;
@@ -208,6 +224,13 @@ impl SimState {
             // They were unique at start, so this cannot fail.
             let _ = self.add_machine(m);
         }
+    }
+
+    /// Runs the foreign calls due at or before `now` through the quota. Call it before every
+    /// quota check, settings change and statistics read.
+    pub fn play_foreign(&mut self, now: DateTime<Utc>) {
+        let limits = self.settings.limits();
+        self.foreign.play(now, &mut self.quota, &self.apps, limits);
     }
 
     /// Adds a machine; its id must be new.
