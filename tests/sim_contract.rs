@@ -2473,3 +2473,16 @@ fn bad_flags_fail_fast() {
         assert!(out.stdout.is_empty(), "nothing on stdout for {args:?}");
     }
 }
+
+/// MDE's `Date` header is MDE's clock: the simulated one, not this machine's (clients measure
+/// the age of actions against it, e.g. to rebuild their quota ledger after a restart).
+#[tokio::test]
+async fn the_date_header_is_the_simulated_clock() {
+    let sim = frozen(&["--start-time", "2020-01-01T00:00:00Z"]);
+    let tok = sim.token().await;
+    sim.advance(90.0).await;
+    let r = sim.get("/api/machines", &tok).await;
+    assert_eq!(r.header("date"), "Wed, 01 Jan 2020 00:01:30 GMT");
+    let admin = sim.send("GET", "/sim/time", None, None).await;
+    assert_eq!(admin.header("date"), "Wed, 01 Jan 2020 00:01:30 GMT");
+}
