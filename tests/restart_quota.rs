@@ -65,11 +65,11 @@ async fn restarts_every_20_simulated_seconds_never_meet_a_429_on_posts() {
     cfg.time_scale = SCALE;
     cfg.extra = vec!["--quota-budget".into(), "0.1".into()];
     let mut op = Operator::start(&sim, cfg);
-    for i in 0..N {
+    for (i, id) in ids.iter().enumerate() {
         create(
             &client,
             &ns,
-            &device_isolation(&format!("rq-{i:02}"), &ids[i], false, Some("restart test")),
+            &device_isolation(&format!("rq-{i:02}"), id, false, Some("restart test")),
         )
         .await;
     }
