@@ -8,6 +8,10 @@
 //! that calls already in flight cannot pile up past the edge. After [`Rules::hold`] without a
 //! 429 it probes upward, one [`Rules::step`] per short window; a 429 sets it back. With the
 //! budget to itself no 429 comes and nothing here changes a thing.
+//!
+//! `used` is counted in MDE's window (without the gate's guard margin): that is what MDE
+//! counted when it refused, and the gate, which checks the longer guarded window, then never
+//! puts more than the learned limit into any of MDE's windows.
 
 use std::time::Duration;
 
@@ -36,8 +40,8 @@ impl Span {
 /// How a learned limit comes back up.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Rules {
-    /// How long a learned limit is kept before probing above it. Twenty short windows: with a
-    /// steady foreign load, at most three 429s an hour come from probing.
+    /// How long a learned limit is kept before probing above it. Thirty short windows: with a
+    /// steady foreign load, at most two 429s an hour come from probing.
     pub hold: Duration,
     /// Time between two raises while probing: one short window.
     pub every: Duration,
@@ -46,7 +50,7 @@ pub(super) struct Rules {
 impl Rules {
     pub(super) fn new(minute: Duration) -> Self {
         Rules {
-            hold: minute.saturating_mul(20),
+            hold: minute.saturating_mul(30),
             every: minute,
         }
     }
@@ -212,17 +216,17 @@ mod tests {
         let mut l = Learning::default();
         l.refused(Span::Minute, 51, &b, t0, true, rules());
         let min = Duration::from_secs(60);
-        l.relax(t0 + min * 19, &b, rules());
-        assert_eq!(l.limit(Span::Minute), Some(50), "held for 20 minutes");
-        l.relax(t0 + min * 20, &b, rules());
+        l.relax(t0 + min * 29, &b, rules());
+        assert_eq!(l.limit(Span::Minute), Some(50), "held for 30 minutes");
+        l.relax(t0 + min * 30, &b, rules());
         assert_eq!(l.limit(Span::Minute), Some(52));
-        l.relax(t0 + min * 22, &b, rules());
+        l.relax(t0 + min * 32, &b, rules());
         assert_eq!(
             l.limit(Span::Minute),
             Some(56),
             "one step per minute, caught up"
         );
-        l.relax(t0 + min * 44, &b, rules());
+        l.relax(t0 + min * 54, &b, rules());
         assert_eq!(l.limit(Span::Minute), None, "back at the budget");
         assert_eq!(l.spacing(&b), None);
     }
@@ -233,12 +237,12 @@ mod tests {
         let mut l = Learning::default();
         let min = Duration::from_secs(60);
         l.refused(Span::Minute, 51, &b, t0, true, rules());
-        l.relax(t0 + min * 20, &b, rules());
-        // At 52 MDE refuses again: back to 51 (what fit), held another 20 minutes.
-        l.refused(Span::Minute, 52, &b, t0 + min * 20, true, rules());
-        l.relax(t0 + min * 39, &b, rules());
+        l.relax(t0 + min * 30, &b, rules());
+        // At 52 MDE refuses again: back to 51 (what fit), held another 30 minutes.
+        l.refused(Span::Minute, 52, &b, t0 + min * 30, true, rules());
+        l.relax(t0 + min * 59, &b, rules());
         assert_eq!(l.limit(Span::Minute), Some(51));
-        // So a steady foreign load costs at most one probing 429 per 20 minutes.
+        // So a steady foreign load costs at most one probing 429 per 30 minutes.
         assert_eq!(l.episodes(), 2);
     }
 
@@ -250,7 +254,7 @@ mod tests {
         assert_eq!(l.apply(&b)[1].limit, 750);
         assert_eq!(l.apply(&b)[0].limit, 100);
         assert_eq!(l.spacing(&b), None, "the minute is not learned: no spacing");
-        l.relax(t0 + Duration::from_secs(20 * 60), &b, rules());
+        l.relax(t0 + Duration::from_secs(30 * 60), &b, rules());
         assert_eq!(l.limit(Span::Hour), Some(780));
     }
 }

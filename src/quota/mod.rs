@@ -40,6 +40,15 @@
 //! A late caller's reservation keeps its place and holds capacity for it until it expires;
 //! capacity held for a caller that never comes is not handed to others before then, so a vanished
 //! caller costs at most about one call per short window until its reservation expires.
+//!
+//! # Sharing the key with others, and with a previous process
+//!
+//! The windows checked are the budget's, lowered to what MDE was learned to allow after a 429
+//! ([`learn`]; while a short-window limit is learned, calls are also spaced evenly, as a third,
+//! one-call window). Lowering a limit only makes the check stricter, so the guarantee above holds
+//! for whatever limit is in force. Calls a previous process made ([`QuotaGate::recall`]) or may
+//! have made ([`QuotaGate::assume_recent_use`]) are merged into the recorded calls, which again
+//! only makes the check stricter. With [`QuotaKey::App`] every API shares one state.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -627,6 +636,7 @@ impl QuotaGate {
         now: Instant,
     ) {
         let (base, rules) = (self.windows, self.rules);
+        let (minute, hour) = (self.cfg.minute, self.cfg.hour);
         self.with_state(api, |st| {
             let new_episode = !st.held_back(now);
             let span = span.unwrap_or(if until.saturating_duration_since(now) > base[0].span {
@@ -634,13 +644,14 @@ impl QuotaGate {
             } else {
                 Span::Minute
             });
-            let w = match span {
-                Span::Minute => base[0],
-                Span::Hour => base[1],
+            // MDE's window, without the guard: what MDE counted when it refused.
+            let window = match span {
+                Span::Minute => minute,
+                Span::Hour => hour,
             };
             // A call recorded a little after `sent` (threads racing) is not counted: the limit
             // learned is then one lower, never higher.
-            let used = st.count_ending_at(sent, w.span);
+            let used = st.count_ending_at(sent, window);
             st.learning
                 .refused(span, used, &base, now, new_episode, rules);
             st.pause(until, &st.in_force(&base));

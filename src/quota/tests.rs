@@ -921,3 +921,29 @@ fn the_app_key_puts_every_api_in_one_budget() {
         assert_eq!(apart.reserve(api, "a", t0), Admission::Admit);
     }
 }
+
+#[test]
+fn after_a_restart_posts_wait_for_the_record_and_reads_do_not() {
+    let gate = QuotaGate::new(small(10, 100));
+    let t0 = Instant::now();
+    gate.await_record(Api::Unisolate);
+    assert!(matches!(
+        gate.reserve(Api::Unisolate, "a", t0),
+        Admission::WaitUntil(t) if t > t0
+    ));
+    assert!(matches!(
+        gate.hold(Api::Unisolate, "a", t0),
+        Some(t) if t > t0
+    ));
+    assert_eq!(
+        gate.reserve(Api::MachineActionsRead, "poller", t0),
+        Admission::Admit
+    );
+    // The record: the previous process sent 9 in the last 10 s; one more fits, not two.
+    gate.recall(Api::Unisolate, (0..9).map(|i| t0 - secs(10) + secs(i)), t0);
+    assert_eq!(gate.reserve(Api::Unisolate, "a", t0), Admission::Admit);
+    assert!(matches!(
+        gate.reserve(Api::Unisolate, "b", t0),
+        Admission::WaitUntil(_)
+    ));
+}
