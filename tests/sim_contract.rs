@@ -64,6 +64,33 @@ fn frozen(args: &[&str]) -> Sim {
     Sim::start(&all)
 }
 
+/// A frozen simulator with one machine and two apps (`app-a`, `app-b`, reading machines), each
+/// with `per_minute` calls a minute per API; their tokens.
+async fn two_apps(per_minute: &str) -> (Sim, tempfile::NamedTempFile, String, String) {
+    let f = seed_file(
+        r#"
+machines:
+  - computerDnsName: a.contoso.local
+apps:
+  - clientId: app-a
+    clientSecret: a
+    roles: [Machine.Read.All]
+  - clientId: app-b
+    clientSecret: b
+    roles: [Machine.Read.All]
+"#,
+    );
+    let sim = frozen(&[
+        "--seed",
+        f.path().to_str().unwrap(),
+        "--quota-per-minute",
+        per_minute,
+    ]);
+    let a = sim.token_for("app-a", "a", SCOPE).await;
+    let b = sim.token_for("app-b", "b", SCOPE).await;
+    (sim, f, a, b)
+}
+
 /// A frozen simulator with the seed machines.
 fn seeded(args: &[&str]) -> (Sim, tempfile::NamedTempFile) {
     let f = seed_file(SEED);
@@ -1528,27 +1555,7 @@ async fn quota_retry_after_holds_on_a_running_clock() {
 
 #[tokio::test]
 async fn quotas_are_per_app() {
-    let f = seed_file(
-        r#"
-machines:
-  - computerDnsName: a.contoso.local
-apps:
-  - clientId: app-a
-    clientSecret: a
-    roles: [Machine.Read.All]
-  - clientId: app-b
-    clientSecret: b
-    roles: [Machine.Read.All]
-"#,
-    );
-    let sim = frozen(&[
-        "--seed",
-        f.path().to_str().unwrap(),
-        "--quota-per-minute",
-        "2",
-    ]);
-    let a = sim.token_for("app-a", "a", SCOPE).await;
-    let b = sim.token_for("app-b", "b", SCOPE).await;
+    let (sim, _seed, a, b) = two_apps("2").await;
     assert_eq!(sim.get("/api/machines", &a).await.status, 200);
     assert_eq!(sim.get("/api/machines", &a).await.status, 200);
     assert_eq!(sim.get("/api/machines", &a).await.status, 429);
@@ -1718,27 +1725,7 @@ async fn foreign_load_changes_at_run_time() {
 
 #[tokio::test]
 async fn foreign_load_targets_one_app_and_its_refusals_are_counted() {
-    let f = seed_file(
-        r#"
-machines:
-  - computerDnsName: a.contoso.local
-apps:
-  - clientId: app-a
-    clientSecret: a
-    roles: [Machine.Read.All]
-  - clientId: app-b
-    clientSecret: b
-    roles: [Machine.Read.All]
-"#,
-    );
-    let sim = frozen(&[
-        "--seed",
-        f.path().to_str().unwrap(),
-        "--quota-per-minute",
-        "3",
-    ]);
-    let a = sim.token_for("app-a", "a", SCOPE).await;
-    let b = sim.token_for("app-b", "b", SCOPE).await;
+    let (sim, _seed, a, b) = two_apps("3").await;
     for _ in 0..3 {
         assert_eq!(sim.get("/api/machines", &a).await.status, 200);
     }
