@@ -4,7 +4,8 @@
 //! quota key, and MDE's allowance may be lower than documented. A 429 says that MDE refused a call
 //! while this process's ledger held `used` calls (the refused one included) in the window that
 //! ended at it: beside whatever the others spent, at most `used - 1` of ours fit. The gate then
-//! keeps to that limit, and sends evenly spaced (`span / limit` apart) rather than in bursts, so
+//! keeps one below that (`used - 2`: at exactly the edge, any jitter of the others' pace is a
+//! 429), and sends evenly spaced (`span / limit` apart) rather than in bursts, so
 //! that calls already in flight cannot pile up past the edge. After [`Rules::hold`] without a
 //! 429 it probes upward, one [`Rules::step`] per short window; a 429 sets it back. With the
 //! budget to itself no 429 comes and nothing here changes a thing.
@@ -110,7 +111,7 @@ impl Learning {
             self.episodes += 1;
         }
         let i = span.index();
-        let mut limit = used.saturating_sub(1).clamp(1, base[i].limit);
+        let mut limit = used.saturating_sub(2).clamp(1, base[i].limit);
         if let (false, Some(old)) = (new_episode, self.limits[i]) {
             limit = limit.min(old.limit);
         }
@@ -118,6 +119,14 @@ impl Learning {
             limit,
             raise_at: now + rules.hold,
         });
+    }
+
+    /// A pause until `until`: no call goes, so nothing is learned meanwhile; raising resumes
+    /// (at the earliest) a short window after it ends.
+    pub(super) fn defer(&mut self, until: Instant, rules: Rules) {
+        for l in self.limits.iter_mut().flatten() {
+            l.raise_at = l.raise_at.max(until + rules.every);
+        }
     }
 
     /// Raises limits whose hold is over, one step per `rules.every`; a limit that reaches the
@@ -176,8 +185,9 @@ mod tests {
         let mut l = Learning::default();
         assert_eq!(l.apply(&b)[0].limit, 100);
         assert_eq!(l.spacing(&b), None);
-        // 51 of ours in the minute, the 51st refused: 50 fit beside the other tool.
-        l.refused(Span::Minute, 51, &b, t0, true, rules());
+        // 52 of ours in the minute, the 52nd refused: 51 fit beside the other tool; one is kept
+        // in reserve.
+        l.refused(Span::Minute, 52, &b, t0, true, rules());
         assert_eq!(l.apply(&b)[0].limit, 50);
         assert_eq!(l.apply(&b)[1].limit, 1500);
         assert_eq!(l.spacing(&b), Some(Duration::from_millis(1220)));
@@ -188,14 +198,14 @@ mod tests {
     fn calls_in_flight_refused_in_the_same_episode_only_lower_it() {
         let (b, t0) = (base(), Instant::now());
         let mut l = Learning::default();
-        l.refused(Span::Minute, 51, &b, t0, true, rules());
-        l.refused(Span::Minute, 53, &b, t0, false, rules());
+        l.refused(Span::Minute, 52, &b, t0, true, rules());
+        l.refused(Span::Minute, 54, &b, t0, false, rules());
         assert_eq!(l.limit(Span::Minute), Some(50));
-        l.refused(Span::Minute, 40, &b, t0, false, rules());
+        l.refused(Span::Minute, 41, &b, t0, false, rules());
         assert_eq!(l.limit(Span::Minute), Some(39));
         assert_eq!(l.episodes(), 1);
         // A new episode starts from what it sees.
-        l.refused(Span::Minute, 61, &b, t0, true, rules());
+        l.refused(Span::Minute, 62, &b, t0, true, rules());
         assert_eq!(l.limit(Span::Minute), Some(60));
         assert_eq!(l.episodes(), 2);
     }
@@ -214,7 +224,7 @@ mod tests {
     fn held_then_raised_a_step_per_minute_until_forgotten() {
         let (b, t0) = (base(), Instant::now());
         let mut l = Learning::default();
-        l.refused(Span::Minute, 51, &b, t0, true, rules());
+        l.refused(Span::Minute, 52, &b, t0, true, rules());
         let min = Duration::from_secs(60);
         l.relax(t0 + min * 29, &b, rules());
         assert_eq!(l.limit(Span::Minute), Some(50), "held for 30 minutes");
@@ -236,10 +246,10 @@ mod tests {
         let (b, t0) = (base(), Instant::now());
         let mut l = Learning::default();
         let min = Duration::from_secs(60);
-        l.refused(Span::Minute, 51, &b, t0, true, rules());
+        l.refused(Span::Minute, 52, &b, t0, true, rules());
         l.relax(t0 + min * 30, &b, rules());
-        // At 52 MDE refuses again: back to 51 (what fit), held another 30 minutes.
-        l.refused(Span::Minute, 52, &b, t0 + min * 30, true, rules());
+        // Probing at 52, MDE refuses the 53rd: back to 51 (one below what fit), held again.
+        l.refused(Span::Minute, 53, &b, t0 + min * 30, true, rules());
         l.relax(t0 + min * 59, &b, rules());
         assert_eq!(l.limit(Span::Minute), Some(51));
         // So a steady foreign load costs at most one probing 429 per 30 minutes.
@@ -247,10 +257,30 @@ mod tests {
     }
 
     #[test]
+    fn a_pause_is_no_evidence_raising_waits_until_after_it() {
+        let (b, t0) = (base(), Instant::now());
+        let mut l = Learning::default();
+        let min = Duration::from_secs(60);
+        l.refused(Span::Minute, 52, &b, t0, true, rules());
+        // Another window (the hour) pauses everything from minute 10 to minute 55.
+        l.defer(t0 + min * 55, rules());
+        l.relax(t0 + min * 55, &b, rules());
+        assert_eq!(l.limit(Span::Minute), Some(50));
+        l.relax(t0 + min * 56, &b, rules());
+        assert_eq!(l.limit(Span::Minute), Some(52));
+        // A pause that ends before the hold is over changes nothing.
+        let mut l = Learning::default();
+        l.refused(Span::Minute, 52, &b, t0, true, rules());
+        l.defer(t0 + min, rules());
+        l.relax(t0 + min * 30, &b, rules());
+        assert_eq!(l.limit(Span::Minute), Some(52));
+    }
+
+    #[test]
     fn the_hour_is_learned_apart_and_raised_in_bigger_steps() {
         let (b, t0) = (base(), Instant::now());
         let mut l = Learning::default();
-        l.refused(Span::Hour, 751, &b, t0, true, rules());
+        l.refused(Span::Hour, 752, &b, t0, true, rules());
         assert_eq!(l.apply(&b)[1].limit, 750);
         assert_eq!(l.apply(&b)[0].limit, 100);
         assert_eq!(l.spacing(&b), None, "the minute is not learned: no spacing");

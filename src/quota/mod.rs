@@ -448,9 +448,10 @@ impl ApiState {
     }
 
     /// Pause until `until` (a shorter pause never shortens a longer one); then one probe.
-    fn pause(&mut self, until: Instant, windows: &[Window]) {
+    fn pause(&mut self, until: Instant, windows: &[Window], rules: Rules) {
         self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
         self.probing = Some(false);
+        self.learning.defer(until, rules);
         self.recompute(windows);
     }
 
@@ -618,8 +619,8 @@ impl QuotaGate {
     /// Pause `api` for everyone until `until` (a 429's `Retry-After`). Pending reservations move
     /// behind the pause. A shorter pause never shortens a longer one.
     pub fn pause_until(&self, api: Api, until: Instant) {
-        let base = self.windows;
-        self.with_state(api, |st| st.pause(until, &st.in_force(&base)));
+        let (base, rules) = (self.windows, self.rules);
+        self.with_state(api, |st| st.pause(until, &st.in_force(&base), rules));
     }
 
     /// MDE refused with a 429 the call to `api` that this gate admitted at `sent`, and asked for
@@ -654,7 +655,7 @@ impl QuotaGate {
             let used = st.count_ending_at(sent, window);
             st.learning
                 .refused(span, used, &base, now, new_episode, rules);
-            st.pause(until, &st.in_force(&base));
+            st.pause(until, &st.in_force(&base), rules);
         });
     }
 
