@@ -219,11 +219,28 @@ async fn rate_limit_storm_converges_with_truthful_conditions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_storm_pauses_instead_of_hammering() {
+    storm_is_learned("storm-429", &[]).await;
+}
+
+/// The same when the 429 has no `Retry-After` (the wait is in its body, or nowhere: 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_storm_without_retry_after() {
+    storm_is_learned("storm-429-body", &["--retry-after", "body-only"]).await;
+    storm_is_learned("storm-429-none", &["--retry-after", "none"]).await;
+}
+
+/// The same when `Retry-After` is longer than the window that refused (capped to the window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_storm_with_a_retry_after_longer_than_the_window() {
+    storm_is_learned("storm-429-long", &["--retry-after", "long"]).await;
+}
+
+async fn storm_is_learned(name: &'static str, sim_extra: &[&str]) {
     // The operator's budget is MDE's full 100/min, but the simulator admits only 5 calls a
     // minute per API (as when other tools spend the rest): every API is throttled with real
-    // 429s and Retry-After, and the operator must learn the limit rather than burst into it.
+    // 429s, and the operator must learn the limit rather than burst into it.
     const PER_MINUTE: usize = 5;
-    let s = Scenario::start("storm-429", &[], &[]).await;
+    let s = Scenario::start(name, sim_extra, &[]).await;
     let m = s.monitor();
     m.fault(true);
     s.sim
@@ -246,7 +263,7 @@ async fn rate_limit_storm_pauses_instead_of_hammering() {
     ] {
         let episodes = throttle_episodes(&calls, api, PER_MINUTE);
         eprintln!(
-            "[storm-429] {api}: {} 429s in {} episodes: {episodes:?}",
+            "[{name}] {api}: {} 429s in {} episodes: {episodes:?}",
             episodes.iter().sum::<usize>(),
             episodes.len()
         );
