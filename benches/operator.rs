@@ -10,8 +10,10 @@
 //! (`make bench` builds the simulator first; before a direct `cargo bench`, run
 //! `cargo build --release -p mde-sim`.)
 //!
-//! Scenarios: `latency`, `n100`, `n1000`, `n3000`, `restart`, `offline`, `rss`, `churn`. Each
-//! one gets its own namespace, simulator and operator process. The measurements come from the
+//! Scenarios: `latency`, `n100`, `n1000`, `n3000`, `restart`, `restart-storm`,
+//! `restart-failover`, `offline`, `keyapp`, `foreign`, `rss`, `churn` (the quota-sharing ones of
+//! issue 12 live in `operator/sharing.rs`). Each one gets its own namespace, simulator and
+//! operator process (two replicas in `restart-failover`). The measurements come from the
 //! simulator's call log and statistics (simulated time, exact sliding windows), its ground truth,
 //! a watch on the DeviceIsolations (when everything settled), `/proc/<pid>` of the operator
 //! (peak and current RSS, CPU seconds) and, for `churn`, the operator's own
@@ -33,6 +35,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "operator/sharing.rs"]
+mod sharing;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -55,8 +59,19 @@ use common::sim::Sim;
 
 /// Scenarios in the order a full run executes them: the latency probe first, while the API
 /// server holds nothing yet, and the 5,000-resource memory runs last.
-const SCENARIOS: [&str; 8] = [
-    "latency", "n100", "n1000", "n3000", "restart", "offline", "rss", "churn",
+const SCENARIOS: [&str; 12] = [
+    "latency",
+    "n100",
+    "n1000",
+    "n3000",
+    "restart",
+    "restart-storm",
+    "restart-failover",
+    "offline",
+    "keyapp",
+    "foreign",
+    "rss",
+    "churn",
 ];
 
 /// MDE's documented limits per API (`--quota-budget 1` spends all of them).
@@ -445,6 +460,9 @@ struct ScenarioResult {
     latency: Option<LatencyMetrics>,
     #[serde(default)]
     churn: Option<ChurnMetrics>,
+    /// Issue 12's scenarios: restart storm, failover, foreign load, quota key `app`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sharing: Option<sharing::SharingMetrics>,
     /// Anything that went wrong while measuring (timeouts, failed creations).
     notes: Vec<String>,
 }
@@ -519,6 +537,14 @@ fn time_scale(scenario: &str) -> f64 {
         "latency" | "n100" => 60.0,
         "n1000" => 10.0,
         "n3000" => 20.0,
+        // A kill every 20 simulated seconds is one every 2 real seconds.
+        "restart-storm" => 10.0,
+        // The lease (3 real seconds, not scaled) is 15 simulated seconds: a takeover well inside
+        // the minute window that the killed leader had spent.
+        "restart-failover" => 5.0,
+        "keyapp" => 10.0,
+        // Two simulated hours in six real minutes.
+        "foreign" => 20.0,
         // restart, offline, rss and churn (whose first round, like rss, waits T(5,000) =
         // 10,980 simulated seconds for the quota: 92 real seconds).
         _ => 120.0,
@@ -540,6 +566,10 @@ async fn run(selected: Vec<&'static str>) {
             "churn" => vec![churn().await],
             "restart" => vec![restart().await],
             "offline" => vec![offline(10).await, offline(500).await],
+            "restart-storm" => vec![sharing::restart_storm().await],
+            "restart-failover" => vec![sharing::restart_failover().await],
+            "foreign" => vec![sharing::foreign().await],
+            "keyapp" => sharing::keyapp().await,
             _ => unreachable!("validated in selected_scenarios"),
         };
         for r in &out {
@@ -556,7 +586,7 @@ async fn run(selected: Vec<&'static str>) {
     }
     report
         .scenarios
-        .sort_by_key(|s| (scenario_rank(&s.name), s.mix.offline));
+        .sort_by_key(|s| (scenario_rank(&s.name), s.mix.offline, s.name.clone()));
     report.generated_by = "cargo bench --bench operator (benches/operator.rs)".into();
     let markdown = render(&report);
     println!("{markdown}");
@@ -569,11 +599,14 @@ async fn run(selected: Vec<&'static str>) {
     }
 }
 
+/// Position in [`SCENARIOS`] of the scenario itself (`restart-storm`), else of its base name
+/// (`offline-500` → `offline`).
 fn scenario_rank(name: &str) -> usize {
     let base = name.split('-').next().unwrap_or(name);
     SCENARIOS
         .iter()
-        .position(|s| *s == base)
+        .position(|s| *s == name)
+        .or_else(|| SCENARIOS.iter().position(|s| *s == base))
         .unwrap_or(SCENARIOS.len())
 }
 
@@ -668,8 +701,9 @@ fn fleet(mix: Mix, first_number: u32) -> Vec<Device> {
 }
 
 /// Starts `mde-sim` with exactly these devices (a seed file, so the mix is exact rather than
-/// drawn at random) and MDE's default quota of 100 a minute and 1,500 an hour per API.
-fn start_sim(devices: &[Device], scale: f64, dir: &Path) -> Sim {
+/// drawn at random) and MDE's default quota of 100 a minute and 1,500 an hour per API, plus the
+/// scenario's own arguments (`scenario_args`, e.g. `--foreign-load unisolate:50`).
+fn start_sim(devices: &[Device], scale: f64, dir: &Path, scenario_args: &[&str]) -> Sim {
     let machines: Vec<Value> = devices
         .iter()
         .map(|d| {
@@ -692,6 +726,7 @@ fn start_sim(devices: &[Device], scale: f64, dir: &Path) -> Sim {
         "--time-scale",
         &scale,
     ];
+    args.extend(scenario_args);
     args.extend(extra.iter().map(String::as_str));
     Sim::start(&args)
 }
@@ -758,8 +793,18 @@ struct OperatorProcess {
 }
 
 impl OperatorProcess {
-    fn start(sim: &Sim, kubeconfig: &Path, namespace: &str, scale: f64, dir: &Path) -> Self {
-        let args = [
+    /// Starts the operator with the bench's arguments plus the scenario's own (`extra`, e.g.
+    /// `--leader-election`), logging to `dir/log_name`.
+    fn start(
+        sim: &Sim,
+        kubeconfig: &Path,
+        namespace: &str,
+        scale: f64,
+        dir: &Path,
+        extra: &[&str],
+        log_name: &str,
+    ) -> Self {
+        let mut args = [
             "run",
             "--namespace",
             namespace,
@@ -780,11 +825,12 @@ impl OperatorProcess {
         ]
         .map(String::from)
         .to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut op = OperatorProcess {
             child: None,
             args,
             kubeconfig: kubeconfig.to_path_buf(),
-            log: dir.join("operator.log"),
+            log: dir.join(log_name),
             finished: Vec::new(),
         };
         op.spawn();
@@ -1145,6 +1191,9 @@ struct Call {
     path: String,
     status: u16,
     api: String,
+    /// The query string, if any.
+    #[serde(default)]
+    query: Option<String>,
 }
 
 impl Call {
@@ -1261,16 +1310,35 @@ struct Bed {
 impl Bed {
     /// Namespace, simulator, watch, operator; returns once the operator's caches synced.
     async fn new(label: &str, devices: Vec<Device>, scale: f64) -> Bed {
+        Self::with(label, devices, scale, &[], &[]).await
+    }
+
+    /// [`Bed::new`] with the scenario's own simulator and operator arguments.
+    async fn with(
+        label: &str,
+        devices: Vec<Device>,
+        scale: f64,
+        sim_args: &[&str],
+        operator_args: &[&str],
+    ) -> Bed {
         let run = run_info();
         let started = Instant::now();
         let c = cluster();
         let kube = c.client().await;
         let namespace = c.namespace(&format!("bench-{label}")).await;
         let dir = tempfile::tempdir().expect("tempdir");
-        let sim = start_sim(&devices, scale, dir.path());
+        let sim = start_sim(&devices, scale, dir.path(), sim_args);
         let clock = SimClock::read(&sim).await;
         let (tracker, watch) = track(&kube, &namespace, &devices);
-        let op = OperatorProcess::start(&sim, &c.kubeconfig, &namespace, scale, dir.path());
+        let op = OperatorProcess::start(
+            &sim,
+            &c.kubeconfig,
+            &namespace,
+            scale,
+            dir.path(),
+            operator_args,
+            "operator.log",
+        );
         let mut notes = Vec::new();
         if !extra_sim_args().is_empty() {
             notes.push(format!(
@@ -1302,6 +1370,12 @@ impl Bed {
 
     async fn apply(&mut self) -> (Applied, ApplyInfo) {
         let applied = create_all(&self.kube, &self.namespace, &self.devices).await;
+        let info = self.apply_info(&applied);
+        (applied, info)
+    }
+
+    /// The figures of an apply (made by `create_all`), its failures noted.
+    fn apply_info(&mut self, applied: &Applied) -> ApplyInfo {
         if !applied.failed.is_empty() {
             self.notes.push(format!(
                 "{} creations failed, e.g. {}",
@@ -1310,13 +1384,12 @@ impl Bed {
             ));
         }
         let real = seconds_between(applied.start, applied.end);
-        let info = ApplyInfo {
+        ApplyInfo {
             objects: self.devices.len() - applied.failed.len(),
             concurrency: CREATE_CONCURRENCY,
             real_seconds: real,
             sim_seconds: real * self.scale,
-        };
-        (applied, info)
+        }
     }
 
     /// Waits for everything to settle (a timeout is noted, not fatal).
@@ -1468,6 +1541,7 @@ async fn burst(name: &'static str, mix: Mix) -> ScenarioResult {
         offline: None,
         latency: None,
         churn: None,
+        sharing: None,
         notes,
     }
 }
@@ -1615,6 +1689,7 @@ async fn restart() -> ScenarioResult {
         offline: None,
         latency: None,
         churn: None,
+        sharing: None,
         notes,
     }
 }
@@ -1684,6 +1759,7 @@ async fn offline(pending: usize) -> ScenarioResult {
         offline: Some(metrics),
         latency: None,
         churn: None,
+        sharing: None,
         notes,
     }
 }
@@ -1794,6 +1870,7 @@ async fn latency() -> ScenarioResult {
         offline: None,
         latency: Some(metrics),
         churn: None,
+        sharing: None,
         notes,
     }
 }
@@ -1891,6 +1968,7 @@ async fn churn() -> ScenarioResult {
         offline: None,
         latency: None,
         churn: Some(metrics),
+        sharing: None,
         notes,
     }
 }
@@ -2418,6 +2496,7 @@ fn targets(r: &Report) -> Vec<Target> {
         }),
         None => out.push(missing("apply-to-POST p50".into(), "< 500 ms")),
     }
+    out.extend(sharing::targets(r));
     out
 }
 
@@ -2471,7 +2550,7 @@ fn render(r: &Report) -> String {
     );
     line("");
 
-    line("## Targets (issues 4 and 11)");
+    line("## Targets (issues 4, 11 and 12)");
     line("");
     line("| target | measured | limit | result |");
     line("|---|---|---|---|");
@@ -2653,11 +2732,12 @@ fn render(r: &Report) -> String {
         line("## MDE calls per resource, by API");
         line("");
         line(
-            "Calls received by the simulator divided by the number of resources: bursts until \
-             every resource settled, `restart` in the 10 simulated minutes after the restart, \
-             `offline-*` in the two-hour window, `latency` for the whole run, `churn` over its \
-             three rounds (divided by its 5,000 devices). `token` is the token endpoint, not an \
-             MDE API.",
+            "Calls received by the simulator divided by the number of resources: bursts and \
+             `keyapp-*` until every resource settled, `restart` in the 10 simulated minutes after \
+             the restart, `offline-*` in the two-hour window, `latency`, `restart-storm` and \
+             `restart-failover` for the whole run, `foreign` in its two simulated hours (the \
+             other application's calls are not in the log), `churn` over its three rounds \
+             (divided by its 5,000 devices). `token` is the token endpoint, not an MDE API.",
         );
         line("");
         let mut header = String::from("| API |");
@@ -2885,6 +2965,8 @@ fn render(r: &Report) -> String {
         }
         line("");
     }
+
+    sharing::render(r, &mut line);
 
     line("## Runs");
     line("");
