@@ -118,7 +118,7 @@ pub async fn drive<E: Effects>(
     };
     for _ in 0..MAX_ROUNDS {
         let plan = pass.plan(di, memory, timing, dry_run, fx.now());
-        if plan.needs_view() {
+        if plan.needs_view(&pass.facts) {
             fx.nudge_view();
         }
         fx.publish(&plan.events).await;

@@ -395,6 +395,47 @@ async fn before_the_view_is_loaded_nothing_is_requested_and_the_poller_is_asked_
     assert_eq!(status.intent, None, "no intent before anything may be sent");
 }
 
+/// After a restart, a resource following an action it sent before needs the view to see the
+/// action end: it asks the poller for the first load (instead of waiting out the poller's idle
+/// interval). A converged resource asks for nothing, so a restart over them makes no call.
+#[tokio::test]
+async fn after_a_restart_following_an_action_asks_for_the_view_and_converged_ones_do_not() {
+    // The action is sent and recorded by a first process.
+    let (fake, memory) = (Fake::new(), Memory::default());
+    run(&fake, &resource("a", false, None), &memory).await;
+    let sent = fake.written.lock().unwrap().clone().unwrap();
+    assert!(sent.action.is_some(), "{sent:?}");
+    fake.calls();
+
+    // A new process: the view is not loaded yet.
+    let fake = Fake::new();
+    fake.synced.store(false, Ordering::SeqCst);
+    *fake.written.lock().unwrap() = Some(sent);
+    let action = run(&fake, &fake.cached("a", false), &Memory::default()).await;
+    assert_ne!(action, Action::await_change());
+    let calls = fake.calls();
+    assert!(calls.contains(&Call::Nudge), "{calls:?}");
+    assert_eq!(Fake::posts_made(&calls), 0, "{calls:?}");
+
+    // The action ended before the restart and the resource is Ready: no nudge.
+    let (fake, memory) = (Fake::new(), Memory::default());
+    run(&fake, &resource("b", false, None), &memory).await;
+    let mut done = fake.view.lock().unwrap().clone();
+    for a in &mut done {
+        a.status = ActionStatus::Succeeded;
+    }
+    *fake.view.lock().unwrap() = done;
+    run(&fake, &fake.cached("b", false), &memory).await;
+    let converged = fake.written.lock().unwrap().clone().unwrap();
+    assert_eq!(reason_of(&converged, READY).as_deref(), Some("Released"));
+    let fake = Fake::new();
+    fake.synced.store(false, Ordering::SeqCst);
+    *fake.written.lock().unwrap() = Some(converged);
+    run(&fake, &fake.cached("b", false), &Memory::default()).await;
+    let calls = fake.calls();
+    assert!(!calls.contains(&Call::Nudge), "{calls:?}");
+}
+
 /// A wake-up recorder for [`Owners::forget`].
 #[derive(Default)]
 struct Woken(Mutex<Vec<ResourceRef>>);

@@ -378,10 +378,12 @@ impl Plan {
         self.effect == Effect::None && self.requeue.is_none()
     }
 
-    /// The resource waits for the shared view's first load. The poller loads it on demand only
-    /// (so that a restart over converged resources makes no MDE call): it should load it now.
-    pub fn needs_view(&self) -> bool {
-        self.reason == Reason::WaitingForMdeView
+    /// The poller should load the shared view now: it loads it on demand only (so that a
+    /// restart over converged resources makes no MDE call), and this resource waits for it,
+    /// either to request something or, after a restart, to follow an action already sent
+    /// (whose end only the view will show).
+    pub fn needs_view(&self, facts: &Facts) -> bool {
+        self.reason == Reason::WaitingForMdeView || (!facts.synced && !self.settled())
     }
 }
 
