@@ -5,9 +5,11 @@
 //! test binary and hands out a [`TestCluster`]. Nothing here is mocked: requests
 //! go through real authentication, RBAC, admission, validation and storage.
 //!
-//! No controller-manager runs: no garbage collection, deleted namespaces stay
-//! `Terminating`, no `default` ServiceAccount. Give each test its own namespace
-//! ([`TestCluster::namespace`]) and do not wait for deletions.
+//! Of the controller-manager only the garbage collector runs: dependents of a
+//! deleted owner are deleted (tests/garbage_collection.rs), but deleted
+//! namespaces stay `Terminating` and there is no `default` ServiceAccount. Give
+//! each test its own namespace ([`TestCluster::namespace`]) and do not wait for
+//! namespace deletions.
 //!
 //! Environment:
 //! - `MDE_TEST_KUBECONFIG`: use this kubeconfig instead of starting a harness

@@ -2,9 +2,15 @@
 // upstream kube-apiserver entry point (k8s.io/kubernetes/cmd/kube-apiserver/app)
 // backed by an etcd member embedded in the same process. It is not a fake: every
 // request goes through the real authentication, RBAC, admission, validation,
-// CRD and storage code. No controller-manager runs, so there is no garbage
-// collection, namespaces stay Terminating after deletion and no default
-// ServiceAccount is created.
+// CRD and storage code.
+//
+// Of the kube-controller-manager, only the upstream garbage collector
+// (k8s.io/kubernetes/pkg/controller/garbagecollector) runs in this process,
+// wired as kube-controller-manager wires it: objects whose owners are deleted
+// are deleted in turn (background and foreground cascades, also for the
+// resources of CRDs installed after start). No other controller runs, so
+// namespaces stay Terminating after deletion and no default ServiceAccount is
+// created. --no-garbage-collector turns the collector off.
 //
 // On success it writes <data-dir>/kubeconfig (admin, group system:masters) and
 // one <data-dir>/kubeconfig-NS-NAME per --service-account NS/NAME, then prints
@@ -14,7 +20,7 @@
 // Usage:
 //
 //	kube-control-plane [--data-dir DIR] [--port N] [--service-account NS/NAME]...
-//	                   [--exit-on-stdin-eof]
+//	                   [--exit-on-stdin-eof] [--no-garbage-collector]
 //
 // The go.mod pins k8s.io/kubernetes and maps each of its staging modules
 // (the "=> ./staging/src/..." replace lines of the kubernetes go.mod) to the
@@ -51,6 +57,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -59,6 +66,15 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.etcd.io/etcd/server/v3/storage/wal"
 	"go.uber.org/zap"
+	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/client-go/discovery"
+	"k8s.io/client-go/discovery/cached/memory"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/metadata"
+	"k8s.io/client-go/metadata/metadatainformer"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/restmapper"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 	"k8s.io/client-go/util/cert"
@@ -66,7 +82,10 @@ import (
 	_ "k8s.io/component-base/logs/json/register"          // same as upstream main: --logging-format=json
 	_ "k8s.io/component-base/metrics/prometheus/clientgo" // same as upstream main: client-go metrics
 	_ "k8s.io/component-base/metrics/prometheus/version"  // same as upstream main: version metric
+	"k8s.io/controller-manager/pkg/informerfactory"
+	"k8s.io/klog/v2"
 	"k8s.io/kubernetes/cmd/kube-apiserver/app"
+	"k8s.io/kubernetes/pkg/controller/garbagecollector"
 )
 
 // startupTimeout bounds the wait for etcd and the API server. It is generous
@@ -124,6 +143,7 @@ func run() int {
 	dataDir := fs.String("data-dir", "", "directory for etcd data, certificates and kubeconfigs (default: a new temporary directory, removed on exit)")
 	port := fs.Int("port", 0, "secure port of the API server on 127.0.0.1 (0: a free port)")
 	exitOnEOF := fs.Bool("exit-on-stdin-eof", false, "shut down when standard input is closed (ties the server's life to a parent process)")
+	noGC := fs.Bool("no-garbage-collector", false, "do not run the garbage collector (owners' deletions then leave their dependents in place)")
 	var sas saFlag
 	fs.Var(&sas, "service-account", "NS/NAME: also write <data-dir>/kubeconfig-NS-NAME with a token that authenticates as that ServiceAccount (repeatable)")
 	if err := fs.Parse(os.Args[1:]); err != nil {
@@ -325,9 +345,38 @@ func run() int {
 	}
 	logf("ready: %s (etcd %s)", server, etcdURL)
 
+	// The garbage collector runs until the stop; it is stopped before the API
+	// server so that it does not log a storm of failed requests.
+	gcCtx, stopGC := context.WithCancel(context.Background())
+	defer stopGC()
+	gcDone := make(chan error, 1)
+	if *noGC {
+		logf("garbage collector disabled")
+	} else {
+		cfg := &rest.Config{
+			Host:            server,
+			BearerToken:     files.adminToken,
+			TLSClientConfig: rest.TLSClientConfig{CAData: files.caPEM},
+		}
+		go func() { gcDone <- runGarbageCollector(gcCtx, cfg) }()
+	}
+	shutdownAll := func(reason string, code int) int {
+		if !*noGC {
+			stopGC()
+			select {
+			case <-gcDone:
+			case <-time.After(shutdownTimeout):
+				logf("garbage collector did not stop within %s", shutdownTimeout)
+			}
+		}
+		return shutdown(reason, code)
+	}
+
 	select {
 	case reason := <-stop:
-		return shutdown(reason, 0)
+		return shutdownAll(reason, 0)
+	case err := <-gcDone:
+		return shutdown(fmt.Sprintf("garbage collector: %v", err), 1)
 	case code := <-apiDone:
 		logf("API server exited with code %d", code)
 		closeEtcd()
@@ -336,8 +385,85 @@ func run() int {
 		}
 		return code
 	case err := <-etcd.Err():
-		return shutdown(fmt.Sprintf("etcd failed: %v", err), 1)
+		return shutdownAll(fmt.Sprintf("etcd failed: %v", err), 1)
 	}
+}
+
+// gcSyncPeriod is how often the garbage collector asks discovery for new
+// resource types and starts watching them (and how long its first sync may
+// take). kube-controller-manager uses 30 s; tests install CRDs after start and
+// delete owners of those types seconds later, so a short period matters here.
+const gcSyncPeriod = 2 * time.Second
+
+// gcWorkers is the number of concurrent deletion (and orphaning) workers;
+// kube-controller-manager's default, --concurrent-gc-syncs, is 20.
+const gcWorkers = 5
+
+// runGarbageCollector runs the upstream garbage collector controller as
+// kube-controller-manager's newGarbageCollectorController and
+// CreateControllerContext (cmd/kube-controller-manager/app) set it up, with
+// the admin credentials in cfg, until ctx is cancelled. It returns an error
+// only if it cannot start.
+func runGarbageCollector(ctx context.Context, cfg *rest.Config) error {
+	cfg = rest.CopyConfig(cfg)
+	cfg.UserAgent = "kube-control-plane/garbage-collector"
+	// Higher than client-go's default 5/10: each deletion takes two requests.
+	cfg.QPS, cfg.Burst = 100, 200
+	ctx = klog.NewContext(ctx, klog.Background().WithName("garbage-collector"))
+
+	kubeClient, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	metadataClient, err := metadata.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	// Two discovery clients, as upstream: the one given to Sync must not be
+	// the REST mapper's, which Sync resets when the resources change.
+	mapperDiscovery, err := discovery.NewDiscoveryClientForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	syncDiscovery, err := discovery.NewDiscoveryClientForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	restMapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(mapperDiscovery))
+
+	// Informers drop managedFields, as kube-controller-manager's do; no
+	// periodic resync (upstream: 12-24 h).
+	trim := func(obj any) (any, error) {
+		if accessor, err := meta.Accessor(obj); err == nil && accessor.GetManagedFields() != nil {
+			accessor.SetManagedFields(nil)
+		}
+		return obj, nil
+	}
+	sharedInformers := informers.NewSharedInformerFactoryWithOptions(kubeClient, 0, informers.WithTransform(trim))
+	metadataInformers := metadatainformer.NewSharedInformerFactoryWithOptions(metadataClient, 0, metadatainformer.WithTransform(trim))
+	informersStarted := make(chan struct{})
+
+	gc, err := garbagecollector.NewGarbageCollector(ctx, kubeClient, metadataClient, restMapper,
+		garbagecollector.DefaultIgnoredResources(),
+		informerfactory.NewInformerFactory(sharedInformers, metadataInformers),
+		informersStarted)
+	if err != nil {
+		return fmt.Errorf("create garbage collector: %w", err)
+	}
+	// No other controller shares the informers: start them (none registered
+	// yet; the collector's monitors start theirs) and let the monitors run.
+	sharedInformers.Start(ctx.Done())
+	metadataInformers.Start(ctx.Done())
+	close(informersStarted)
+
+	logf("garbage collector: starting (%d workers, discovery resync every %s)", gcWorkers, gcSyncPeriod)
+	var wg sync.WaitGroup
+	wg.Go(func() { gc.Run(ctx, gcWorkers, gcSyncPeriod) })
+	wg.Go(func() { gc.Sync(ctx, syncDiscovery, gcSyncPeriod) })
+	wg.Wait()
+	sharedInformers.Shutdown()
+	metadataInformers.Shutdown()
+	return nil
 }
 
 const (
