@@ -30,7 +30,8 @@ pub enum Span {
 }
 
 impl Span {
-    fn index(self) -> usize {
+    /// Its position in a `[minute, hour]` pair.
+    pub(super) fn index(self) -> usize {
         match self {
             Span::Minute => 0,
             Span::Hour => 1,

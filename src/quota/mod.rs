@@ -616,8 +616,9 @@ impl QuotaGate {
         })
     }
 
-    /// Pause `api` for everyone until `until` (a 429's `Retry-After`). Pending reservations move
-    /// behind the pause. A shorter pause never shortens a longer one.
+    /// Pause `api` for everyone until `until`, learning nothing (tests of the pause alone; MDE's
+    /// 429s go through [`refused`](Self::refused)). A shorter pause never shortens a longer one.
+    #[cfg(test)]
     pub fn pause_until(&self, api: Api, until: Instant) {
         let (base, rules) = (self.windows, self.rules);
         self.with_state(api, |st| st.pause(until, &st.in_force(&base), rules));
@@ -646,10 +647,7 @@ impl QuotaGate {
                 Span::Minute
             });
             // MDE's window, without the guard: what MDE counted when it refused.
-            let window = match span {
-                Span::Minute => minute,
-                Span::Hour => hour,
-            };
+            let window = [minute, hour][span.index()];
             // A call recorded a little after `sent` (threads racing) is not counted: the limit
             // learned is then one lower, never higher.
             let used = st.count_ending_at(sent, window);
@@ -700,11 +698,7 @@ impl QuotaGate {
     pub fn limit(&self, api: Api, span: Span) -> u32 {
         let base = self.windows;
         self.with_state(api, |st| {
-            let [m, h] = st.learning.apply(&base);
-            let w = match span {
-                Span::Minute => m,
-                Span::Hour => h,
-            };
+            let w = st.learning.apply(&base)[span.index()];
             u32::try_from(w.limit).unwrap_or(u32::MAX)
         })
     }
