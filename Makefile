@@ -14,9 +14,12 @@ bench: ## Run the benchmark; writes docs/benchmarks.md and .json (a subset: make
 	cargo bench --bench operator -- $(SCENARIOS)
 
 crd: ## Regenerate crds/ and the chart's copy from the Rust types
-	cargo run --quiet --bin mde-isolation-operator -- crd > crds/.crd.yaml.tmp
+	cargo build --quiet --bin mde-isolation-operator
+	$${CARGO_TARGET_DIR:-target}/debug/mde-isolation-operator crd --kind DeviceIsolation > crds/.crd.yaml.tmp
 	mv crds/.crd.yaml.tmp crds/deviceisolations.isolation.mde.dev.yaml
-	cp crds/deviceisolations.isolation.mde.dev.yaml charts/mde-isolation-operator/crds/
+	$${CARGO_TARGET_DIR:-target}/debug/mde-isolation-operator crd --kind DeviceIsolationSet > crds/.crd.yaml.tmp
+	mv crds/.crd.yaml.tmp crds/deviceisolationsets.isolation.mde.dev.yaml
+	cp crds/deviceisolations.isolation.mde.dev.yaml crds/deviceisolationsets.isolation.mde.dev.yaml charts/mde-isolation-operator/crds/
 
 fmt:
 	cargo fmt --all

@@ -118,6 +118,11 @@ impl Stores {
         self.0.iter().find_map(|s| s.get(resource))
     }
 
+    /// Every cached resource of every scope.
+    pub fn all(&self) -> impl Iterator<Item = Arc<DeviceIsolation>> + '_ {
+        self.0.iter().flat_map(|s| s.state())
+    }
+
     /// The other live resources managing `machine`, across every scope (rule 6: conflicts).
     pub fn siblings(&self, me: &ResourceRef, machine: &str) -> Vec<Sibling> {
         self.0

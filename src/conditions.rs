@@ -32,20 +32,32 @@ pub struct Condition {
     pub last_transition_time: String,
 }
 
-/// The phase a plan puts a resource in; it fully determines the three conditions.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Phase {
-    /// Desired state reached.
-    Ready { reason: Reason, message: String },
-    /// Work in progress (an action pending, waiting for quota, a retry scheduled).
-    Reconciling { reason: Reason, message: String },
-    /// Needs a person.
-    Stalled { reason: Reason, message: String },
+/// A condition's reason: a DeviceIsolation's [`Reason`] or a set's.
+pub trait ConditionReason: Copy {
+    /// The CamelCase spelling status carries.
+    fn as_str(self) -> &'static str;
 }
 
-impl Phase {
+impl ConditionReason for Reason {
+    fn as_str(self) -> &'static str {
+        Reason::as_str(self)
+    }
+}
+
+/// The phase a plan puts a resource in; it fully determines the three conditions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase<R = Reason> {
+    /// Desired state reached.
+    Ready { reason: R, message: String },
+    /// Work in progress (an action pending, waiting for quota, a retry scheduled).
+    Reconciling { reason: R, message: String },
+    /// Needs a person.
+    Stalled { reason: R, message: String },
+}
+
+impl<R: ConditionReason> Phase<R> {
     /// The reason carried by whichever condition is set.
-    pub fn reason(&self) -> Reason {
+    pub fn reason(&self) -> R {
         match self {
             Phase::Ready { reason, .. }
             | Phase::Reconciling { reason, .. }
@@ -56,8 +68,8 @@ impl Phase {
 
 /// Builds the conditions for `phase`, keeping `lastTransitionTime` of any condition whose status
 /// does not change, so that an unchanged phase yields byte-identical conditions (no status churn).
-pub fn conditions_for(
-    phase: &Phase,
+pub fn conditions_for<R: ConditionReason>(
+    phase: &Phase<R>,
     previous: &[Condition],
     generation: i64,
     now: &str,

@@ -29,8 +29,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the operator.
     Run(Box<RunArgs>),
-    /// Print the DeviceIsolation CustomResourceDefinition as YAML.
-    Crd,
+    /// Print a CustomResourceDefinition as YAML.
+    Crd {
+        /// Which one.
+        #[arg(long, value_enum, default_value = "DeviceIsolation")]
+        kind: crate::crd::Kind,
+    },
 }
 
 /// Settings of `run`.

@@ -16,6 +16,7 @@ pub mod conditions;
 pub mod config;
 pub mod crd;
 pub mod events;
+pub mod fleet;
 pub mod http;
 pub mod leader;
 pub mod mde;

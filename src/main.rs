@@ -17,8 +17,8 @@ fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd => {
-            print!("{}", crd::crd_yaml());
+        Command::Crd { kind } => {
+            print!("{}", crd::crd_yaml_of(kind));
             ExitCode::SUCCESS
         }
         Command::Run(args) => {

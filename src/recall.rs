@@ -79,6 +79,7 @@ mod tests {
             machine_id: Some("m".into()),
             requestor: Some(requestor.into()),
             requestor_comment: Some(comment.into()),
+            request_source: None,
             scope: None,
             created_at: Some(mde_now() - chrono::Duration::seconds(age_secs)),
             updated_at: None,

@@ -12,16 +12,19 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::future::join_all;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use kube::api::Api;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::ResourceExt;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{self, Stores};
 use crate::config::{CLIENT_SECRET_ENV, RunArgs};
-use crate::crd::DeviceIsolation;
+use crate::crd::{DeviceIsolation, DeviceIsolationSet};
+use crate::fleet::{self, SetStores};
 use crate::events::EventPublisher;
 use crate::http::{self, Health};
 use crate::leader::{self, Election, Leading, LeadingSender, LeaseConfig, LeaseTiming, Role};
@@ -61,6 +64,9 @@ pub enum RunError {
         source: std::io::Error,
     },
 }
+
+/// How long a set's reconcile waits for more changes of its children before it runs.
+const SET_DEBOUNCE: Duration = Duration::from_millis(500);
 
 /// Routes poller wake-ups to the controller that watches the resource's namespace.
 struct Router {
@@ -118,7 +124,21 @@ async fn reconcile_when_leading(
     if !leading.now() {
         return Ok(Action::await_change());
     }
+    // A set's child asks its set before any request: the sets' caches must be loaded.
+    ctx.sets.ready().await;
     reconcile::reconcile(di, ctx).await
+}
+
+/// The set controller's reconcile, gated like [`reconcile_when_leading`].
+async fn reconcile_set_when_leading(
+    set: Arc<DeviceIsolationSet>,
+    ctx: Arc<Context>,
+    leading: Leading,
+) -> Result<Action, fleet::Error> {
+    if !leading.now() {
+        return Ok(Action::await_change());
+    }
+    fleet::reconcile(set, ctx).await
 }
 
 /// One item once this replica leads (never, if it does not).
@@ -242,6 +262,24 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             .map(|ns| (Some(ns.clone()), Api::namespaced(kube.clone(), ns)))
             .collect()
     };
+    // The sets of the same scopes, each with a channel on which its children's changes arrive.
+    let mut set_watches = Vec::new();
+    for (namespace, _) in &scopes {
+        let api: Api<DeviceIsolationSet> = match namespace {
+            None => Api::all(kube.clone()),
+            Some(ns) => Api::namespaced(kube.clone(), ns),
+        };
+        let (reader, writer) = reflector::store();
+        let changes = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default()).modify(fleet::slim),
+        )
+        .applied_objects()
+        .boxed();
+        let (tx, rx) = mpsc::unbounded_channel::<ObjectRef<DeviceIsolationSet>>();
+        set_watches.push((reader, changes, tx, rx));
+    }
+    let set_stores = SetStores::new(set_watches.iter().map(|w| w.0.clone()).collect());
     let mut router = Router {
         all: None,
         by_namespace: HashMap::new(),
@@ -249,7 +287,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // The watches first: the context holds their caches, the controllers their streams.
     let (gone_tx, mut gone_rx) = mpsc::unbounded_channel();
     let mut watches = Vec::new();
-    for (namespace, api) in scopes {
+    for ((namespace, api), set_watch) in scopes.into_iter().zip(&set_watches) {
         let (tx, rx) = mpsc::unbounded_channel();
         match &namespace {
             None => router.all = Some(tx),
@@ -259,6 +297,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         }
         let (store, changes) =
             cache::slim_watch(api, watcher::Config::default(), namespace, gone_tx.clone());
+        // A child's change brings its set up to date (counts, the canary, the failure budget).
+        let to_set = set_watch.2.clone();
+        let changes = changes.inspect(move |changed| {
+            if let Ok(di) = changed
+                && let Some((name, _)) = di.owning_set()
+            {
+                let set = ObjectRef::new(name).within(&di.namespace().unwrap_or_default());
+                let _ = to_set.send(set);
+            }
+        });
         watches.push((store, changes, rx));
     }
     let stores: Vec<_> = watches.iter().map(|(store, ..)| store.clone()).collect();
@@ -270,6 +318,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         mde: mde.clone(),
         view: view.clone(),
         stores: Stores::new(stores.clone()),
+        sets: set_stores.clone(),
         memory: Memory::default(),
         events,
         metrics: metrics.clone(),
@@ -308,7 +357,33 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "controller event");
                 }
-            });
+            })
+            .boxed_local();
+        runs.push(run);
+    }
+    for (store, changes, _, mut rx) in set_watches {
+        let children = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let mut controller = Controller::for_stream(changes, store)
+            // A burst of child changes becomes one reconcile of their set.
+            .with_config(ControllerConfig::default().debounce(SET_DEBOUNCE))
+            .reconcile_on(children)
+            .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+        if lease.is_some() {
+            controller = controller.reconcile_all_on(once_leading(leading.clone()));
+        }
+        let gate = leading.clone();
+        let run = controller
+            .run(
+                move |set, ctx| reconcile_set_when_leading(set, ctx, gate.clone()),
+                fleet::error_policy,
+                ctx.clone(),
+            )
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "set controller event");
+                }
+            })
+            .boxed_local();
         runs.push(run);
     }
     tokio::spawn({

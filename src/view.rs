@@ -241,6 +241,7 @@ pub fn fact_of(action: &MachineAction) -> Option<(String, ActionFact)> {
             status: action.status.clone(),
             requestor: action.requestor.clone(),
             comment: action.requestor_comment.clone(),
+            request_source: action.request_source.clone(),
             created_at: action.created_at,
             updated_at: action.updated_at,
         },
@@ -281,6 +282,7 @@ mod tests {
             status,
             requestor: None,
             comment: None,
+            request_source: None,
             created_at: Some(at),
             updated_at: Some(at),
         }

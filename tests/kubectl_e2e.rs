@@ -916,7 +916,8 @@ async fn sa_can(tools: &Tools, verb: &str, resource: &str, ns: &str, sub: Option
 }
 
 /// The chart's ServiceAccount, Role and RoleBinding are enough for the operator (list/watch,
-/// status patch, events), grant nothing more (no Secrets, no spec writes), and the operator
+/// status patch, events, a set's children), grant nothing more (no Secrets, no set spec writes,
+/// no update), and the operator
 /// leaves DeviceIsolations of unwatched namespaces alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_runs_under_the_charts_service_account_and_rbac() {
@@ -963,26 +964,44 @@ async fn operator_runs_under_the_charts_service_account_and_rbac() {
         )
         .await
     );
+    // Patch and create (server-side apply) and delete: a DeviceIsolationSet's children only; a
+    // set's own spec is never written.
+    for verb in ["patch", "create", "delete"] {
+        assert!(
+            sa_can(
+                &tools,
+                verb,
+                "deviceisolations.isolation.mde.dev",
+                SA_NAMESPACE,
+                None
+            )
+            .await,
+            "{verb} deviceisolations"
+        );
+    }
     assert!(
         !sa_can(
             &tools,
             "patch",
-            "deviceisolations.isolation.mde.dev",
+            "deviceisolationsets.isolation.mde.dev",
             SA_NAMESPACE,
             None
         )
         .await
     );
-    assert!(
-        sa_can(
-            &tools,
-            "patch",
-            "deviceisolations.isolation.mde.dev",
-            SA_NAMESPACE,
-            Some("status")
-        )
-        .await
-    );
+    for resource in [
+        "deviceisolations.isolation.mde.dev",
+        "deviceisolationsets.isolation.mde.dev",
+    ] {
+        assert!(
+            sa_can(&tools, "patch", resource, SA_NAMESPACE, Some("status")).await,
+            "patch {resource}/status"
+        );
+        assert!(
+            sa_can(&tools, "watch", resource, SA_NAMESPACE, None).await,
+            "watch {resource}"
+        );
+    }
     assert!(
         sa_can(
             &tools,

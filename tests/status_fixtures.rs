@@ -148,6 +148,7 @@ fn unisolate(status: ActionStatus, comment: &str, updated_min: i64) -> ActionFac
         status,
         requestor: Some(REQUESTOR.into()),
         comment: Some(comment.into()),
+        request_source: None,
         created_at: Some(t(0)),
         updated_at: Some(t(updated_min)),
     }

@@ -197,6 +197,9 @@ pub struct MachineAction {
     pub requestor: Option<String>,
     /// The `Comment` sent with the request.
     pub requestor_comment: Option<String>,
+    /// Where the request came from (`requestSource`: the public API, the portal, automatic
+    /// attack disruption, ...).
+    pub request_source: Option<String>,
     /// `Full` / `Selective` for isolation actions; null at creation.
     pub scope: Option<String>,
     /// `creationDateTimeUtc`.
@@ -221,6 +224,8 @@ struct RawMachineAction {
     requestor: Option<String>,
     #[serde(default, deserialize_with = "lenient_string")]
     requestor_comment: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    request_source: Option<String>,
     #[serde(default, deserialize_with = "lenient_string")]
     scope: Option<String>,
     #[serde(default, deserialize_with = "lenient_datetime")]
@@ -260,6 +265,7 @@ impl From<RawMachineAction> for MachineAction {
             machine_id: r.machine_id,
             requestor: r.requestor,
             requestor_comment: r.requestor_comment,
+            request_source: r.request_source,
             scope: r.scope,
             created_at: r.creation_date_time_utc,
             updated_at: r.last_update_date_time_utc.or(r.last_update_time_utc),
@@ -281,6 +287,8 @@ pub struct Machine {
     pub health_status: Option<String>,
     /// Tags set on the device (empty when absent).
     pub machine_tags: Vec<String>,
+    /// The device group it belongs to.
+    pub rbac_group_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -295,6 +303,8 @@ struct RawMachine {
     health_status: Option<String>,
     #[serde(default, deserialize_with = "lenient_string_list")]
     machine_tags: Vec<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    rbac_group_name: Option<String>,
 }
 
 impl From<RawMachine> for Machine {
@@ -305,6 +315,7 @@ impl From<RawMachine> for Machine {
             os_platform: r.os_platform,
             health_status: r.health_status,
             machine_tags: r.machine_tags,
+            rbac_group_name: r.rbac_group_name,
         }
     }
 }

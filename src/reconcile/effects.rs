@@ -53,6 +53,8 @@ pub trait Effects: Send + Sync {
     fn watch(&self, machine: &str) -> bool;
     /// Asks the batch poller to load the view now.
     fn nudge_view(&self);
+    /// Why the resource's DeviceIsolationSet lets it request nothing new, if it does.
+    fn set_hold(&self) -> Option<String>;
     /// Finds the devices named `name`.
     fn resolve(&self, name: &str) -> impl Future<Output = Resolution> + Send;
     /// Lists `machine`'s recent Isolate/Unisolate actions into the view.
@@ -161,6 +163,10 @@ impl Effects for Live<'_> {
 
     fn nudge_view(&self) {
         self.ctx.poller_nudge.notify_one();
+    }
+
+    fn set_hold(&self) -> Option<String> {
+        crate::fleet::hold_of(self.di, &self.ctx.sets)
     }
 
     async fn resolve(&self, name: &str) -> Resolution {

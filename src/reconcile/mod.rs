@@ -64,6 +64,8 @@ pub struct Context {
     pub view: Arc<ActionView>,
     /// Watch caches of every watched scope.
     pub stores: Stores,
+    /// Watch caches of the DeviceIsolationSets of every watched scope.
+    pub sets: crate::fleet::SetStores,
     /// Per-resource process memory.
     pub memory: Memory,
     /// Event publisher.
@@ -199,6 +201,7 @@ impl Pass {
             facts: Facts {
                 synced,
                 view_failure,
+                set_hold: fx.set_hold(),
                 actions: machine
                     .as_deref()
                     .map(|m| fx.actions_for(m))

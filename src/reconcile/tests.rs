@@ -60,6 +60,8 @@ struct Fake {
     /// What MDE holds (a lookup copies it into the view).
     mde: Mutex<Vec<ActionFact>>,
     siblings: Mutex<Vec<Sibling>>,
+    /// Why the resource's set holds it.
+    set_hold: Mutex<Option<String>>,
     /// Answers of `hold`, in order; none left means "go now".
     holds: Mutex<VecDeque<CallFailure>>,
     /// Answers of `post`, in order; none left means MDE creates a Pending action.
@@ -78,6 +80,7 @@ impl Fake {
             view: Mutex::default(),
             mde: Mutex::default(),
             siblings: Mutex::default(),
+            set_hold: Mutex::default(),
             holds: Mutex::default(),
             posts: Mutex::default(),
             calls: Mutex::default(),
@@ -130,6 +133,9 @@ impl Effects for Fake {
     fn nudge_view(&self) {
         self.log(Call::Nudge);
     }
+    fn set_hold(&self) -> Option<String> {
+        self.set_hold.lock().unwrap().clone()
+    }
     async fn resolve(&self, _name: &str) -> Resolution {
         unreachable!("the fixtures name a machine id")
     }
@@ -150,6 +156,7 @@ impl Effects for Fake {
             status: ActionStatus::Pending,
             requestor: Some("mde-isolation-operator".into()),
             comment: Some(request.comment.clone()),
+            request_source: None,
             created_at: Some(self.now()),
             updated_at: Some(self.now()),
         };
@@ -246,6 +253,35 @@ async fn a_request_that_must_wait_writes_its_intent_once_and_sends_without_a_loo
 }
 
 #[tokio::test]
+async fn a_resource_whose_set_holds_it_requests_nothing_and_goes_on_when_released() {
+    let (fake, memory) = (Fake::new(), Memory::default());
+    // Waiting for quota with its intent written, when its set is paused.
+    let wait = std::time::Duration::from_secs(30);
+    fake.holds
+        .lock()
+        .unwrap()
+        .push_back(CallFailure::QuotaWait(wait));
+    run(&fake, &resource("a", false, None), &memory).await;
+    fake.calls();
+    *fake.set_hold.lock().unwrap() = Some("its DeviceIsolationSet s is paused".into());
+    fake.advance(wait);
+    for _ in 0..3 {
+        let action = run(&fake, &fake.cached("a", false), &memory).await;
+        assert_eq!(action, Action::requeue(timing().transient_retry));
+    }
+    let calls = fake.calls();
+    assert_eq!(Fake::posts_made(&calls), 0, "{calls:?}");
+    assert!(!calls.contains(&Call::Hold), "not even a quota slot: {calls:?}");
+    let status = fake.written.lock().unwrap().clone().unwrap();
+    assert_eq!(reason_of(&status, READY).as_deref(), Some("HeldBySet"));
+    assert!(status.intent.is_some(), "the intent stays for when it goes on");
+
+    *fake.set_hold.lock().unwrap() = None;
+    run(&fake, &fake.cached("a", false), &memory).await;
+    assert_eq!(Fake::posts_made(&fake.calls()), 1);
+}
+
+#[tokio::test]
 async fn an_ambiguous_post_is_looked_up_after_the_settle_time_and_never_sent_twice() {
     let (fake, memory) = (Fake::new(), Memory::default());
     fake.posts
@@ -314,6 +350,7 @@ async fn after_a_restart_an_intent_is_looked_up_before_anything_is_sent() {
             "INC-4711",
             &intent.marker,
         )),
+        request_source: None,
         created_at: Some(t0()),
         updated_at: Some(t0()),
     });

@@ -108,6 +108,8 @@ pub struct ActionFact {
     pub requestor: Option<String>,
     /// The comment it was requested with (`requestorComment`).
     pub comment: Option<String>,
+    /// Where the request came from (`requestSource`).
+    pub request_source: Option<String>,
     /// Creation time.
     pub created_at: Option<DateTime<Utc>>,
     /// Last update time (the completion time once final).
@@ -210,6 +212,9 @@ pub struct Facts {
     /// status records it too, but the watch cache can lag behind the status write, so the
     /// process's own memory keeps a stale copy from triggering an early lookup.
     pub intent_ambiguous_at: Option<DateTime<Utc>>,
+    /// Why the DeviceIsolationSet owning the resource lets it request nothing new (paused,
+    /// stopped, deleted); `None` for a resource of no set, or a set rolling out.
+    pub set_hold: Option<String>,
 }
 
 /// A device that carries the name being resolved.
@@ -460,6 +465,8 @@ reasons! {
     DryRun => Reconciling,
     /// Looking up spec.deviceName.
     ResolvingDevice => Reconciling,
+    /// The DeviceIsolationSet that owns the resource is paused, stopped or deleted: no new request.
+    HeldBySet => Reconciling,
     /// Neither spec.machineId nor spec.deviceName (the API server normally refuses it).
     InvalidSpec => Stalled,
     /// The comment annotation is missing.

@@ -96,10 +96,22 @@ Rules on DeviceIsolations and events: shared by the per-namespace Roles and the 
 {{- define "mde-isolation-operator.watchRules" -}}
 - apiGroups: ["isolation.mde.dev"]
   resources: ["deviceisolations"]
-  verbs: ["get", "list", "watch"]
+  # create, patch, delete: a DeviceIsolationSet's children (one per selected device).
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["isolation.mde.dev"]
   resources: ["deviceisolations/status"]
   verbs: ["get", "patch", "update"]
+- apiGroups: ["isolation.mde.dev"]
+  resources: ["deviceisolationsets"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["isolation.mde.dev"]
+  resources: ["deviceisolationsets/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["isolation.mde.dev"]
+  # A child's ownerReference blocks its set's foreground deletion, which needs this where the
+  # OwnerReferencesPermissionEnforcement admission plugin is on.
+  resources: ["deviceisolationsets/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create"]

@@ -25,6 +25,7 @@ impl Planner<'_> {
                 status: ActionStatus::from(recorded.status.as_str()),
                 requestor: recorded.requestor.clone(),
                 comment: None,
+                request_source: None,
                 created_at: recorded.created_at.as_deref().and_then(parse_time),
                 updated_at: recorded.updated_at.as_deref().and_then(parse_time),
             },

@@ -166,6 +166,14 @@ impl Planner<'_> {
 
     pub(super) fn post(&mut self, comment: &str) -> Decision {
         let machine_id = self.machine_id();
+        if let Some(why) = &self.facts().set_hold {
+            return reconciling(
+                Reason::HeldBySet,
+                format!("no new request: {why}"),
+                Some(self.input.timing.transient_retry),
+                Effect::None,
+            );
+        }
         if self.input.dry_run {
             return reconciling(
                 Reason::DryRun,

@@ -22,6 +22,7 @@ fn action(id: &str, kind: ActionKind, status: ActionStatus, created: i64) -> Act
         status,
         requestor: Some("someone@contoso.com".into()),
         comment: None,
+        request_source: None,
         created_at: Some(t(created)),
         updated_at: Some(t(created + 1)),
     }
@@ -861,3 +862,4 @@ fn a_transient_view_failure_is_named_while_waiting() {
         cond.message
     );
 }
+

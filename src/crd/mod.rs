@@ -1,12 +1,18 @@
-//! The `DeviceIsolation` custom resource: its spec (what the user wants), its status (what the
-//! operator knows), and the annotations it reads.
+//! The custom resources: `DeviceIsolation` (one device; its spec is what the user wants, its
+//! status what the operator knows) and [`DeviceIsolationSet`] (many devices, through one child
+//! DeviceIsolation each), and the annotations they read.
 //!
-//! The CRD under `crds/` is generated from these types (`mde-isolation-operator crd`); a test fails
-//! when the committed file drifts from them.
+//! The CRDs under `crds/` are generated from these types (`mde-isolation-operator crd`); a test
+//! fails when the committed files drift from them.
+
+pub mod set;
+
+pub use set::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceDefinition, JSON,
+    CustomResourceDefinition, JSON, ValidationRule,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -207,15 +213,28 @@ pub struct Intent {
     pub recorded_at: String,
 }
 
+/// An annotation's value.
+fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
 impl DeviceIsolation {
     /// The comment annotation, trimmed; `None` when missing or blank.
     pub fn comment(&self) -> Option<&str> {
-        self.metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(COMMENT_ANNOTATION))
-            .map(|c| c.trim())
+        annotation(&self.metadata, COMMENT_ANNOTATION)
+            .map(str::trim)
             .filter(|c| !c.is_empty())
+    }
+
+    /// The set that owns this resource (its controller ownerReference of kind
+    /// DeviceIsolationSet): its name and uid.
+    pub fn owning_set(&self) -> Option<(&str, &str)> {
+        self.metadata
+            .owner_references
+            .as_ref()?
+            .iter()
+            .find(|o| o.controller == Some(true) && o.kind == "DeviceIsolationSet")
+            .map(|o| (o.name.as_str(), o.uid.as_str()))
     }
 
     /// The machine acted on: spec.machineId, else the id resolved from spec.deviceName.
@@ -237,33 +256,83 @@ impl DeviceIsolation {
     }
 }
 
-/// The CRD as installed: the derived one, with `status` defaulted to `{observedGeneration: 0}`.
+/// The operator's CRDs, by kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// `DeviceIsolation`.
+    #[value(name = "DeviceIsolation")]
+    DeviceIsolation,
+    /// `DeviceIsolationSet`.
+    #[value(name = "DeviceIsolationSet")]
+    DeviceIsolationSet,
+}
+
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 2] = [Kind::DeviceIsolation, Kind::DeviceIsolationSet];
+
+    /// The file under `crds/` (and the chart's `crds/`).
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Kind::DeviceIsolation => "deviceisolations.isolation.mde.dev.yaml",
+            Kind::DeviceIsolationSet => "deviceisolationsets.isolation.mde.dev.yaml",
+        }
+    }
+}
+
+/// The DeviceIsolation CRD as installed (see [`crd_of`]).
+pub fn crd() -> CustomResourceDefinition {
+    crd_of(Kind::DeviceIsolation)
+}
+
+/// A CRD as installed: the derived one, with `status` defaulted to `{observedGeneration: 0}`.
 ///
 /// The API server drops status on create, so without a default a resource the operator has not
 /// reconciled yet has no status at all, and kstatus (Flux's `wait: true`) reads that as Current:
 /// a just-applied release would look done. With the default it reads observedGeneration 0 below
 /// metadata.generation, which is InProgress, until the operator writes status.
-pub fn crd() -> CustomResourceDefinition {
-    let mut crd = DeviceIsolation::crd();
+///
+/// A set's name is its children's label value, so it is limited to 63 characters.
+pub fn crd_of(kind: Kind) -> CustomResourceDefinition {
+    let mut crd = match kind {
+        Kind::DeviceIsolation => DeviceIsolation::crd(),
+        Kind::DeviceIsolationSet => DeviceIsolationSet::crd(),
+    };
     for version in &mut crd.spec.versions {
-        let status = version
+        let Some(root) = version
             .schema
             .as_mut()
             .and_then(|s| s.open_api_v3_schema.as_mut())
-            .and_then(|s| s.properties.as_mut())
-            .and_then(|p| p.get_mut("status"));
-        if let Some(status) = status {
+        else {
+            continue;
+        };
+        if kind == Kind::DeviceIsolationSet {
+            root.x_kubernetes_validations = Some(vec![ValidationRule {
+                rule: "size(self.metadata.name) <= 63".into(),
+                message: Some(
+                    "a DeviceIsolationSet's name is the value of its children's label \
+                     isolation.mde.dev/set: at most 63 characters"
+                        .into(),
+                ),
+                ..ValidationRule::default()
+            }]);
+        }
+        if let Some(status) = root.properties.as_mut().and_then(|p| p.get_mut("status")) {
             status.default = Some(JSON(serde_json::json!({ "observedGeneration": 0 })));
         }
     }
     crd
 }
 
-/// The CRD rendered as YAML, exactly as committed under `crds/`.
+/// The DeviceIsolation CRD rendered as YAML, exactly as committed under `crds/`.
 pub fn crd_yaml() -> String {
-    let crd = crd();
+    crd_yaml_of(Kind::DeviceIsolation)
+}
+
+/// A CRD rendered as YAML, exactly as committed under `crds/`.
+pub fn crd_yaml_of(kind: Kind) -> String {
     // serde_yaml output is deterministic for a given struct order, which is what the drift test needs.
-    serde_yaml::to_string(&crd).expect("a CRD always serialises to YAML")
+    serde_yaml::to_string(&crd_of(kind)).expect("a CRD always serialises to YAML")
 }
 
 #[cfg(test)]
@@ -271,35 +340,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn committed_crd_matches_the_rust_types() {
-        let committed = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/crds/deviceisolations.isolation.mde.dev.yaml"
-        ))
-        .expect("crds/deviceisolations.isolation.mde.dev.yaml is committed");
-        assert!(
-            committed == crd_yaml(),
-            "crds/ drifted from the Rust types: run `make crd`"
-        );
+    fn committed_crds_match_the_rust_types() {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        for kind in Kind::ALL {
+            let file = kind.file_name();
+            let committed = std::fs::read_to_string(format!("{dir}/crds/{file}"))
+                .unwrap_or_else(|_| panic!("crds/{file} is committed"));
+            assert!(
+                committed == crd_yaml_of(kind),
+                "crds/{file} drifted from the Rust types: run `make crd`"
+            );
+        }
     }
 
     #[test]
-    fn the_charts_crd_is_the_committed_crd() {
+    fn the_charts_crds_are_the_committed_crds() {
         let dir = env!("CARGO_MANIFEST_DIR");
-        let file = "deviceisolations.isolation.mde.dev.yaml";
-        let chart =
-            std::fs::read_to_string(format!("{dir}/charts/mde-isolation-operator/crds/{file}"))
-                .expect("the chart ships the CRD");
-        let committed = std::fs::read_to_string(format!("{dir}/crds/{file}")).unwrap();
-        assert!(
-            chart == committed,
-            "charts/mde-isolation-operator/crds/ drifted: run `make crd`"
-        );
+        for kind in Kind::ALL {
+            let file = kind.file_name();
+            let chart =
+                std::fs::read_to_string(format!("{dir}/charts/mde-isolation-operator/crds/{file}"))
+                    .unwrap_or_else(|_| panic!("the chart ships {file}"));
+            let committed = std::fs::read_to_string(format!("{dir}/crds/{file}")).unwrap();
+            assert!(
+                chart == committed,
+                "charts/mde-isolation-operator/crds/{file} drifted: run `make crd`"
+            );
+        }
     }
 
     #[test]
     fn every_schema_property_has_a_description() {
-        let crd = serde_json::to_value(crd()).unwrap();
+        for kind in Kind::ALL {
+            every_property_described(kind);
+        }
+    }
+
+    fn every_property_described(kind: Kind) {
+        let crd = serde_json::to_value(crd_of(kind)).unwrap();
         let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
         let mut missing = Vec::new();
         fn walk(path: &str, node: &serde_json::Value, missing: &mut Vec<String>) {
@@ -321,7 +399,7 @@ mod tests {
         walk("", schema, &mut missing);
         assert!(
             missing.is_empty(),
-            "fields without a description: {missing:?}"
+            "{kind:?}: fields without a description: {missing:?}"
         );
     }
 

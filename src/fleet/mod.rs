@@ -1,0 +1,564 @@
+//! Reconciling one DeviceIsolationSet: select → observe the children → plan the rollout → create
+//! the admitted children → write status.
+//!
+//! - [`select`]: the selector as batched reads and an exact match (pure), resolved once per
+//!   selector (a snapshot), again on a new `refresh-requested-at`.
+//! - [`rollout`]: the pure decision (paused, canary, failure budget, maxDevices), table-tested.
+//!
+//! The set never calls isolate/unisolate: each selected device gets a child DeviceIsolation
+//! (label [`SET_LABEL`], a controller ownerReference), and every guarantee of the single resource
+//! holds per device. A child asks [`hold_of`] before each request, so pausing or deleting the set
+//! stops new requests within one reconcile of the child, wherever it stands.
+
+pub mod rollout;
+pub mod select;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use crate::conditions::{self, ConditionReason, Phase};
+use crate::crd::{
+    COMMENT_ANNOTATION, DeviceIsolation, DeviceIsolationSet, DeviceIsolationSetStatus,
+    DeviceIsolationSpec, SET_LABEL, Selection,
+};
+use crate::events::EventKind;
+use crate::reconcile::{CallFailure, Context, FIELD_MANAGER, Reason, ResourceRef, failure_of};
+use rollout::{ChildState, SetEvent, SetPhase};
+
+/// Children created or updated at once.
+const CHILD_WRITES_IN_FLIGHT: usize = 16;
+
+macro_rules! set_reasons {
+    ($($(#[$doc:meta])* $name:ident => $phase:ident,)*) => {
+        /// Every reason a set writes into a condition or an event. The README's "Release a
+        /// fleet" section lists each (a test checks it).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum SetReason {
+            $($(#[$doc])* $name,)*
+        }
+
+        impl SetReason {
+            /// Every reason.
+            pub const ALL: &'static [SetReason] = &[$(SetReason::$name,)*];
+
+            /// The CamelCase spelling.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(SetReason::$name => stringify!($name),)*
+                }
+            }
+
+            /// The condition it is given in.
+            pub fn phase(self) -> SetPhase {
+                match self {
+                    $(SetReason::$name => SetPhase::$phase,)*
+                }
+            }
+        }
+    };
+}
+
+set_reasons! {
+    /// Every selected device is Ready.
+    Converged => Ready,
+    /// Every selected device is Ready or failed, within the failure budget.
+    ConvergedWithFailures => Ready,
+    /// Resolving the selection (MDE's machines, the view of actions).
+    Resolving => Reconciling,
+    /// spec.paused: the selection is shown, nothing new is requested.
+    Paused => Reconciling,
+    /// The canary devices are requested; the rest wait until they are Ready.
+    Canary => Reconciling,
+    /// Children are requested and working.
+    RollingOut => Reconciling,
+    /// The comment annotation is missing.
+    CommentMissing => Stalled,
+    /// The selection is larger than spec.maxDevices.
+    SelectionTooLarge => Stalled,
+    /// The selector matches no device.
+    NothingSelected => Stalled,
+    /// MDE refused the selection's reads (403, 401).
+    SelectionFailed => Stalled,
+    /// More devices failed than rollout.maxFailures allows; nothing new is requested.
+    FailureBudgetExceeded => Stalled,
+    /// Nothing is pending and some children are stalled.
+    DevicesStalled => Stalled,
+    /// The selection was resolved (event).
+    SelectionResolved => Event,
+    /// The first children were requested (event).
+    RolloutStarted => Event,
+    /// The canary devices are Ready and the rest follow (event).
+    CanaryPassed => Event,
+    /// Every device is settled (event).
+    Done => Event,
+}
+
+impl ConditionReason for SetReason {
+    fn as_str(self) -> &'static str {
+        SetReason::as_str(self)
+    }
+}
+
+impl SetReason {
+    /// Reasons under which the set's children request nothing new.
+    pub fn holds_children(self) -> bool {
+        matches!(
+            self,
+            SetReason::Paused
+                | SetReason::FailureBudgetExceeded
+                | SetReason::SelectionTooLarge
+                | SetReason::CommentMissing
+        )
+    }
+
+    /// Parses the spelling status carries.
+    pub fn parse(s: &str) -> Option<SetReason> {
+        SetReason::ALL.iter().copied().find(|r| r.as_str() == s)
+    }
+}
+
+/// Errors that end a set's reconcile early; it is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused a status write.
+    #[error("writing the set's status: {0}")]
+    StatusWrite(#[source] kube::Error),
+    /// The API server refused to create, update or delete a child.
+    #[error("writing child {name}: {source}")]
+    Child {
+        /// The child.
+        name: String,
+        /// Why.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// The watch caches of DeviceIsolationSets, one per watched scope.
+#[derive(Clone, Default)]
+pub struct SetStores(Vec<Store<DeviceIsolationSet>>);
+
+impl SetStores {
+    /// The caches of the given scopes.
+    pub fn new(stores: Vec<Store<DeviceIsolationSet>>) -> Self {
+        SetStores(stores)
+    }
+
+    /// The set `name` in `namespace`, as cached now.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<DeviceIsolationSet>> {
+        let key = ObjectRef::new(name).within(namespace);
+        self.0.iter().find_map(|s| s.get(&key))
+    }
+
+    /// Waits until every cache has its first list (a child asks its set before any request).
+    pub async fn ready(&self) {
+        for store in &self.0 {
+            let _ = store.wait_until_ready().await;
+        }
+    }
+}
+
+/// Drops what the operator never reads of a set (managedFields, and the client-side
+/// `kubectl apply` copy of the manifest, which repeats a long machineIds list).
+pub fn slim(set: &mut DeviceIsolationSet) {
+    set.metadata.managed_fields = None;
+    if let Some(annotations) = set.metadata.annotations.as_mut() {
+        annotations.remove(crate::cache::LAST_APPLIED);
+    }
+}
+
+/// Why `child`'s set lets it request nothing new; `None` for a resource of no set, or a set that
+/// is rolling out.
+pub fn hold_of(child: &DeviceIsolation, sets: &SetStores) -> Option<String> {
+    let (name, uid) = child.owning_set()?;
+    let namespace = child.namespace().unwrap_or_default();
+    let set = sets
+        .get(&namespace, name)
+        .filter(|s| s.metadata.uid.as_deref() == Some(uid));
+    let Some(set) = set else {
+        return Some(format!("its DeviceIsolationSet {name} is gone"));
+    };
+    if set.metadata.deletion_timestamp.is_some() {
+        return Some(format!("its DeviceIsolationSet {name} is being deleted"));
+    }
+    if set.spec.paused {
+        return Some(format!("its DeviceIsolationSet {name} is paused"));
+    }
+    let ready = set
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, conditions::READY))?;
+    SetReason::parse(&ready.reason)
+        .filter(|r| r.holds_children())
+        .map(|r| format!("its DeviceIsolationSet {name} stopped: {}", r.as_str()))
+}
+
+/// Where a child stands, from its conditions.
+pub fn child_state(child: &DeviceIsolation) -> ChildState {
+    let Some(status) = child.status.as_ref() else {
+        return ChildState::Pending;
+    };
+    if status.observed_generation != child.metadata.generation {
+        return ChildState::Pending;
+    }
+    let is_true = |t: &str| {
+        conditions::find(&status.conditions, t)
+            .filter(|c| c.status == "True")
+            .map(|c| c.reason.as_str())
+    };
+    if is_true(conditions::READY).is_some() {
+        return ChildState::Ready;
+    }
+    match is_true(conditions::STALLED).map(Reason::parse) {
+        Some(Some(r)) if r.is_sticky() => ChildState::Failed,
+        Some(_) => ChildState::Stalled,
+        None => ChildState::Pending,
+    }
+}
+
+/// The child's name: the set's and the machine id (unique, and tells what it is at a glance).
+pub fn child_name(set: &str, machine_id: &str) -> String {
+    format!("{set}-{machine_id}")
+}
+
+/// The child DeviceIsolation of `set` for `machine_id`, as the set wants it.
+pub fn child_for(set: &DeviceIsolationSet, machine_id: &str) -> DeviceIsolation {
+    let mut child = DeviceIsolation::new(
+        &child_name(&set.name_any(), machine_id),
+        DeviceIsolationSpec {
+            machine_id: Some(machine_id.to_string()),
+            device_name: None,
+            isolated: set.spec.isolated,
+            isolation_type: set.spec.isolation_type,
+            drift_policy: set.spec.drift_policy,
+        },
+    );
+    child.metadata.namespace = set.namespace();
+    child.metadata.labels = Some([(SET_LABEL.to_string(), set.name_any())].into());
+    child.metadata.annotations = set
+        .comment()
+        .map(|c| [(COMMENT_ANNOTATION.to_string(), c.to_string())].into());
+    child.metadata.owner_references = set.controller_owner_ref(&()).map(|mut o| {
+        o.block_owner_deletion = Some(true);
+        vec![o]
+    });
+    child
+}
+
+/// Whether `child` carries what the set wants (spec and comment).
+fn up_to_date(child: &DeviceIsolation, want: &DeviceIsolation) -> bool {
+    child.spec == want.spec && child.comment() == want.comment()
+}
+
+/// Reconciles one DeviceIsolationSet.
+pub async fn reconcile(set: Arc<DeviceIsolationSet>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if set.metadata.deletion_timestamp.is_some() {
+        // The children see it (`hold_of`) and the garbage collector removes them.
+        return Ok(Action::await_change());
+    }
+    let status = set.status.clone().unwrap_or_default();
+    let selection = match current_selection(&set, &status) {
+        Some(selection) => selection,
+        None => match resolve(&set, &ctx).await {
+            Ok(selection) => {
+                write_status(&set, &ctx, json!({ "selection": selection })).await?;
+                publish(
+                    &set,
+                    &ctx,
+                    &[SetEvent {
+                        warning: false,
+                        reason: SetReason::SelectionResolved,
+                        note: format!(
+                            "{} devices selected ({} excluded)",
+                            selection.count, selection.excluded
+                        ),
+                    }],
+                )
+                .await;
+                selection
+            }
+            Err(wait) => return waiting(&set, &ctx, &status, wait).await,
+        },
+    };
+    let (children, managed_elsewhere) = observe(&set, &selection, &ctx);
+    let states: HashMap<String, ChildState> = children
+        .iter()
+        .map(|(m, c)| (m.clone(), child_state(c)))
+        .collect();
+    let decision = rollout::plan(&rollout::Input {
+        generation: set.metadata.generation.unwrap_or(1),
+        spec: &set.spec,
+        has_comment: set.comment().is_some(),
+        selection: &selection,
+        children: &states,
+        managed_elsewhere: &managed_elsewhere,
+        canary_passed_generation: status.canary_passed_generation,
+        conditions: &status.conditions,
+        now: chrono::Utc::now(),
+    });
+    write_children(&set, &ctx, &selection, &children, &decision.admit).await?;
+    let new_status = json!({
+        "observedGeneration": set.metadata.generation,
+        "devices": decision.devices,
+        "canaryPassedGeneration": decision.canary_passed_generation,
+        "conditions": decision.conditions,
+    });
+    let unchanged = status.observed_generation == set.metadata.generation
+        && status.devices == decision.devices
+        && status.canary_passed_generation == decision.canary_passed_generation
+        && status.conditions == decision.conditions;
+    if !unchanged {
+        write_status(&set, &ctx, new_status).await?;
+    }
+    publish(&set, &ctx, &decision.events).await;
+    if !decision.holds() {
+        // Children that waited for the set go on now (they would also look again by themselves).
+        for child in children.values() {
+            if held(child) {
+                ctx.waker.wake(&ResourceRef::from_obj(&**child));
+            }
+        }
+    }
+    Ok(Action::await_change())
+}
+
+/// The snapshot in status, when it was resolved for the current selector and refresh request.
+fn current_selection(set: &DeviceIsolationSet, status: &DeviceIsolationSetStatus) -> Option<Selection> {
+    let criteria = select::criteria(&set.spec.selector, &set.spec.exclude);
+    status
+        .selection
+        .clone()
+        .filter(|s| s.criteria == criteria && s.refresh.as_deref() == set.refresh_request())
+}
+
+/// Why the selection could not be resolved now.
+struct Wait {
+    reason: SetReason,
+    message: String,
+    after: Duration,
+}
+
+/// Resolves the selector against MDE (see [`select`]).
+async fn resolve(set: &DeviceIsolationSet, ctx: &Context) -> Result<Selection, Wait> {
+    let selector = &set.spec.selector;
+    if selector.isolated_by.is_some() && !ctx.view.is_synced() {
+        ctx.poller_nudge.notify_one();
+        return Err(Wait {
+            reason: SetReason::Resolving,
+            message: "loading MDE's isolation actions to match isolatedBy".into(),
+            after: ctx.timing.view_not_synced_retry,
+        });
+    }
+    let mut read = Vec::new();
+    for query in select::queries(selector) {
+        match ctx.mde.list_machines(&query, select::SELECTION_KEY).await {
+            Ok(machines) => read.extend(machines),
+            Err(e) => return Err(read_failure(failure_of(&e), &ctx.timing)),
+        }
+    }
+    let picked = select::pick(&read, selector, &set.spec.exclude, |m| {
+        ctx.view.actions_for(m)
+    });
+    let count = picked.machines.len() as u32;
+    Ok(Selection {
+        count,
+        resolved_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        excluded: picked.excluded,
+        preview: picked.preview(),
+        machine_ids: if count <= crate::crd::MAX_DEVICES_LIMIT {
+            picked.machine_ids()
+        } else {
+            Vec::new()
+        },
+        criteria: select::criteria(selector, &set.spec.exclude),
+        refresh: set.refresh_request().map(str::to_string),
+    })
+}
+
+fn read_failure(failure: CallFailure, timing: &crate::reconcile::Timing) -> Wait {
+    match failure {
+        CallFailure::Forbidden(m) | CallFailure::AuthenticationFailed(m) => Wait {
+            reason: SetReason::SelectionFailed,
+            message: format!("MDE refused to list machines: {m}"),
+            after: timing.credential_recheck,
+        },
+        CallFailure::QuotaWait(after) | CallFailure::RateLimited(after) => Wait {
+            reason: SetReason::Resolving,
+            message: "waiting for quota to list machines".into(),
+            after: after.max(Duration::from_millis(50)),
+        },
+        other => Wait {
+            reason: SetReason::Resolving,
+            message: format!("listing machines failed, retrying: {other:?}"),
+            after: timing.transient_retry,
+        },
+    }
+}
+
+/// Writes the conditions of a set whose selection waits, and looks again later.
+async fn waiting(
+    set: &DeviceIsolationSet,
+    ctx: &Context,
+    status: &DeviceIsolationSetStatus,
+    wait: Wait,
+) -> Result<Action, Error> {
+    let (reason, message) = (wait.reason, wait.message);
+    let phase = match reason.phase() {
+        SetPhase::Stalled => Phase::Stalled { reason, message },
+        _ => Phase::Reconciling { reason, message },
+    };
+    let generation = set.metadata.generation.unwrap_or(1);
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let conditions = conditions::conditions_for(&phase, &status.conditions, generation, &now);
+    if conditions != status.conditions || status.observed_generation != Some(generation) {
+        write_status(
+            set,
+            ctx,
+            json!({ "observedGeneration": generation, "conditions": conditions }),
+        )
+        .await?;
+    }
+    Ok(Action::requeue(wait.after))
+}
+
+/// This set's children by machine id, and the selected machines another DeviceIsolation manages.
+fn observe(
+    set: &DeviceIsolationSet,
+    selection: &Selection,
+    ctx: &Context,
+) -> (HashMap<String, Arc<DeviceIsolation>>, HashSet<String>) {
+    let uid = set.metadata.uid.as_deref().unwrap_or_default();
+    let namespace = set.namespace();
+    let selected: HashSet<&str> = selection.machine_ids.iter().map(String::as_str).collect();
+    let mut children = HashMap::new();
+    let mut elsewhere = HashSet::new();
+    for di in ctx.stores.all() {
+        let Some(machine) = di.machine_id() else {
+            continue;
+        };
+        let ours = di.owning_set().is_some_and(|(_, u)| u == uid) && di.namespace() == namespace;
+        if ours {
+            children.insert(machine.to_string(), di.clone());
+        } else if selected.contains(machine) && di.metadata.deletion_timestamp.is_none() {
+            elsewhere.insert(machine.to_string());
+        }
+    }
+    (children, elsewhere)
+}
+
+/// Creates the admitted children, brings existing ones in step with the set (isolated, type,
+/// drift policy, comment), and deletes children of machines no longer selected.
+async fn write_children(
+    set: &DeviceIsolationSet,
+    ctx: &Context,
+    selection: &Selection,
+    children: &HashMap<String, Arc<DeviceIsolation>>,
+    admit: &[String],
+) -> Result<(), Error> {
+    let namespace = set.namespace().unwrap_or_default();
+    let api: Api<DeviceIsolation> = Api::namespaced(ctx.kube.clone(), &namespace);
+    let mut writes: Vec<DeviceIsolation> = admit.iter().map(|m| child_for(set, m)).collect();
+    for (machine, child) in children {
+        let want = child_for(set, machine);
+        if !up_to_date(child, &want) && child.metadata.deletion_timestamp.is_none() {
+            writes.push(want);
+        }
+    }
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let results: Vec<Result<(), Error>> = futures::stream::iter(writes)
+        .map(|child| {
+            let (api, params) = (api.clone(), params.clone());
+            async move {
+                let name = child.name_any();
+                api.patch(&name, &params, &Patch::Apply(&child))
+                    .await
+                    .map(drop)
+                    .map_err(|source| Error::Child { name, source })
+            }
+        })
+        .buffer_unordered(CHILD_WRITES_IN_FLIGHT)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<(), Error>>()?;
+
+    // A selection resolved again may leave machines out: their children go (deleting a
+    // DeviceIsolation leaves the device as it is).
+    if selection.machine_ids.is_empty() && selection.count > 0 {
+        return Ok(()); // too large to be kept: nothing to compare with
+    }
+    let selected: HashSet<&str> = selection.machine_ids.iter().map(String::as_str).collect();
+    for (machine, child) in children {
+        if !selected.contains(machine.as_str()) && child.metadata.deletion_timestamp.is_none() {
+            let name = child.name_any();
+            match api.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(source) => return Err(Error::Child { name, source }),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `child` waits for its set.
+fn held(child: &DeviceIsolation) -> bool {
+    child
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, conditions::READY))
+        .is_some_and(|c| c.reason == Reason::HeldBySet.as_str())
+}
+
+async fn write_status(
+    set: &DeviceIsolationSet,
+    ctx: &Context,
+    status: serde_json::Value,
+) -> Result<(), Error> {
+    let api: Api<DeviceIsolationSet> =
+        Api::namespaced(ctx.kube.clone(), &set.namespace().unwrap_or_default());
+    // A merge patch: fields not named stay (the selection is written once, not with every count).
+    api.patch_status(
+        &set.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await
+    .map(drop)
+    .map_err(Error::StatusWrite)
+}
+
+async fn publish(set: &DeviceIsolationSet, ctx: &Context, events: &[SetEvent]) {
+    let regarding = set.object_ref(&());
+    for event in events {
+        let kind = if event.warning {
+            EventKind::Warning
+        } else {
+            EventKind::Normal
+        };
+        let reason = event.reason.as_str();
+        if let Err(e) = ctx
+            .events
+            .publish(&regarding, kind, reason, &event.note, "Rollout")
+            .await
+        {
+            tracing::warn!(error = %e, reason, "could not publish event");
+        }
+    }
+}
+
+/// Backoff for set reconciles that failed on the Kubernetes side.
+pub fn error_policy(set: Arc<DeviceIsolationSet>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(set = %set.name_any(), %error, "set reconcile failed");
+    Action::requeue(ctx.timing.transient_retry)
+}
+
+#[cfg(test)]
+mod tests;

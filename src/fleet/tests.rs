@@ -1,0 +1,1 @@
+//! Set driver helpers.
