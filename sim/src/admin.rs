@@ -424,7 +424,7 @@ fn external_action(
         return Err(bad(format!("unknown field {k:?}")));
     }
     let action_id = st
-        .create_action(&id, kind, iso, requestor, comment, "Portal", now)
+        .create_action(&id, kind, iso, requestor, comment, "Portal".into(), now)
         .map(|a| a.id.clone())
         .ok_or_else(|| not_found("machine vanished"))?;
     let a = st

@@ -456,7 +456,7 @@ fn isolate(st: &mut SimState, ctx: &Ctx<'_>, id: &str, kind: ActionType) -> ApiR
             isolation_type,
             requestor,
             comment,
-            "PublicApi",
+            "PublicApi".into(),
             ctx.now,
         )
         .ok_or_else(|| ApiError::not_found(format!("Machine {id} was not found")))?;

@@ -330,7 +330,7 @@ impl SimState {
         isolation_type: Option<IsolationType>,
         requestor: String,
         comment: String,
-        request_source: &'static str,
+        request_source: String,
         now: DateTime<Utc>,
     ) -> Option<&Action> {
         let m = self.machine(machine_id)?.clone();
