@@ -160,8 +160,8 @@ pub struct Action {
     pub requestor: String,
     /// The Comment sent.
     pub comment: String,
-    /// `PublicApi` for API calls, `Portal` for admin-simulated people (owned, so other
-    /// sources can be named).
+    /// `PublicApi` for API calls, `Portal` for admin-simulated people, or what a seed's
+    /// `isolatedBy` names.
     pub request_source: String,
     /// Target device.
     pub machine_id: String,

@@ -16,10 +16,10 @@ use crate::config::{DuplicateMode, OverlapOrder, QuotaKey, RetryAfterMode};
 use crate::faults::{FaultSettings, Faults};
 use crate::foreign::{ForeignLoad, LoadEntry};
 use crate::lifecycle::{
-    Action, ActionType, ActionView, Cancellation, Delays, IsolationType, Status, plan,
+    Action, ActionType, ActionView, Cancellation, Delays, IsolationType, Plan, Status, plan,
 };
 use crate::quota::{Limits, QuotaBook};
-use crate::tenant::{App, Behaviour, Machine};
+use crate::tenant::{App, Behaviour, IsolatedBy, Machine};
 
 /// Settings that can change at run time (`POST /sim/settings`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -233,14 +233,48 @@ impl SimState {
         self.foreign.play(now, &mut self.quota, &self.apps, limits);
     }
 
-    /// Adds a machine; its id must be new.
+    /// Adds a machine; its id must be new. A seed's `isolatedBy` becomes a Succeeded Isolate in
+    /// its history.
     pub fn add_machine(&mut self, m: Machine) -> Result<(), String> {
         if self.machine_index.contains_key(&m.id) {
             return Err(format!("machine id {} already exists", m.id));
         }
+        let by = m.isolated_by.clone();
         self.machine_index.insert(m.id.clone(), self.machines.len());
-        self.machines.push(m);
+        self.machines.push(m.clone());
+        if let Some(by) = by {
+            self.seed_isolation(&m, by);
+        }
         Ok(())
+    }
+
+    /// Records the isolation a seed names: an Isolate created and Succeeded at `by.at`, made
+    /// by someone else (no call, no quota).
+    fn seed_isolation(&mut self, m: &Machine, by: IsolatedBy) {
+        let id = self.next_id();
+        // Later API actions are created after it, even on a frozen clock.
+        self.last_created = Some(self.last_created.map_or(by.at, |l| l.max(by.at)));
+        let action = Action {
+            id: id.clone(),
+            action_type: ActionType::Isolate,
+            isolation_type: Some(by.isolation_type),
+            requestor: by.requestor,
+            comment: by.comment,
+            request_source: by.request_source,
+            machine_id: m.id.clone(),
+            computer_dns_name: m.computer_dns_name.clone(),
+            created: by.at,
+            plan: Plan {
+                in_progress_at: Some(by.at),
+                final_at: by.at,
+                final_status: Status::Succeeded,
+            },
+            cancellation: None,
+        };
+        let idx = self.actions.len();
+        self.actions.push(action);
+        self.action_index.insert(id, idx);
+        self.by_machine.entry(m.id.clone()).or_default().push(idx);
     }
 
     /// All machines in listing order.
