@@ -232,6 +232,7 @@ mod tests {
 machines:
   - id: "1e5bc9d7e413ddd7902c2932e418702b84d0cc07"
     computerDnsName: a.contoso.local
+    rbacGroupName: Servers
     isolatedBy:
       requestor: Automatic Attack Disruption
       requestSource: AutomaticAttackDisruption
@@ -327,6 +328,21 @@ machines:
         assert_ne!(ids, action_ids(&state(SEED, "8").unwrap()));
         st.reset();
         assert_eq!(ids, action_ids(&st));
+    }
+
+    #[test]
+    fn device_groups_get_stable_ids() {
+        let st = state(SEED, "1").unwrap();
+        let gid = |i: usize| {
+            (
+                st.machines()[i].rbac_group_name.clone(),
+                st.machines()[i].rbac_group_id,
+            )
+        };
+        assert_eq!(gid(0), ("Servers".into(), 1));
+        assert_eq!(gid(1), ("Laptops".into(), 2));
+        assert_eq!(gid(2), ("Servers".into(), 1));
+        assert_eq!(gid(3), ("UnassignedGroup".into(), 0));
     }
 
     #[test]

@@ -16,6 +16,9 @@ use crate::lifecycle::IsolationType;
 /// in the portal (`isolate-external`) and, by default, a seed's `isolatedBy`.
 pub const PORTAL_SOURCE: &str = "Portal";
 
+/// The device group of machines in no group (its `rbacGroupId` is 0).
+pub const UNASSIGNED_GROUP: &str = "UnassignedGroup";
+
 /// How a machine reacts to isolation actions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -96,11 +99,11 @@ impl Machine {
             agent_version: "10.8760.19041.5247",
             os_build: 19045,
             health_status: &self.health_status,
-            device_value: "Normal",
+            device_value: DEVICE_VALUE,
             rbac_group_id: self.rbac_group_id,
             rbac_group_name: &self.rbac_group_name,
-            risk_score: "None",
-            exposure_level: "Low",
+            risk_score: RISK_SCORE,
+            exposure_level: EXPOSURE_LEVEL,
             is_aad_joined: false,
             aad_device_id: None,
             machine_tags: &self.machine_tags,
@@ -117,7 +120,15 @@ impl Machine {
     }
 }
 
-fn os_version(platform: &str) -> &'static str {
+/// `deviceValue` of every machine.
+pub const DEVICE_VALUE: &str = "Normal";
+/// `riskScore` of every machine.
+pub const RISK_SCORE: &str = "None";
+/// `exposureLevel` of every machine.
+pub const EXPOSURE_LEVEL: &str = "Low";
+
+/// `version` of a platform ("" when it has none).
+pub fn os_version(platform: &str) -> &'static str {
     match platform {
         "Windows10" => "22H2",
         "Windows11" => "23H2",
@@ -441,7 +452,7 @@ pub fn machine_from_seed(
         machine_tags: seed.machine_tags,
         rbac_group_name: seed
             .rbac_group_name
-            .unwrap_or_else(|| "UnassignedGroup".into()),
+            .unwrap_or_else(|| UNASSIGNED_GROUP.into()),
         rbac_group_id: 0,
         first_seen: add_seconds(now, -90.0 * 86400.0),
         last_seen,
