@@ -216,12 +216,13 @@ fn route(
         ["actions"] if get => {
             let now = st.clock.now();
             let machine = query_param(query, "machineId");
-            let list: Vec<Value> = st
+            let mut list: Vec<&crate::lifecycle::Action> = st
                 .actions()
                 .iter()
                 .filter(|a| machine.as_deref().is_none_or(|m| a.machine_id == m))
-                .map(|a| json!(a.view(now)))
                 .collect();
+            list.sort_by_key(|a| a.created);
+            let list: Vec<Value> = list.iter().map(|a| json!(a.view(now))).collect();
             ok(json!({"value": list}))
         }
         ["actions", id] if get => {

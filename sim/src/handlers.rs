@@ -501,7 +501,7 @@ fn isolate(st: &mut SimState, ctx: &Ctx<'_>, id: &str, kind: ActionType) -> ApiR
 fn actions_list(st: &mut SimState, ctx: &Ctx<'_>) -> ApiResult {
     let q = odata::parse_query(ctx.query, &ACTION_SCHEMA).map_err(ApiError::odata)?;
     let now = ctx.now;
-    let items: Vec<ActionAt<'_>> = st
+    let mut items: Vec<ActionAt<'_>> = st
         .actions()
         .iter()
         .map(|a| ActionAt {
@@ -509,6 +509,8 @@ fn actions_list(st: &mut SimState, ctx: &Ctx<'_>) -> ApiResult {
             status: a.status_at(now),
         })
         .collect();
+    // Oldest first: seeded isolations can predate actions stored before them.
+    items.sort_by_key(|a| a.action.created);
     ok(to_bytes(&list_body(
         items,
         &q,
