@@ -17,7 +17,7 @@ use crate::errors::{ApiError, PLAIN_JSON, json_response};
 use crate::foreign::{self, LoadEntry};
 use crate::lifecycle::{ActionType, IsolationType};
 use crate::state::SimState;
-use crate::tenant::{Behaviour, SeedMachine, generate_machines, machine_from_seed};
+use crate::tenant::{Behaviour, PORTAL_SOURCE, SeedMachine, generate_machines, machine_from_seed};
 
 type AdminResult = Result<(StatusCode, Value), ApiError>;
 
@@ -216,12 +216,13 @@ fn route(
         ["actions"] if get => {
             let now = st.clock.now();
             let machine = query_param(query, "machineId");
-            let list: Vec<Value> = st
+            let mut list: Vec<&crate::lifecycle::Action> = st
                 .actions()
                 .iter()
                 .filter(|a| machine.as_deref().is_none_or(|m| a.machine_id == m))
-                .map(|a| json!(a.view(now)))
                 .collect();
+            list.sort_by_key(|a| a.created);
+            let list: Vec<Value> = list.iter().map(|a| json!(a.view(now))).collect();
             ok(json!({"value": list}))
         }
         ["actions", id] if get => {
@@ -414,17 +415,21 @@ fn external_action(
             Some(IsolationType::parse(&s).ok_or_else(|| bad(format!("bad isolationType {s}")))?)
         }
     };
+    let source = str_field(&b, "requestSource")?.unwrap_or_else(|| PORTAL_SOURCE.into());
+    if source.trim().is_empty() {
+        return Err(bad("requestSource must not be empty"));
+    }
     let immediate = b.get("immediate").and_then(Value::as_bool).unwrap_or(false);
     if let Some(k) = b.keys().find(|k| {
         !matches!(
             k.as_str(),
-            "requestor" | "comment" | "isolationType" | "immediate"
+            "requestor" | "comment" | "isolationType" | "requestSource" | "immediate"
         )
     }) {
         return Err(bad(format!("unknown field {k:?}")));
     }
     let action_id = st
-        .create_action(&id, kind, iso, requestor, comment, "Portal", now)
+        .create_action(&id, kind, iso, requestor, comment, source, now)
         .map(|a| a.id.clone())
         .ok_or_else(|| not_found("machine vanished"))?;
     let a = st

@@ -13,7 +13,7 @@ use crate::errors::ApiError;
 use crate::lifecycle::{Action, ActionType, IsolationType, Status};
 use crate::odata::{self, Entity, Kind, Query, Schema, Value as OValue};
 use crate::state::SimState;
-use crate::tenant::{Behaviour, Machine};
+use crate::tenant::{Behaviour, DEVICE_VALUE, EXPOSURE_LEVEL, Machine, RISK_SCORE, os_version};
 
 /// A recognised API endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,20 +185,46 @@ struct ListBody<T> {
     next_link: Option<String>,
 }
 
+/// `$filter` on machines: exactly the properties the List machines page documents
+/// (`computerDnsName`, `id`, `version`, `deviceValue`, `aadDeviceId`, `machineTags`, `lastSeen`,
+/// `exposureLevel`, `onboardingStatus`, `lastIpAddress`, `healthStatus`, `osPlatform`,
+/// `riskScore`, `rbacGroupId`); the other properties of a machine, `rbacGroupName` among them,
+/// answer ODataError like the undocumented action properties.
 const MACHINE_SCHEMA: Schema = Schema {
     entity: "Machine",
     fields: &[
         ("id", Kind::Str),
         ("computerDnsName", Kind::Str),
-        ("osPlatform", Kind::Str),
-        ("healthStatus", Kind::Str),
-        ("onboardingStatus", Kind::Str),
-        ("rbacGroupName", Kind::Str),
-        ("rbacGroupId", Kind::Number),
-        ("lastSeen", Kind::DateTime),
+        ("version", Kind::Str),
+        ("deviceValue", Kind::Str),
+        ("aadDeviceId", Kind::Str),
         ("machineTags", Kind::Strings),
+        ("lastSeen", Kind::DateTime),
+        ("exposureLevel", Kind::Str),
+        ("onboardingStatus", Kind::Str),
+        ("lastIpAddress", Kind::Str),
+        ("healthStatus", Kind::Str),
+        ("osPlatform", Kind::Str),
+        ("riskScore", Kind::Str),
+        ("rbacGroupId", Kind::Number),
     ],
-    unfilterable: &[],
+    unfilterable: &[
+        "rbacGroupName",
+        "firstSeen",
+        "osProcessor",
+        "lastExternalIpAddress",
+        "agentVersion",
+        "osBuild",
+        "isAadJoined",
+        "defenderAvStatus",
+        "osArchitecture",
+        "managedBy",
+        "managedByStatus",
+        "ipAddresses",
+        "vmMetadata",
+        "isPotentialDuplication",
+        "mergedIntoMachineId",
+    ],
     orderable: &["computerDnsName", "lastSeen"],
 };
 
@@ -207,13 +233,18 @@ impl Entity for Machine {
         Some(match name {
             "id" => OValue::Str(Some(&self.id)),
             "computerDnsName" => OValue::Str(Some(&self.computer_dns_name)),
-            "osPlatform" => OValue::Str(Some(&self.os_platform)),
-            "healthStatus" => OValue::Str(Some(&self.health_status)),
-            "onboardingStatus" => OValue::Str(Some(&self.onboarding_status)),
-            "rbacGroupName" => OValue::Str(Some(&self.rbac_group_name)),
-            "rbacGroupId" => OValue::Number(self.rbac_group_id as f64),
-            "lastSeen" => OValue::DateTime(self.last_seen),
+            "version" => OValue::Str(Some(os_version(&self.os_platform))),
+            "deviceValue" => OValue::Str(Some(DEVICE_VALUE)),
+            "aadDeviceId" => OValue::Str(None),
             "machineTags" => OValue::Strings(&self.machine_tags),
+            "lastSeen" => OValue::DateTime(self.last_seen),
+            "exposureLevel" => OValue::Str(Some(EXPOSURE_LEVEL)),
+            "onboardingStatus" => OValue::Str(Some(&self.onboarding_status)),
+            "lastIpAddress" => OValue::Str(Some(&self.last_ip_address)),
+            "healthStatus" => OValue::Str(Some(&self.health_status)),
+            "osPlatform" => OValue::Str(Some(&self.os_platform)),
+            "riskScore" => OValue::Str(Some(RISK_SCORE)),
+            "rbacGroupId" => OValue::Number(self.rbac_group_id as f64),
             _ => return None,
         })
     }
@@ -456,7 +487,7 @@ fn isolate(st: &mut SimState, ctx: &Ctx<'_>, id: &str, kind: ActionType) -> ApiR
             isolation_type,
             requestor,
             comment,
-            "PublicApi",
+            "PublicApi".into(),
             ctx.now,
         )
         .ok_or_else(|| ApiError::not_found(format!("Machine {id} was not found")))?;
@@ -470,7 +501,7 @@ fn isolate(st: &mut SimState, ctx: &Ctx<'_>, id: &str, kind: ActionType) -> ApiR
 fn actions_list(st: &mut SimState, ctx: &Ctx<'_>) -> ApiResult {
     let q = odata::parse_query(ctx.query, &ACTION_SCHEMA).map_err(ApiError::odata)?;
     let now = ctx.now;
-    let items: Vec<ActionAt<'_>> = st
+    let mut items: Vec<ActionAt<'_>> = st
         .actions()
         .iter()
         .map(|a| ActionAt {
@@ -478,6 +509,8 @@ fn actions_list(st: &mut SimState, ctx: &Ctx<'_>) -> ApiResult {
             status: a.status_at(now),
         })
         .collect();
+    // Oldest first: seeded isolations can predate actions stored before them.
+    items.sort_by_key(|a| a.action.created);
     ok(to_bytes(&list_body(
         items,
         &q,

@@ -160,8 +160,9 @@ pub struct Action {
     pub requestor: String,
     /// The Comment sent.
     pub comment: String,
-    /// `PublicApi` for API calls, `Portal` for admin-simulated people.
-    pub request_source: &'static str,
+    /// `PublicApi` for API calls, `Portal` for admin-simulated people, or what a seed's
+    /// `isolatedBy` names.
+    pub request_source: String,
     /// Target device.
     pub machine_id: String,
     /// Target device name.
@@ -245,7 +246,7 @@ impl Action {
                 0
             },
             external_id: None,
-            request_source: self.request_source,
+            request_source: self.request_source.clone(),
             related_file_info: None,
             commands: Vec::new(),
             troubleshoot_info: None,
@@ -274,7 +275,7 @@ pub struct ActionView {
     cancellation_date_time_utc: Option<String>,
     error_h_result: i64,
     external_id: Option<String>,
-    request_source: &'static str,
+    request_source: String,
     related_file_info: Option<serde_json::Value>,
     commands: Vec<serde_json::Value>,
     troubleshoot_info: Option<serde_json::Value>,
@@ -304,7 +305,7 @@ mod tests {
             isolation_type: Some(IsolationType::Full),
             requestor: "r".into(),
             comment: "c".into(),
-            request_source: "PublicApi",
+            request_source: "PublicApi".into(),
             machine_id: "m".into(),
             computer_dns_name: "n".into(),
             created: t0(),

@@ -221,3 +221,145 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    const SEED: &str = r#"
+machines:
+  - id: "1e5bc9d7e413ddd7902c2932e418702b84d0cc07"
+    computerDnsName: a.contoso.local
+    rbacGroupName: Servers
+    isolatedBy:
+      requestor: Automatic Attack Disruption
+      requestSource: AutomaticAttackDisruption
+      at: "2026-12-01T10:00:00Z"
+      comment: Contained
+  - id: "2e5bc9d7e413ddd7902c2932e418702b84d0cc07"
+    computerDnsName: b.contoso.local
+    rbacGroupName: Laptops
+  - id: "3e5bc9d7e413ddd7902c2932e418702b84d0cc07"
+    computerDnsName: c.contoso.local
+    rbacGroupName: Servers
+    isolatedBy: {requestor: soc@contoso.com, isolationType: Selective}
+  - id: "4e5bc9d7e413ddd7902c2932e418702b84d0cc07"
+    computerDnsName: d.contoso.local
+"#;
+
+    fn state(yaml: &str, rng_seed: &str) -> Result<SimState, String> {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(yaml.as_bytes()).unwrap();
+        let cli = Cli::try_parse_from([
+            "mde-sim",
+            "--seed",
+            f.path().to_str().unwrap(),
+            "--rng-seed",
+            rng_seed,
+            "--time-scale",
+            "0",
+            "--start-time",
+            "2026-12-05T08:00:00Z",
+        ])
+        .unwrap();
+        build_state(&cli)
+    }
+
+    fn action_ids(st: &SimState) -> Vec<String> {
+        st.actions().iter().map(|a| a.id.clone()).collect()
+    }
+
+    #[test]
+    fn isolated_by_puts_a_succeeded_isolate_into_the_history() {
+        let mut st = state(SEED, "7").unwrap();
+        let now = st.clock.now();
+        let views: Vec<serde_json::Value> = st
+            .actions()
+            .iter()
+            .map(|a| serde_json::to_value(a.view(now)).unwrap())
+            .collect();
+        assert_eq!(views.len(), 2);
+        let a = &views[0];
+        assert_eq!(a["type"], "Isolate");
+        assert_eq!(a["status"], "Succeeded");
+        assert_eq!(a["scope"], "Full");
+        assert_eq!(a["requestor"], "Automatic Attack Disruption");
+        assert_eq!(a["requestSource"], "AutomaticAttackDisruption");
+        assert_eq!(a["requestorComment"], "Contained");
+        assert_eq!(a["machineId"], "1e5bc9d7e413ddd7902c2932e418702b84d0cc07");
+        assert_eq!(a["computerDnsName"], "a.contoso.local");
+        assert_eq!(a["creationDateTimeUtc"], "2026-12-01T10:00:00.0000000Z");
+        assert_eq!(a["lastUpdateDateTimeUtc"], "2026-12-01T10:00:00.0000000Z");
+        let b = &views[1];
+        assert_eq!(b["requestSource"], "Portal");
+        assert_eq!(b["scope"], "Selective");
+        assert_eq!(b["creationDateTimeUtc"], "2026-12-05T08:00:00.0000000Z");
+
+        let g = st
+            .ground_truth("1e5bc9d7e413ddd7902c2932e418702b84d0cc07", now)
+            .unwrap();
+        assert!(g.isolated);
+        assert_eq!(g.last_change_action_id.as_deref(), a["id"].as_str());
+        assert_eq!(
+            g.last_change.as_deref(),
+            Some("2026-12-01T10:00:00.0000000Z")
+        );
+        let g = st
+            .ground_truth("4e5bc9d7e413ddd7902c2932e418702b84d0cc07", now)
+            .unwrap();
+        assert!(!g.isolated && g.actions.is_empty());
+        // Not a call, so no quota.
+        assert!(st.calls.is_empty());
+        let one = crate::quota::Limits {
+            per_minute: 1,
+            per_hour: 1,
+            key: crate::config::QuotaKey::App,
+        };
+        let app = st.apps[0].client_id.clone();
+        for api in crate::calls::ApiName::ALL {
+            assert!(st.quota.check(&app, api, now, one).is_ok(), "{api:?}");
+        }
+
+        // Ids follow --rng-seed and come back after a reset.
+        let ids = action_ids(&st);
+        assert_eq!(ids, action_ids(&state(SEED, "7").unwrap()));
+        assert_ne!(ids, action_ids(&state(SEED, "8").unwrap()));
+        st.reset();
+        assert_eq!(ids, action_ids(&st));
+    }
+
+    #[test]
+    fn device_groups_get_stable_ids() {
+        let st = state(SEED, "1").unwrap();
+        let gid = |i: usize| {
+            (
+                st.machines()[i].rbac_group_name.clone(),
+                st.machines()[i].rbac_group_id,
+            )
+        };
+        assert_eq!(gid(0), ("Servers".into(), 1));
+        assert_eq!(gid(1), ("Laptops".into(), 2));
+        assert_eq!(gid(2), ("Servers".into(), 1));
+        assert_eq!(gid(3), ("UnassignedGroup".into(), 0));
+    }
+
+    #[test]
+    fn bad_isolated_by_refuses_to_start() {
+        let e = state(
+            "machines:\n  - computerDnsName: a\n    isolatedBy: {requestor: x, at: soon}\n",
+            "1",
+        )
+        .err()
+        .unwrap();
+        assert!(e.contains("isolatedBy.at \"soon\""), "{e}");
+        let e = state(
+            "machines:\n  - computerDnsName: a\n    isolatedBy: {requestor: x, by: y}\n",
+            "1",
+        )
+        .err()
+        .unwrap();
+        assert!(e.contains("unknown field `by`"), "{e}");
+    }
+}

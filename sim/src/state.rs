@@ -16,10 +16,10 @@ use crate::config::{DuplicateMode, OverlapOrder, QuotaKey, RetryAfterMode};
 use crate::faults::{FaultSettings, Faults};
 use crate::foreign::{ForeignLoad, LoadEntry};
 use crate::lifecycle::{
-    Action, ActionType, ActionView, Cancellation, Delays, IsolationType, Status, plan,
+    Action, ActionType, ActionView, Cancellation, Delays, IsolationType, Plan, Status, plan,
 };
 use crate::quota::{Limits, QuotaBook};
-use crate::tenant::{App, Behaviour, Machine};
+use crate::tenant::{App, Behaviour, IsolatedBy, Machine, UNASSIGNED_GROUP};
 
 /// Settings that can change at run time (`POST /sim/settings`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,6 +142,8 @@ pub struct SimState {
     actions: Vec<Action>,
     action_index: HashMap<String, usize>,
     by_machine: HashMap<String, Vec<usize>>,
+    /// Device group ids by name, in order of first appearance.
+    groups: HashMap<String, i64>,
     last_created: Option<DateTime<Utc>>,
     id_rng: StdRng,
     overlap_rng: StdRng,
@@ -187,6 +189,7 @@ impl SimState {
             actions: Vec::new(),
             action_index: HashMap::new(),
             by_machine: HashMap::new(),
+            groups: HashMap::new(),
             last_created: None,
             id_rng: StdRng::seed_from_u64(rng_seed ^ 0xac71_0000),
             overlap_rng: StdRng::seed_from_u64(rng_seed ^ 0x0e1a_9000),
@@ -217,6 +220,7 @@ impl SimState {
         self.actions.clear();
         self.action_index.clear();
         self.by_machine.clear();
+        self.groups.clear();
         self.last_created = None;
         self.id_rng = StdRng::seed_from_u64(self.rng_seed ^ 0xac71_0000);
         self.overlap_rng = StdRng::seed_from_u64(self.rng_seed ^ 0x0e1a_9000);
@@ -233,14 +237,58 @@ impl SimState {
         self.foreign.play(now, &mut self.quota, &self.apps, limits);
     }
 
-    /// Adds a machine; its id must be new.
-    pub fn add_machine(&mut self, m: Machine) -> Result<(), String> {
+    /// Adds a machine; its id must be new. It gets the id of its device group (`UnassignedGroup`
+    /// 0, the others 1, 2, ... in order of first appearance, so the same name always has the
+    /// same id), and a seed's `isolatedBy` becomes a Succeeded Isolate in its history.
+    pub fn add_machine(&mut self, mut m: Machine) -> Result<(), String> {
         if self.machine_index.contains_key(&m.id) {
             return Err(format!("machine id {} already exists", m.id));
         }
+        m.rbac_group_id = self.group_id(&m.rbac_group_name);
+        let by = m.isolated_by.clone();
         self.machine_index.insert(m.id.clone(), self.machines.len());
-        self.machines.push(m);
+        self.machines.push(m.clone());
+        if let Some(by) = by {
+            self.seed_isolation(&m, by);
+        }
         Ok(())
+    }
+
+    fn group_id(&mut self, name: &str) -> i64 {
+        if name == UNASSIGNED_GROUP {
+            return 0;
+        }
+        let next = self.groups.len() as i64 + 1;
+        *self.groups.entry(name.to_string()).or_insert(next)
+    }
+
+    /// Records the isolation a seed names: an Isolate created and Succeeded at `by.at`, made
+    /// by someone else (no call, no quota).
+    fn seed_isolation(&mut self, m: &Machine, by: IsolatedBy) {
+        let id = self.next_id();
+        // Later API actions are created after it, even on a frozen clock.
+        self.last_created = Some(self.last_created.map_or(by.at, |l| l.max(by.at)));
+        let action = Action {
+            id: id.clone(),
+            action_type: ActionType::Isolate,
+            isolation_type: Some(by.isolation_type),
+            requestor: by.requestor,
+            comment: by.comment,
+            request_source: by.request_source,
+            machine_id: m.id.clone(),
+            computer_dns_name: m.computer_dns_name.clone(),
+            created: by.at,
+            plan: Plan {
+                in_progress_at: Some(by.at),
+                final_at: by.at,
+                final_status: Status::Succeeded,
+            },
+            cancellation: None,
+        };
+        let idx = self.actions.len();
+        self.actions.push(action);
+        self.action_index.insert(id, idx);
+        self.by_machine.entry(m.id.clone()).or_default().push(idx);
     }
 
     /// All machines in listing order.
@@ -330,7 +378,7 @@ impl SimState {
         isolation_type: Option<IsolationType>,
         requestor: String,
         comment: String,
-        request_source: &'static str,
+        request_source: String,
         now: DateTime<Utc>,
     ) -> Option<&Action> {
         let m = self.machine(machine_id)?.clone();

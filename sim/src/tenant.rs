@@ -8,8 +8,16 @@ use rand::Rng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use crate::clock::{add_seconds, fmt7};
+use crate::clock::{add_seconds, fmt7, truncate};
 use crate::credentials::{FederatedCredential, RegisteredCertificate, TOKEN_EXCHANGE_AUDIENCE};
+use crate::lifecycle::IsolationType;
+
+/// `requestSource` of actions made outside the public API when nothing else is named: a person
+/// in the portal (`isolate-external`) and, by default, a seed's `isolatedBy`.
+pub const PORTAL_SOURCE: &str = "Portal";
+
+/// The device group of machines in no group (its `rbacGroupId` is 0).
+pub const UNASSIGNED_GROUP: &str = "UnassignedGroup";
 
 /// How a machine reacts to isolation actions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -55,6 +63,24 @@ pub struct Machine {
     pub behaviour: Behaviour,
     /// Isolation state before any action of this run.
     pub initially_isolated: bool,
+    /// Who isolated it before the run (a Succeeded Isolate put into its history); implies
+    /// `initially_isolated`.
+    pub isolated_by: Option<IsolatedBy>,
+}
+
+/// The isolation of a seeded machine by someone else before (or at) the simulated start.
+#[derive(Debug, Clone)]
+pub struct IsolatedBy {
+    /// `requestor` of the action (a UPN, an app name, `Automatic Attack Disruption`, ...).
+    pub requestor: String,
+    /// `requestSource` of the action.
+    pub request_source: String,
+    /// Its creation (and completion) time.
+    pub at: DateTime<Utc>,
+    /// `requestorComment`.
+    pub comment: String,
+    /// Its `scope`.
+    pub isolation_type: IsolationType,
 }
 
 impl Machine {
@@ -73,11 +99,11 @@ impl Machine {
             agent_version: "10.8760.19041.5247",
             os_build: 19045,
             health_status: &self.health_status,
-            device_value: "Normal",
+            device_value: DEVICE_VALUE,
             rbac_group_id: self.rbac_group_id,
             rbac_group_name: &self.rbac_group_name,
-            risk_score: "None",
-            exposure_level: "Low",
+            risk_score: RISK_SCORE,
+            exposure_level: EXPOSURE_LEVEL,
             is_aad_joined: false,
             aad_device_id: None,
             machine_tags: &self.machine_tags,
@@ -94,7 +120,15 @@ impl Machine {
     }
 }
 
-fn os_version(platform: &str) -> &'static str {
+/// `deviceValue` of every machine.
+pub const DEVICE_VALUE: &str = "Normal";
+/// `riskScore` of every machine.
+pub const RISK_SCORE: &str = "None";
+/// `exposureLevel` of every machine.
+pub const EXPOSURE_LEVEL: &str = "Low";
+
+/// `version` of a platform ("" when it has none).
+pub fn os_version(platform: &str) -> &'static str {
     match platform {
         "Windows10" => "22H2",
         "Windows11" => "23H2",
@@ -193,13 +227,70 @@ pub struct SeedMachine {
     /// Default online.
     #[serde(default, alias = "behavior")]
     pub behaviour: Behaviour,
-    /// Isolated before the run starts.
+    /// Isolated before the run starts (default false, or true with `isolatedBy`).
     #[serde(default, alias = "initiallyIsolated")]
-    pub isolated: bool,
+    pub isolated: Option<bool>,
+    /// Isolated before the run by a named requestor: a Succeeded Isolate in its history.
+    pub isolated_by: Option<SeedIsolatedBy>,
     /// Default `UnassignedGroup`.
     pub rbac_group_name: Option<String>,
     /// Default `Onboarded`.
     pub onboarding_status: Option<String>,
+}
+
+/// `isolatedBy` of a seed machine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SeedIsolatedBy {
+    /// Required, not empty.
+    pub requestor: String,
+    /// Default `Portal`.
+    pub request_source: Option<String>,
+    /// RFC 3339 time, not later than the simulated start (or now, at run time); default: that.
+    pub at: Option<String>,
+    /// Default `Isolated by {requestor}`.
+    pub comment: Option<String>,
+    /// `Full` (default), `Selective` or `UnManagedDevice`.
+    pub isolation_type: Option<IsolationType>,
+}
+
+impl SeedIsolatedBy {
+    /// Checks and completes it; `now` is the default and latest `at`.
+    pub fn resolve(self, now: DateTime<Utc>) -> Result<IsolatedBy, String> {
+        if self.requestor.trim().is_empty() {
+            return Err("isolatedBy.requestor must not be empty".into());
+        }
+        let request_source = self
+            .request_source
+            .unwrap_or_else(|| PORTAL_SOURCE.to_string());
+        if request_source.trim().is_empty() {
+            return Err("isolatedBy.requestSource must not be empty".into());
+        }
+        let at = match self.at {
+            None => now,
+            Some(s) => DateTime::parse_from_rfc3339(s.trim())
+                .map(|t| truncate(t.with_timezone(&Utc)))
+                .map_err(|e| {
+                    format!("isolatedBy.at {s:?} is not an RFC 3339 time such as 2026-12-01T10:00:00Z: {e}")
+                })?,
+        };
+        if at > now {
+            return Err(format!(
+                "isolatedBy.at {} is later than the simulated time {}",
+                fmt7(at),
+                fmt7(now)
+            ));
+        }
+        Ok(IsolatedBy {
+            comment: self
+                .comment
+                .unwrap_or_else(|| format!("Isolated by {}", self.requestor)),
+            requestor: self.requestor,
+            request_source,
+            at,
+            isolation_type: self.isolation_type.unwrap_or(IsolationType::Full),
+        })
+    }
 }
 
 /// An app in the seed file.
@@ -328,6 +419,20 @@ pub fn machine_from_seed(
     if seed.computer_dns_name.is_empty() {
         return Err(format!("machine {id} has an empty computerDnsName"));
     }
+    let isolated_by = match seed.isolated_by {
+        None => None,
+        Some(_) if seed.isolated == Some(false) => {
+            return Err(format!(
+                "machine {id}: isolatedBy cannot be combined with isolated: false"
+            ));
+        }
+        Some(_) if seed.behaviour == Behaviour::Unsupported => {
+            return Err(format!(
+                "machine {id}: isolatedBy on an unsupported platform (behaviour unsupported)"
+            ));
+        }
+        Some(by) => Some(by.resolve(now).map_err(|e| format!("machine {id}: {e}"))?),
+    };
     let default_health = if seed.behaviour == Behaviour::Offline {
         "Inactive"
     } else {
@@ -347,7 +452,7 @@ pub fn machine_from_seed(
         machine_tags: seed.machine_tags,
         rbac_group_name: seed
             .rbac_group_name
-            .unwrap_or_else(|| "UnassignedGroup".into()),
+            .unwrap_or_else(|| UNASSIGNED_GROUP.into()),
         rbac_group_id: 0,
         first_seen: add_seconds(now, -90.0 * 86400.0),
         last_seen,
@@ -357,7 +462,8 @@ pub fn machine_from_seed(
             rng.random_range(1..255)
         ),
         behaviour: seed.behaviour,
-        initially_isolated: seed.isolated,
+        initially_isolated: seed.isolated.unwrap_or(false) || isolated_by.is_some(),
+        isolated_by,
     })
 }
 
@@ -397,11 +503,144 @@ pub fn generate_machines(
                 health_status: None,
                 machine_tags: Vec::new(),
                 behaviour,
-                isolated: false,
+                isolated: None,
+                isolated_by: None,
                 rbac_group_name: None,
                 onboarding_status: None,
             };
             machine_from_seed(seed, rng, now).expect("generated machines are valid")
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-12-05T08:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    /// Parses one seed machine (YAML) and builds it.
+    fn build(yaml: &str) -> Result<Machine, String> {
+        let seed: SeedFile = serde_yaml::from_str(yaml).map_err(|e| e.to_string())?;
+        let m = seed.machines.into_iter().next().expect("one machine");
+        machine_from_seed(m, &mut StdRng::seed_from_u64(1), now())
+    }
+
+    fn err(yaml: &str) -> String {
+        build(yaml).expect_err("should be refused")
+    }
+
+    #[test]
+    fn isolated_by_with_every_field() {
+        let m = build(
+            r#"
+machines:
+  - computerDnsName: a.contoso.local
+    isolatedBy:
+      requestor: Automatic Attack Disruption
+      requestSource: AutomaticAttackDisruption
+      at: "2026-12-01T10:00:00.12345678+01:00"
+      comment: Contained by attack disruption
+      isolationType: Selective
+"#,
+        )
+        .unwrap();
+        assert!(m.initially_isolated);
+        let by = m.isolated_by.unwrap();
+        assert_eq!(by.requestor, "Automatic Attack Disruption");
+        assert_eq!(by.request_source, "AutomaticAttackDisruption");
+        // Converted to UTC and truncated to the 100 ns of the wire format.
+        assert_eq!(fmt7(by.at), "2026-12-01T09:00:00.1234567Z");
+        assert_eq!(by.comment, "Contained by attack disruption");
+        assert_eq!(by.isolation_type, IsolationType::Selective);
+    }
+
+    #[test]
+    fn isolated_by_defaults() {
+        let m = build(
+            r#"
+machines:
+  - computerDnsName: a.contoso.local
+    isolated: true
+    isolatedBy: {requestor: soc-analyst@contoso.com}
+"#,
+        )
+        .unwrap();
+        assert!(m.initially_isolated);
+        let by = m.isolated_by.unwrap();
+        assert_eq!(by.request_source, PORTAL_SOURCE);
+        assert_eq!(by.at, now());
+        assert_eq!(by.comment, "Isolated by soc-analyst@contoso.com");
+        assert_eq!(by.isolation_type, IsolationType::Full);
+        let plain = build("machines: [{computerDnsName: b.contoso.local}]").unwrap();
+        assert!(!plain.initially_isolated && plain.isolated_by.is_none());
+    }
+
+    #[test]
+    fn isolated_by_errors() {
+        let m = "machines:\n  - computerDnsName: a.contoso.local\n";
+        for (yaml, says) in [
+            (
+                "    isolatedBy: {requestor: x, requestsource: PublicApi}\n",
+                "unknown field `requestsource`",
+            ),
+            (
+                "    isolatedBy: {requestor: x, when: now}\n",
+                "unknown field `when`",
+            ),
+            (
+                "    isolatedBy: {requestSource: Portal}\n",
+                "missing field `requestor`",
+            ),
+            (
+                "    isolatedBy: {requestor: \" \"}\n",
+                "requestor must not be empty",
+            ),
+            (
+                "    isolatedBy: {requestor: x, requestSource: \"\"}\n",
+                "requestSource must not be empty",
+            ),
+            (
+                "    isolated: false\n    isolatedBy: {requestor: x}\n",
+                "cannot be combined with isolated: false",
+            ),
+            (
+                "    isolatedBy: {requestor: x, at: 2026-12-01}\n",
+                "is not an RFC 3339 time",
+            ),
+            (
+                "    isolatedBy: {requestor: x, at: \"2026-12-01T10:00:00\"}\n",
+                "is not an RFC 3339 time",
+            ),
+            (
+                "    isolatedBy: {requestor: x, at: yesterday}\n",
+                "is not an RFC 3339 time",
+            ),
+            (
+                "    isolatedBy: {requestor: x, at: \"2026-12-05T08:00:00.0000001Z\"}\n",
+                "later than the simulated time",
+            ),
+            (
+                "    isolatedBy: {requestor: x, isolationType: full}\n",
+                "unknown variant `full`",
+            ),
+            (
+                "    behaviour: unsupported\n    isolatedBy: {requestor: x}\n",
+                "unsupported platform",
+            ),
+            (
+                "    isolatedBy: Automatic Attack Disruption\n",
+                "invalid type",
+            ),
+        ] {
+            let e = err(&format!("{m}{yaml}"));
+            assert!(e.contains(says), "{yaml}: {e}");
+        }
+    }
 }

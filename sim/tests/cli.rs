@@ -70,3 +70,37 @@ fn a_bad_foreign_load_is_refused_at_start_with_the_reason() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"unisolate:5:sometimes\" is not"));
 }
+
+#[test]
+fn a_bad_isolated_by_in_the_seed_exits_2_with_the_reason() {
+    for (isolated_by, says) in [
+        (
+            "isolatedBy: {requestor: x, source: Portal}",
+            "unknown field `source`",
+        ),
+        ("isolatedBy: {requestor: x, at: tomorrow}", "isolatedBy.at"),
+        (
+            "isolated: false\n    isolatedBy: {requestor: x}",
+            "cannot be combined with isolated: false",
+        ),
+        ("isolatedBy: {comment: c}", "missing field `requestor`"),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("seed.yaml");
+        std::fs::write(
+            &path,
+            format!("machines:\n  - computerDnsName: a.contoso.local\n    {isolated_by}\n"),
+        )
+        .expect("write seed");
+        let out = sim(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--seed",
+            path.to_str().expect("utf8 path"),
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{isolated_by}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{isolated_by}: {stderr}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("LISTENING"));
+    }
+}
