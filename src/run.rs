@@ -13,19 +13,19 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use futures::{FutureExt, Stream, StreamExt};
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::ResourceExt;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{self, Stores};
 use crate::config::{CLIENT_SECRET_ENV, RunArgs};
 use crate::crd::{DeviceIsolation, DeviceIsolationSet};
-use crate::fleet::{self, SetStores};
 use crate::events::EventPublisher;
+use crate::fleet::{self, SetStores};
 use crate::http::{self, Health};
 use crate::leader::{self, Election, Leading, LeadingSender, LeaseConfig, LeaseTiming, Role};
 use crate::mde::client::{MdeClient, MdeClientConfig};

@@ -39,10 +39,22 @@ pub const PREVIEW_LEN: usize = 50;
            selector picks out, through one child DeviceIsolation per device. The selection is a \
            snapshot; paused, a canary and a failure budget steer the rollout.",
     printcolumn(name = "Desired", type_ = "boolean", json_path = ".spec.isolated"),
-    printcolumn(name = "Selected", type_ = "integer", json_path = ".status.selection.count"),
+    printcolumn(
+        name = "Selected",
+        type_ = "integer",
+        json_path = ".status.selection.count"
+    ),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.devices.ready"),
-    printcolumn(name = "Pending", type_ = "integer", json_path = ".status.devices.pending"),
-    printcolumn(name = "Failed", type_ = "integer", json_path = ".status.devices.failed"),
+    printcolumn(
+        name = "Pending",
+        type_ = "integer",
+        json_path = ".status.devices.pending"
+    ),
+    printcolumn(
+        name = "Failed",
+        type_ = "integer",
+        json_path = ".status.devices.failed"
+    ),
     printcolumn(
         name = "Reason",
         type_ = "string",

@@ -331,7 +331,10 @@ pub async fn reconcile(set: Arc<DeviceIsolationSet>, ctx: Arc<Context>) -> Resul
 }
 
 /// The snapshot in status, when it was resolved for the current selector and refresh request.
-fn current_selection(set: &DeviceIsolationSet, status: &DeviceIsolationSetStatus) -> Option<Selection> {
+fn current_selection(
+    set: &DeviceIsolationSet,
+    status: &DeviceIsolationSetStatus,
+) -> Option<Selection> {
     let criteria = select::criteria(&set.spec.selector, &set.spec.exclude);
     status
         .selection

@@ -199,8 +199,7 @@ pub fn plan(input: &Input<'_>) -> Decision {
                 SetReason::Converged,
                 format!("{} devices Ready{}", devices.ready, elsewhere(&devices)),
             )
-        } else if devices.pending == 0 && devices.stalled == 0 && settled == eligible.len() as u32
-        {
+        } else if devices.pending == 0 && devices.stalled == 0 && settled == eligible.len() as u32 {
             (
                 SetReason::ConvergedWithFailures,
                 format!(

@@ -271,10 +271,16 @@ async fn a_resource_whose_set_holds_it_requests_nothing_and_goes_on_when_release
     }
     let calls = fake.calls();
     assert_eq!(Fake::posts_made(&calls), 0, "{calls:?}");
-    assert!(!calls.contains(&Call::Hold), "not even a quota slot: {calls:?}");
+    assert!(
+        !calls.contains(&Call::Hold),
+        "not even a quota slot: {calls:?}"
+    );
     let status = fake.written.lock().unwrap().clone().unwrap();
     assert_eq!(reason_of(&status, READY).as_deref(), Some("HeldBySet"));
-    assert!(status.intent.is_some(), "the intent stays for when it goes on");
+    assert!(
+        status.intent.is_some(),
+        "the intent stays for when it goes on"
+    );
 
     *fake.set_hold.lock().unwrap() = None;
     run(&fake, &fake.cached("a", false), &memory).await;

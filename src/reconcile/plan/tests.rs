@@ -862,4 +862,3 @@ fn a_transient_view_failure_is_named_while_waiting() {
         cond.message
     );
 }
-
