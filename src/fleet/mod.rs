@@ -253,9 +253,14 @@ pub fn child_for(set: &DeviceIsolationSet, machine_id: &str) -> DeviceIsolation 
     child
 }
 
-/// Whether `child` carries what the set wants (spec and comment).
-fn up_to_date(child: &DeviceIsolation, want: &DeviceIsolation) -> bool {
-    child.spec == want.spec && child.comment() == want.comment()
+/// Whether `child` carries what `set` wants (its spec and comment); compared in place, since a
+/// set reconciles often while thousands of children change.
+fn up_to_date(child: &DeviceIsolation, set: &DeviceIsolationSet) -> bool {
+    let (want, have) = (&set.spec, &child.spec);
+    have.isolated == want.isolated
+        && have.isolation_type == want.isolation_type
+        && have.drift_policy == want.drift_policy
+        && child.comment() == set.comment()
 }
 
 /// Reconciles one DeviceIsolationSet.
@@ -470,9 +475,8 @@ async fn write_children(
     let api: Api<DeviceIsolation> = Api::namespaced(ctx.kube.clone(), &namespace);
     let mut writes: Vec<DeviceIsolation> = admit.iter().map(|m| child_for(set, m)).collect();
     for (machine, child) in children {
-        let want = child_for(set, machine);
-        if !up_to_date(child, &want) && child.metadata.deletion_timestamp.is_none() {
-            writes.push(want);
+        if !up_to_date(child, set) && child.metadata.deletion_timestamp.is_none() {
+            writes.push(child_for(set, machine));
         }
     }
     let params = PatchParams::apply(FIELD_MANAGER).force();

@@ -55,13 +55,21 @@ fn a_child_carries_the_sets_wish_label_comment_and_controller_reference() {
     assert_eq!(child.owning_set(), Some(("release-inc-4711", "set-uid")));
     let owner = &child.metadata.owner_references.as_ref().unwrap()[0];
     assert_eq!(owner.block_owner_deletion, Some(true));
-    assert!(up_to_date(&child, &child_for(&s, M)));
+    assert!(up_to_date(&child, &s));
     let mut isolate = s.clone();
     isolate.spec = DeviceIsolationSetSpec {
         isolated: true,
         ..s.spec.clone()
     };
-    assert!(!up_to_date(&child, &child_for(&isolate, M)));
+    assert!(!up_to_date(&child, &isolate));
+    let mut recommented = s.clone();
+    recommented
+        .metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert(COMMENT_ANNOTATION.into(), "INC-4712".into());
+    assert!(!up_to_date(&child, &recommented));
 }
 
 #[test]
