@@ -319,6 +319,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         view: view.clone(),
         stores: Stores::new(stores.clone()),
         sets: set_stores.clone(),
+        selections: fleet::Selections::default(),
         memory: Memory::default(),
         events,
         metrics: metrics.clone(),

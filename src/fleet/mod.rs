@@ -142,6 +142,49 @@ pub enum Error {
     },
 }
 
+/// Selections written to status that the watch cache may not show yet, by set uid. A reconcile
+/// that starts from a cache older than the write must not resolve the selector again: the
+/// selection is a snapshot, and a second resolution could differ (a device released meanwhile no
+/// longer matches `isolatedBy`). An entry goes as soon as the cache shows the selection.
+#[derive(Default)]
+pub struct Selections(std::sync::Mutex<HashMap<String, Selection>>);
+
+impl Selections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Selection>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers `selection` as written for the set `uid`.
+    pub fn written(&self, uid: &str, selection: &Selection) {
+        self.lock().insert(uid.to_string(), selection.clone());
+    }
+
+    /// The selection of set `uid`: what its cached status shows (then the remembered copy is
+    /// dropped), else what was written and is not cached yet.
+    pub fn current(&self, uid: &str, cached: Option<&Selection>) -> Option<Selection> {
+        let mut written = self.lock();
+        match (cached, written.get(uid)) {
+            (Some(c), Some(w)) if c == w => {
+                written.remove(uid);
+                Some(c.clone())
+            }
+            (_, Some(w)) => Some(w.clone()),
+            (Some(c), None) => Some(c.clone()),
+            (None, None) => None,
+        }
+    }
+
+    /// Sets remembered (the cache has not caught up with their last write).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The watch caches of DeviceIsolationSets, one per watched scope.
 #[derive(Clone, Default)]
 pub struct SetStores(Vec<Store<DeviceIsolationSet>>);
@@ -270,11 +313,13 @@ pub async fn reconcile(set: Arc<DeviceIsolationSet>, ctx: Arc<Context>) -> Resul
         return Ok(Action::await_change());
     }
     let status = set.status.clone().unwrap_or_default();
-    let selection = match current_selection(&set, &status) {
+    let uid = set.metadata.uid.clone().unwrap_or_default();
+    let selection = match current_selection(&set, &ctx, &uid, &status) {
         Some(selection) => selection,
         None => match resolve(&set, &ctx).await {
             Ok(selection) => {
                 write_status(&set, &ctx, json!({ "selection": selection })).await?;
+                ctx.selections.written(&uid, &selection);
                 publish(
                     &set,
                     &ctx,
@@ -335,15 +380,17 @@ pub async fn reconcile(set: Arc<DeviceIsolationSet>, ctx: Arc<Context>) -> Resul
     Ok(Action::await_change())
 }
 
-/// The snapshot in status, when it was resolved for the current selector and refresh request.
+/// The snapshot in status (or written and not cached yet), when it was resolved for the current
+/// selector and refresh request.
 fn current_selection(
     set: &DeviceIsolationSet,
+    ctx: &Context,
+    uid: &str,
     status: &DeviceIsolationSetStatus,
 ) -> Option<Selection> {
     let criteria = select::criteria(&set.spec.selector, &set.spec.exclude);
-    status
-        .selection
-        .clone()
+    ctx.selections
+        .current(uid, status.selection.as_ref())
         .filter(|s| s.criteria == criteria && s.refresh.as_deref() == set.refresh_request())
 }
 

@@ -179,3 +179,28 @@ fn set_reasons_are_documented_in_the_readme() {
         );
     }
 }
+
+#[test]
+fn a_written_selection_stands_until_the_cache_shows_it() {
+    let memo = Selections::default();
+    let first = Selection {
+        count: 2,
+        criteria: "c1".into(),
+        ..Selection::default()
+    };
+    assert_eq!(memo.current("u", None), None);
+    memo.written("u", &first);
+    // The cache is older than the write: the written selection, not a new resolution.
+    assert_eq!(memo.current("u", None), Some(first.clone()));
+    let older = Selection {
+        count: 9,
+        criteria: "c0".into(),
+        ..Selection::default()
+    };
+    assert_eq!(memo.current("u", Some(&older)), Some(first.clone()));
+    assert_eq!(memo.len(), 1);
+    // The cache caught up: the copy goes.
+    assert_eq!(memo.current("u", Some(&first)), Some(first.clone()));
+    assert!(memo.is_empty());
+    assert_eq!(memo.current("u", Some(&first)), Some(first));
+}

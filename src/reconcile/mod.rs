@@ -66,6 +66,8 @@ pub struct Context {
     pub stores: Stores,
     /// Watch caches of the DeviceIsolationSets of every watched scope.
     pub sets: crate::fleet::SetStores,
+    /// Set selections written and not cached yet.
+    pub selections: crate::fleet::Selections,
     /// Per-resource process memory.
     pub memory: Memory,
     /// Event publisher.
