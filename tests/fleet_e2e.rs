@@ -83,11 +83,20 @@ fn start_sim(seed: &str, scale: f64) -> Sim {
     ])
 }
 
-/// A pace at which a test can act in the middle of a rollout: a quarter of the quota (25
-/// requests a simulated minute, 375 an hour, for each API) at time scale 4, about 1.7 requests a
-/// real second, with room for every read a restart needs.
-const SLOW_SCALE: f64 = 4.0;
-const SLOW_BUDGET: &str = "0.25";
+/// A pace at which a test can act in the middle of a rollout: 5 % of the quota (5 requests a
+/// simulated minute, 75 an hour, for each API) at time scale 12, one request a real second in
+/// bursts of at most 5.
+const PACED_SCALE: f64 = 12.0;
+const PACED_BUDGET: &str = "0.05";
+
+/// The pace of the restart test: a quarter of the quota (25 a simulated minute, 375 an hour) at
+/// time scale 4, which leaves room for the reads every restart makes (at the paced budget its 75
+/// reads an hour run out, and the last devices wait minutes for the next hour).
+const RESTART_SCALE: f64 = 4.0;
+const RESTART_BUDGET: &str = "0.25";
+
+/// Devices of the restart test: three minutes' worth at its pace.
+const KILL_DEVICES: usize = 60;
 
 /// The operator at `scale`, spending `budget` of the quota.
 fn start_operator(
@@ -410,6 +419,16 @@ async fn the_three_stories_release_exactly_the_selected_devices_once() {
     )
     .await;
     assert_eq!(aad.status.as_ref().unwrap().devices.ready, 6);
+    // kubectl wait sees the set's Ready condition, as a pipeline would.
+    let (ok, out) = kubectl(&[
+        "wait",
+        "-n",
+        &ns,
+        "dis/release-disruption-1201",
+        "--for=condition=Ready",
+        "--timeout=60s",
+    ]);
+    assert!(ok, "{out}");
     wait_set(
         &client,
         &ns,
@@ -471,8 +490,8 @@ async fn pausing_while_running_stops_new_requests_and_resuming_finishes() {
         .map(|i| Device::new(0x300 + i, &format!("p-{i:02}"), &["pause-me"]))
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let sim = start_sim(&seed(dir.path(), &devices), SLOW_SCALE);
-    let op = start_operator(&sim, &c.kubeconfig, &ns, SLOW_SCALE, SLOW_BUDGET);
+    let sim = start_sim(&seed(dir.path(), &devices), PACED_SCALE);
+    let op = start_operator(&sim, &c.kubeconfig, &ns, PACED_SCALE, PACED_BUDGET);
     apply_set(
         &client,
         &ns,
@@ -497,7 +516,7 @@ async fn pausing_while_running_stops_new_requests_and_resuming_finishes() {
     .await;
     let at_pause = mutating_calls(&sim).await;
     assert!(at_pause < 24, "the test paused too late: {at_pause}");
-    // At 1.7 requests a second, 6 s are 10 chances to request.
+    // At one request a second, 6 s are 6 chances to request.
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(
         mutating_calls(&sim).await,
@@ -682,12 +701,12 @@ async fn a_killed_operator_resumes_the_rollout_without_a_second_action() {
     c.install_crds().await;
     let ns = c.namespace("fleet-kill").await;
     let client = c.client().await;
-    let devices: Vec<Device> = (0..30)
+    let devices: Vec<Device> = (0..KILL_DEVICES as u32)
         .map(|i| Device::new(0x600 + i, &format!("k-{i:02}"), &["kill"]))
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let sim = start_sim(&seed(dir.path(), &devices), SLOW_SCALE);
-    let mut op = start_operator(&sim, &c.kubeconfig, &ns, SLOW_SCALE, SLOW_BUDGET);
+    let sim = start_sim(&seed(dir.path(), &devices), RESTART_SCALE);
+    let mut op = start_operator(&sim, &c.kubeconfig, &ns, RESTART_SCALE, RESTART_BUDGET);
     apply_set(
         &client,
         &ns,
@@ -695,17 +714,17 @@ async fn a_killed_operator_resumes_the_rollout_without_a_second_action() {
         json!({"isolated": false, "selector": {"machineTags": ["kill"]}}),
     )
     .await;
-    for _ in 0..2 {
-        let before = mutating_calls(&sim).await;
-        sim.wait_until(60, "more requests", || async {
-            (mutating_calls(&sim).await >= before + 6).then_some(())
+    // 25 requests a simulated minute: a kill in the first minute's burst and one in the second's.
+    for at in [10, 35] {
+        sim.wait_until(90, "more requests", || async {
+            (mutating_calls(&sim).await >= at).then_some(())
         })
         .await;
         op.kill();
         op.restart();
     }
     let killed_at = mutating_calls(&sim).await;
-    assert!(killed_at < 30, "killed too late: {killed_at}");
+    assert!(killed_at < KILL_DEVICES, "killed too late: {killed_at}");
     wait_set(
         &client,
         &ns,
@@ -735,8 +754,8 @@ async fn deleting_the_set_stops_requests_and_its_children_are_collected() {
         .map(|i| Device::new(0x700 + i, &format!("d-{i:02}"), &["delete-me"]))
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let sim = start_sim(&seed(dir.path(), &devices), SLOW_SCALE);
-    let op = start_operator(&sim, &c.kubeconfig, &ns, SLOW_SCALE, SLOW_BUDGET);
+    let sim = start_sim(&seed(dir.path(), &devices), PACED_SCALE);
+    let op = start_operator(&sim, &c.kubeconfig, &ns, PACED_SCALE, PACED_BUDGET);
     apply_set(
         &client,
         &ns,

@@ -21,6 +21,9 @@ struct Entry {
     /// Marker of a POST whose outcome was ambiguous, and when: no lookup may prove it absent
     /// before the settle time, even if the watch cache still shows an older status.
     ambiguous: Option<(String, DateTime<Utc>)>,
+    /// Marker of a POST MDE rejected for good (not found, unsupported, invalid), and why: a
+    /// reconcile from a watch cache that does not show the stall yet must not send it again.
+    rejected: Option<(String, CallFailure)>,
     /// Consecutive failed reconciles (Kubernetes-side errors), for the error backoff.
     errors: u32,
 }
@@ -100,8 +103,22 @@ impl Memory {
                 entry.unsent = None;
                 entry.ambiguous = Some((marker.to_string(), now));
             }
+            PostOutcome::Failed(f) if f.is_rejection() => {
+                entry.unsent = None;
+                entry.rejected = Some((marker.to_string(), f.clone()));
+            }
             PostOutcome::Failed(_) => entry.unsent = Some(marker.to_string()),
         }
+    }
+
+    /// Why MDE rejected the POST under `marker` for good, in this process.
+    pub fn rejected(&self, resource: &ResourceRef, marker: &str) -> Option<CallFailure> {
+        self.lock()
+            .get(resource)?
+            .rejected
+            .as_ref()
+            .filter(|(m, _)| m == marker)
+            .map(|(_, f)| f.clone())
     }
 
     /// Counts a failed reconcile; returns the consecutive failures so far.

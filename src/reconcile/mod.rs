@@ -229,6 +229,7 @@ impl Pass {
         self.facts.intent_unsent = marker.is_some_and(|m| memory.unsent(&self.resource, m));
         self.facts.intent_ambiguous_at =
             marker.and_then(|m| memory.ambiguous_at(&self.resource, m));
+        self.facts.intent_rejected = marker.and_then(|m| memory.rejected(&self.resource, m));
         let plan = plan::plan(&Input {
             namespace: self.resource.namespace.as_deref().unwrap_or_default(),
             name: &self.resource.name,

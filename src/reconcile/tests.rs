@@ -253,6 +253,46 @@ async fn a_request_that_must_wait_writes_its_intent_once_and_sends_without_a_loo
 }
 
 #[tokio::test]
+async fn a_rejected_request_is_not_sent_again_from_a_stale_cache() {
+    let (fake, memory) = (Fake::new(), Memory::default());
+    let wait = std::time::Duration::from_secs(30);
+    fake.holds
+        .lock()
+        .unwrap()
+        .push_back(CallFailure::QuotaWait(wait));
+    run(&fake, &resource("a", false, None), &memory).await;
+    // The status with the intent, as a watch cache may still show it after the stall is written.
+    let with_intent = fake.written.lock().unwrap().clone();
+    assert!(with_intent.as_ref().unwrap().intent.is_some());
+    fake.advance(wait);
+    fake.posts
+        .lock()
+        .unwrap()
+        .push_back(CallFailure::UnsupportedPlatform(
+            "OsPlatformNotSupported".into(),
+        ));
+    run(&fake, &fake.cached("a", false), &memory).await;
+    assert_eq!(Fake::posts_made(&fake.calls()), 1);
+    let stalled = fake.written.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        reason_of(&stalled, STALLED).as_deref(),
+        Some("UnsupportedPlatform")
+    );
+
+    let action = run(&fake, &resource("a", false, with_intent), &memory).await;
+    let calls = fake.calls();
+    assert_eq!(Fake::posts_made(&calls), 0, "{calls:?}");
+    assert!(!calls.contains(&Call::Lookup), "{calls:?}");
+    assert_eq!(action, Action::await_change());
+    let again = fake.written.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        reason_of(&again, STALLED).as_deref(),
+        Some("UnsupportedPlatform")
+    );
+    assert_eq!(again.intent, None);
+}
+
+#[tokio::test]
 async fn a_resource_whose_set_holds_it_requests_nothing_and_goes_on_when_released() {
     let (fake, memory) = (Fake::new(), Memory::default());
     // Waiting for quota with its intent written, when its set is paused.

@@ -167,6 +167,21 @@ pub enum CallFailure {
     QuotaWait(Duration),
 }
 
+impl CallFailure {
+    /// MDE refused the request for good: nothing was created, and sending it again would be
+    /// refused again (until a person changes something).
+    pub fn is_rejection(&self) -> bool {
+        matches!(
+            self,
+            CallFailure::MachineNotFound(_)
+                | CallFailure::Forbidden(_)
+                | CallFailure::AuthenticationFailed(_)
+                | CallFailure::UnsupportedPlatform(_)
+                | CallFailure::InvalidRequest(_)
+        )
+    }
+}
+
 /// Result of the last POST of this reconcile pass.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PostOutcome {
@@ -212,6 +227,9 @@ pub struct Facts {
     /// status records it too, but the watch cache can lag behind the status write, so the
     /// process's own memory keeps a stale copy from triggering an early lookup.
     pub intent_ambiguous_at: Option<DateTime<Utc>>,
+    /// MDE rejected the current intent's POST for good, in this process (the status may not show
+    /// the stall yet).
+    pub intent_rejected: Option<CallFailure>,
     /// Why the DeviceIsolationSet owning the resource lets it request nothing new (paused,
     /// stopped, deleted); `None` for a resource of no set, or a set rolling out.
     pub set_hold: Option<String>,

@@ -103,6 +103,11 @@ impl Planner<'_> {
 
         // An intent without an action: the POST may have happened (crash, ambiguous answer).
         if let Some(intent) = self.current_intent() {
+            // MDE rejected it for good, and the status read is older than the stall written.
+            if let Some(rejected) = self.facts().intent_rejected.clone() {
+                self.status.intent = None;
+                return self.failure_decision(&rejected);
+            }
             if let Some(found) = self
                 .facts()
                 .actions
