@@ -38,11 +38,63 @@ pub trait ConditionReason: Copy {
     fn as_str(self) -> &'static str;
 }
 
-impl ConditionReason for Reason {
-    fn as_str(self) -> &'static str {
-        Reason::as_str(self)
-    }
+/// Which condition a reason is given in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReasonPhase {
+    /// `Ready=True`.
+    Ready,
+    /// `Reconciling=True` (and `Ready=False`).
+    Reconciling,
+    /// `Stalled=True` (and `Ready=False`).
+    Stalled,
+    /// Only an event's reason, never a condition's.
+    Event,
 }
+
+/// Declares a reason enum from `Name => Phase` lines: its `ALL`, `as_str` (the CamelCase
+/// spelling status and events carry), `phase`, `parse`, and [`ConditionReason`].
+macro_rules! reason_enum {
+    ($(#[$meta:meta])* $vis:vis enum $enum:ident {
+        $($(#[$doc:meta])* $name:ident => $phase:ident,)*
+    }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        $vis enum $enum {
+            $($(#[$doc])* $name,)*
+        }
+
+        impl $enum {
+            /// Every reason.
+            pub const ALL: &'static [$enum] = &[$($enum::$name,)*];
+
+            /// The CamelCase spelling status and events carry.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($enum::$name => stringify!($name),)*
+                }
+            }
+
+            /// The condition it is given in.
+            pub fn phase(self) -> $crate::conditions::ReasonPhase {
+                match self {
+                    $($enum::$name => $crate::conditions::ReasonPhase::$phase,)*
+                }
+            }
+
+            /// Parses the spelling status carries.
+            pub fn parse(s: &str) -> Option<$enum> {
+                Self::ALL.iter().copied().find(|r| r.as_str() == s)
+            }
+        }
+
+        impl $crate::conditions::ConditionReason for $enum {
+            fn as_str(self) -> &'static str {
+                $enum::as_str(self)
+            }
+        }
+    };
+}
+pub(crate) use reason_enum;
 
 /// The phase a plan puts a resource in; it fully determines the three conditions.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -141,6 +141,46 @@ async fn reconcile_set_when_leading(
     fleet::reconcile(set, ctx).await
 }
 
+/// A controller of the objects `changes` brings (cached in `store`), that also reconciles what
+/// `triggers` names and, under leader election, everything cached again on becoming leader.
+fn controller<K, S>(
+    changes: S,
+    store: reflector::Store<K>,
+    mut triggers: mpsc::UnboundedReceiver<ObjectRef<K>>,
+    config: ControllerConfig,
+    elected: bool,
+    leading: &Leading,
+    shutdown: &CancellationToken,
+) -> Controller<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    S: Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+{
+    let triggers = futures::stream::poll_fn(move |cx| triggers.poll_recv(cx));
+    let controller = Controller::for_stream(changes, store)
+        .with_config(config)
+        .reconcile_on(triggers)
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+    if elected {
+        controller.reconcile_all_on(once_leading(leading.clone()))
+    } else {
+        controller
+    }
+}
+
+/// Logs a controller's per-object outcome (errors are handled by the error policies).
+async fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(result: Result<T, E>) {
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "controller event");
+    }
+}
+
 /// One item once this replica leads (never, if it does not).
 fn once_leading(leading: Leading) -> impl Stream<Item = ()> + Send + 'static {
     futures::stream::once(leading.wait())
@@ -338,54 +378,37 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     });
 
     let mut runs = Vec::new();
-    for (store, changes, mut rx) in watches {
-        let wakeups = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        let mut controller = Controller::for_stream(changes, store)
-            .with_config(ControllerConfig::default().concurrency(args.concurrency))
-            .reconcile_on(wakeups)
-            .graceful_shutdown_on(shutdown.clone().cancelled_owned());
-        if lease.is_some() {
-            controller = controller.reconcile_all_on(once_leading(leading.clone()));
-        }
+    let elected = lease.is_some();
+    for (store, changes, rx) in watches {
+        let config = ControllerConfig::default().concurrency(args.concurrency);
+        let controller = controller(changes, store, rx, config, elected, &leading, &shutdown);
         let gate = leading.clone();
-        let run = controller
-            .run(
-                move |di, ctx| reconcile_when_leading(di, ctx, gate.clone()),
-                reconcile::error_policy,
-                ctx.clone(),
-            )
-            .for_each(|result| async move {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "controller event");
-                }
-            })
-            .boxed_local();
-        runs.push(run);
+        runs.push(
+            controller
+                .run(
+                    move |di, ctx| reconcile_when_leading(di, ctx, gate.clone()),
+                    reconcile::error_policy,
+                    ctx.clone(),
+                )
+                .for_each(log_result)
+                .boxed_local(),
+        );
     }
-    for (store, changes, _, mut rx) in set_watches {
-        let children = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        let mut controller = Controller::for_stream(changes, store)
-            // A burst of child changes becomes one reconcile of their set.
-            .with_config(ControllerConfig::default().debounce(SET_DEBOUNCE))
-            .reconcile_on(children)
-            .graceful_shutdown_on(shutdown.clone().cancelled_owned());
-        if lease.is_some() {
-            controller = controller.reconcile_all_on(once_leading(leading.clone()));
-        }
+    for (store, changes, _, rx) in set_watches {
+        // A burst of child changes becomes one reconcile of their set.
+        let config = ControllerConfig::default().debounce(SET_DEBOUNCE);
+        let controller = controller(changes, store, rx, config, elected, &leading, &shutdown);
         let gate = leading.clone();
-        let run = controller
-            .run(
-                move |set, ctx| reconcile_set_when_leading(set, ctx, gate.clone()),
-                fleet::error_policy,
-                ctx.clone(),
-            )
-            .for_each(|result| async move {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "set controller event");
-                }
-            })
-            .boxed_local();
-        runs.push(run);
+        runs.push(
+            controller
+                .run(
+                    move |set, ctx| reconcile_set_when_leading(set, ctx, gate.clone()),
+                    fleet::error_policy,
+                    ctx.clone(),
+                )
+                .for_each(log_result)
+                .boxed_local(),
+        );
     }
     tokio::spawn({
         let health = health.clone();

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 struct Device {
     id: String,
     name: String,
-    tags: Vec<&'static str>,
+    tags: Vec<String>,
     behaviour: &'static str,
     /// Isolated at start, by whom: `None` released; `Some((requestor, source, at))`.
     isolated_by: Option<(&'static str, &'static str, &'static str)>,
@@ -30,10 +30,14 @@ impl Device {
         Device {
             id: machine_id(n),
             name: format!("{name}.contoso.local"),
-            tags: tags.to_vec(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
             behaviour: "online",
             isolated_by: Some(("soc-analyst@contoso.com", "Portal", "2026-11-30T09:00:00Z")),
         }
+    }
+    fn tagged(mut self, tag: &str) -> Self {
+        self.tags.push(tag.to_string());
+        self
     }
     fn offline(mut self) -> Self {
         self.behaviour = "offline";
@@ -445,7 +449,8 @@ async fn the_three_stories_release_exactly_the_selected_devices_once() {
     let selected: Vec<&Device> = devices
         .iter()
         .filter(|d| {
-            (d.tags.contains(&"incident-4711") && !d.tags.contains(&"domain-controller"))
+            (d.tags.iter().any(|t| t == "incident-4711")
+                && !d.tags.iter().any(|t| t == "domain-controller"))
                 || d.name.starts_with("aad-") && !d.name.starts_with("aad-old")
                 || list_ids.contains(&d.id.as_str())
         })
@@ -479,30 +484,41 @@ async fn the_three_stories_release_exactly_the_selected_devices_once() {
     }
 }
 
-/// Pausing a running set stops new requests once the operator has seen it; resuming finishes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pausing_while_running_stops_new_requests_and_resuming_finishes() {
+/// A set of 24 devices named `name` rolling out at the paced rate, with 5 requests made.
+async fn paced_rollout(
+    name: &str,
+    base: u32,
+) -> (String, Vec<Device>, Sim, Operator, tempfile::TempDir) {
     let c = cluster();
     c.install_crds().await;
-    let ns = c.namespace("fleet-pause").await;
-    let client = c.client().await;
+    let ns = c.namespace(&format!("fleet-{name}")).await;
+    let tag = format!("{name}-me");
     let devices: Vec<Device> = (0..24)
-        .map(|i| Device::new(0x300 + i, &format!("p-{i:02}"), &["pause-me"]))
+        .map(|i| Device::new(base + i, &format!("{name}-{i:02}"), &[]).tagged(&tag))
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let sim = start_sim(&seed(dir.path(), &devices), PACED_SCALE);
     let op = start_operator(&sim, &c.kubeconfig, &ns, PACED_SCALE, PACED_BUDGET);
     apply_set(
-        &client,
+        &c.client().await,
         &ns,
-        "pause",
-        json!({"isolated": false, "selector": {"machineTags": ["pause-me"]}}),
+        name,
+        json!({"isolated": false, "selector": {"machineTags": [tag]}}),
     )
     .await;
     sim.wait_until(60, "5 requests", || async {
         (mutating_calls(&sim).await >= 5).then_some(())
     })
     .await;
+    (ns, devices, sim, op, dir)
+}
+
+/// Pausing a running set stops new requests once the operator has seen it; resuming finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_while_running_stops_new_requests_and_resuming_finishes() {
+    let c = cluster();
+    let client = c.client().await;
+    let (ns, devices, sim, op, _dir) = paced_rollout("pause", 0x300).await;
     patch_paused(&client, &ns, "pause", true).await;
     wait_set(
         &client,
@@ -747,26 +763,8 @@ async fn a_killed_operator_resumes_the_rollout_without_a_second_action() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_set_stops_requests_and_its_children_are_collected() {
     let c = cluster();
-    c.install_crds().await;
-    let ns = c.namespace("fleet-delete").await;
     let client = c.client().await;
-    let devices: Vec<Device> = (0..24)
-        .map(|i| Device::new(0x700 + i, &format!("d-{i:02}"), &["delete-me"]))
-        .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let sim = start_sim(&seed(dir.path(), &devices), PACED_SCALE);
-    let op = start_operator(&sim, &c.kubeconfig, &ns, PACED_SCALE, PACED_BUDGET);
-    apply_set(
-        &client,
-        &ns,
-        "delete",
-        json!({"isolated": false, "selector": {"machineTags": ["delete-me"]}}),
-    )
-    .await;
-    sim.wait_until(60, "5 requests", || async {
-        (mutating_calls(&sim).await >= 5).then_some(())
-    })
-    .await;
+    let (ns, _devices, sim, op, _dir) = paced_rollout("delete", 0x700).await;
     let api: Api<DeviceIsolationSet> = Api::namespaced(client.clone(), &ns);
     api.delete("delete", &DeleteParams::background())
         .await

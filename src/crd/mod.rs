@@ -170,7 +170,7 @@ pub struct DeviceIsolationStatus {
     pub conditions: Vec<Condition>,
 }
 
-fn is_zero(n: &u32) -> bool {
+pub(crate) fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 

@@ -4,7 +4,7 @@
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::DriftPolicy;
+use super::{DriftPolicy, is_zero};
 use crate::conditions::Condition;
 use crate::mde::model::IsolationType;
 
@@ -251,10 +251,6 @@ pub struct Selection {
     /// The refresh-requested-at annotation value it was resolved for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh: Option<String>,
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
 }
 
 /// One selected device as shown in the preview.

@@ -24,49 +24,22 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use crate::conditions::{self, ConditionReason, Phase};
+use crate::conditions::{self, Phase, ReasonPhase};
 use crate::crd::{
     COMMENT_ANNOTATION, DeviceIsolation, DeviceIsolationSet, DeviceIsolationSetStatus,
     DeviceIsolationSpec, SET_LABEL, Selection,
 };
 use crate::events::EventKind;
 use crate::reconcile::{CallFailure, Context, FIELD_MANAGER, Reason, ResourceRef, failure_of};
-use rollout::{ChildState, SetEvent, SetPhase};
+use rollout::{ChildState, SetEvent};
 
 /// Children created or updated at once.
 const CHILD_WRITES_IN_FLIGHT: usize = 16;
 
-macro_rules! set_reasons {
-    ($($(#[$doc:meta])* $name:ident => $phase:ident,)*) => {
-        /// Every reason a set writes into a condition or an event. The README's "Release a
-        /// fleet" section lists each (a test checks it).
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-        pub enum SetReason {
-            $($(#[$doc])* $name,)*
-        }
-
-        impl SetReason {
-            /// Every reason.
-            pub const ALL: &'static [SetReason] = &[$(SetReason::$name,)*];
-
-            /// The CamelCase spelling.
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $(SetReason::$name => stringify!($name),)*
-                }
-            }
-
-            /// The condition it is given in.
-            pub fn phase(self) -> SetPhase {
-                match self {
-                    $(SetReason::$name => SetPhase::$phase,)*
-                }
-            }
-        }
-    };
-}
-
-set_reasons! {
+crate::conditions::reason_enum! {
+    /// Every reason a set writes into a condition or an event. The README's "Release a fleet"
+    /// section lists each (a test checks it).
+    pub enum SetReason {
     /// Every selected device is Ready.
     Converged => Ready,
     /// Every selected device is Ready or failed, within the failure budget.
@@ -99,11 +72,6 @@ set_reasons! {
     CanaryPassed => Event,
     /// Every device is settled (event).
     Done => Event,
-}
-
-impl ConditionReason for SetReason {
-    fn as_str(self) -> &'static str {
-        SetReason::as_str(self)
     }
 }
 
@@ -117,11 +85,6 @@ impl SetReason {
                 | SetReason::SelectionTooLarge
                 | SetReason::CommentMissing
         )
-    }
-
-    /// Parses the spelling status carries.
-    pub fn parse(s: &str) -> Option<SetReason> {
-        SetReason::ALL.iter().copied().find(|r| r.as_str() == s)
     }
 }
 
@@ -467,7 +430,7 @@ async fn waiting(
 ) -> Result<Action, Error> {
     let (reason, message) = (wait.reason, wait.message);
     let phase = match reason.phase() {
-        SetPhase::Stalled => Phase::Stalled { reason, message },
+        ReasonPhase::Stalled => Phase::Stalled { reason, message },
         _ => Phase::Reconciling { reason, message },
     };
     let generation = set.metadata.generation.unwrap_or(1);

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 
 use super::SetReason;
-use crate::conditions::{self, Condition, Phase};
+use crate::conditions::{self, Condition, Phase, ReasonPhase};
 use crate::crd::{DeviceCounts, DeviceIsolationSetSpec, Selection};
 
 /// Where a child DeviceIsolation stands.
@@ -236,10 +236,10 @@ pub fn plan(input: &Input<'_>) -> Decision {
     };
 
     let phase = match reason.phase() {
-        SetPhase::Ready => Phase::Ready { reason, message },
-        SetPhase::Stalled => Phase::Stalled { reason, message },
+        ReasonPhase::Ready => Phase::Ready { reason, message },
+        ReasonPhase::Stalled => Phase::Stalled { reason, message },
         // Event-only reasons are never decided above.
-        SetPhase::Reconciling | SetPhase::Event => Phase::Reconciling { reason, message },
+        ReasonPhase::Reconciling | ReasonPhase::Event => Phase::Reconciling { reason, message },
     };
     let previous = conditions::find(input.conditions, conditions::READY)
         .filter(|c| c.observed_generation == Some(input.generation))
@@ -289,7 +289,7 @@ fn transition_event(
         }
         SetReason::Paused => (false, SetReason::Paused),
         SetReason::Converged | SetReason::ConvergedWithFailures => (false, SetReason::Done),
-        r if r.phase() == SetPhase::Stalled => (true, r),
+        r if r.phase() == ReasonPhase::Stalled => (true, r),
         _ => return None,
     };
     Some(SetEvent {
@@ -297,19 +297,6 @@ fn transition_event(
         reason: event,
         note: message.clone(),
     })
-}
-
-/// The condition a set reason is given in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SetPhase {
-    /// `Ready=True`.
-    Ready,
-    /// `Reconciling=True`.
-    Reconciling,
-    /// `Stalled=True`.
-    Stalled,
-    /// Only an event's reason.
-    Event,
 }
 
 #[cfg(test)]

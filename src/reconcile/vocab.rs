@@ -413,50 +413,12 @@ impl Plan {
 /// Reason of the phase that waits for the shared view's first load.
 pub const WAITING_FOR_VIEW: &str = "WaitingForMdeView";
 
-/// Which condition a [`Reason`] is given in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReasonPhase {
-    /// `Ready=True`.
-    Ready,
-    /// `Reconciling=True` (and `Ready=False`).
-    Reconciling,
-    /// `Stalled=True` (and `Ready=False`).
-    Stalled,
-    /// Only an event's reason, never a condition's.
-    Event,
-}
+pub use crate::conditions::ReasonPhase;
 
-macro_rules! reasons {
-    ($($(#[$doc:meta])* $name:ident => $phase:ident,)*) => {
-        /// Every reason the operator writes into a condition or an event. The README's
-        /// "Status and conditions" table lists each (a test checks it).
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-        pub enum Reason {
-            $($(#[$doc])* $name,)*
-        }
-
-        impl Reason {
-            /// Every reason.
-            pub const ALL: &'static [Reason] = &[$(Reason::$name,)*];
-
-            /// The CamelCase spelling status and events carry.
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $(Reason::$name => stringify!($name),)*
-                }
-            }
-
-            /// The condition it is given in.
-            pub fn phase(self) -> ReasonPhase {
-                match self {
-                    $(Reason::$name => ReasonPhase::$phase,)*
-                }
-            }
-        }
-    };
-}
-
-reasons! {
+crate::conditions::reason_enum! {
+    /// Every reason the operator writes into a condition or an event. The README's "Status and
+    /// conditions" table lists each (a test checks it).
+    pub enum Reason {
     /// The device is released.
     Released => Ready,
     /// The device is isolated.
@@ -513,14 +475,10 @@ reasons! {
     ActionAdopted => Event,
     /// An action ended Failed or TimeOut (event).
     ActionFailed => Event,
+    }
 }
 
 impl Reason {
-    /// Parses the spelling status carries.
-    pub fn parse(s: &str) -> Option<Reason> {
-        Reason::ALL.iter().copied().find(|r| r.as_str() == s)
-    }
-
     /// A stall that is looked at again after [`Timing::credential_recheck`]: fixed outside the
     /// resource (a rotated secret, a granted role), so the resource recovers by itself.
     pub fn is_rechecked(self) -> bool {
