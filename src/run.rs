@@ -124,8 +124,12 @@ async fn reconcile_when_leading(
     if !leading.now() {
         return Ok(Action::await_change());
     }
-    // A set's child asks its set before any request: the sets' caches must be loaded.
-    ctx.sets.ready().await;
+    // A set's child asks its set before any request: the sets' caches must be loaded. Only
+    // children wait: without the DeviceIsolationSet CRD (a chart upgrade whose CRDs were not
+    // applied yet) the sets' caches never load, and single resources must not wait for them.
+    if di.owning_set().is_some() {
+        ctx.sets.ready().await;
+    }
     reconcile::reconcile(di, ctx).await
 }
 
