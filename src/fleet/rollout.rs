@@ -245,11 +245,10 @@ pub fn plan(input: &Input<'_>) -> Decision {
         .filter(|c| c.observed_generation == Some(input.generation))
         .map(|c| c.reason.as_str());
     let changed = previous != Some(reason.as_str());
-    if changed {
-        if let Some(event) = transition_event(reason, &phase, devices.requested, !admit.is_empty())
-        {
-            events.push(event);
-        }
+    if changed
+        && let Some(event) = transition_event(reason, &phase, devices.requested, !admit.is_empty())
+    {
+        events.push(event);
     }
     let conditions = conditions::conditions_for(
         &phase,
