@@ -11,8 +11,9 @@
 //! `cargo build --release -p mde-sim`.)
 //!
 //! Scenarios: `latency`, `n100`, `n1000`, `n3000`, `restart`, `restart-storm`,
-//! `restart-failover`, `offline`, `keyapp`, `foreign`, `rss`, `churn` (the quota-sharing ones of
-//! issue 12 live in `operator/sharing.rs`). Each one gets its own namespace, simulator and
+//! `restart-failover`, `offline`, `keyapp`, `foreign`, `rss`, `churn`, `fleet3000`, `fleet10000`
+//! (the quota-sharing ones of issue 12 live in `operator/sharing.rs`, the DeviceIsolationSet ones
+//! of issue 13 in `operator/fleet.rs`). Each one gets its own namespace, simulator and
 //! operator process (two replicas in `restart-failover`). The measurements come from the
 //! simulator's call log and statistics (simulated time, exact sliding windows), its ground truth,
 //! a watch on the DeviceIsolations (when everything settled), `/proc/<pid>` of the operator
@@ -30,11 +31,14 @@
 //! `MDE_BENCH_NO_WRITE` (print only), `MDE_BENCH_SIM_ARGS` (extra simulator arguments, for
 //! diagnosis; noted in the results), `MDE_BENCH_OPERATOR_LOG` (a `RUST_LOG` filter for the
 //! operator, for diagnosis only: the operator's logs and the call logs land in
-//! `target/bench-logs/`), plus those of `tests/common/cluster.rs`
-//! (`MDE_TEST_KUBECONFIG` to reuse a running control plane).
+//! `target/bench-logs/`), `MDE_BENCH_FLEET_DEVICES` (smaller fleet scenarios, for a smoke run; see
+//! `operator/fleet.rs`), plus those of `tests/common/cluster.rs` (`MDE_TEST_KUBECONFIG` to reuse a
+//! running control plane).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "operator/fleet.rs"]
+mod fleet;
 #[path = "operator/sharing.rs"]
 mod sharing;
 
@@ -59,7 +63,7 @@ use common::sim::Sim;
 
 /// Scenarios in the order a full run executes them: the latency probe first, while the API
 /// server holds nothing yet, and the 5,000-resource memory runs last.
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 14] = [
     "latency",
     "n100",
     "n1000",
@@ -72,6 +76,8 @@ const SCENARIOS: [&str; 12] = [
     "foreign",
     "rss",
     "churn",
+    "fleet3000",
+    "fleet10000",
 ];
 
 /// MDE's documented limits per API (`--quota-budget 1` spends all of them).
@@ -463,6 +469,9 @@ struct ScenarioResult {
     /// Issue 12's scenarios: restart storm, failover, foreign load, quota key `app`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sharing: Option<sharing::SharingMetrics>,
+    /// Issue 13's scenarios: a fleet released through one DeviceIsolationSet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fleet: Option<fleet::FleetMetrics>,
     /// Anything that went wrong while measuring (timeouts, failed creations).
     notes: Vec<String>,
 }
@@ -545,6 +554,11 @@ fn time_scale(scenario: &str) -> f64 {
         "keyapp" => 10.0,
         // Two simulated hours in six real minutes.
         "foreign" => 20.0,
+        // As n3000: T(3,000) = 4,440 simulated seconds in under four real minutes.
+        "fleet3000" => 20.0,
+        // T(10,000) = 22,140 simulated seconds in about six real minutes; each minute's burst of
+        // 100 POSTs (and their status writes) gets one real second.
+        "fleet10000" => 60.0,
         // restart, offline, rss and churn (whose first round, like rss, waits T(5,000) =
         // 10,980 simulated seconds for the quota: 92 real seconds).
         _ => 120.0,
@@ -570,6 +584,8 @@ async fn run(selected: Vec<&'static str>) {
             "restart-failover" => vec![sharing::restart_failover().await],
             "foreign" => vec![sharing::foreign().await],
             "keyapp" => sharing::keyapp().await,
+            "fleet3000" => vec![fleet::fleet3000().await],
+            "fleet10000" => vec![fleet::fleet10000().await],
             _ => unreachable!("validated in selected_scenarios"),
         };
         for r in &out {
@@ -1542,6 +1558,7 @@ async fn burst(name: &'static str, mix: Mix) -> ScenarioResult {
         latency: None,
         churn: None,
         sharing: None,
+        fleet: None,
         notes,
     }
 }
@@ -1690,6 +1707,7 @@ async fn restart() -> ScenarioResult {
         latency: None,
         churn: None,
         sharing: None,
+        fleet: None,
         notes,
     }
 }
@@ -1760,6 +1778,7 @@ async fn offline(pending: usize) -> ScenarioResult {
         latency: None,
         churn: None,
         sharing: None,
+        fleet: None,
         notes,
     }
 }
@@ -1871,6 +1890,7 @@ async fn latency() -> ScenarioResult {
         latency: Some(metrics),
         churn: None,
         sharing: None,
+        fleet: None,
         notes,
     }
 }
@@ -1969,6 +1989,7 @@ async fn churn() -> ScenarioResult {
         latency: None,
         churn: Some(metrics),
         sharing: None,
+        fleet: None,
         notes,
     }
 }
@@ -2497,6 +2518,7 @@ fn targets(r: &Report) -> Vec<Target> {
         None => out.push(missing("apply-to-POST p50".into(), "< 500 ms")),
     }
     out.extend(sharing::targets(r));
+    out.extend(fleet::targets(r));
     out
 }
 
@@ -2550,7 +2572,7 @@ fn render(r: &Report) -> String {
     );
     line("");
 
-    line("## Targets (issues 4, 11 and 12)");
+    line("## Targets (issues 4, 11, 12 and 13)");
     line("");
     line("| target | measured | limit | result |");
     line("|---|---|---|---|");
@@ -2967,6 +2989,7 @@ fn render(r: &Report) -> String {
     }
 
     sharing::render(r, &mut line);
+    fleet::render(r, &mut line);
 
     line("## Runs");
     line("");

@@ -464,6 +464,7 @@ fn result(
         latency: None,
         churn: None,
         sharing: Some(sharing),
+        fleet: None,
         notes,
     }
 }
