@@ -15,6 +15,8 @@ const MALLOC_ARENAS: i32 = 2;
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    #[cfg(feature = "alloc-stats")]
+    alloc_stats::report_every(std::time::Duration::from_secs(1));
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => {
@@ -66,3 +68,75 @@ fn limit_malloc_arenas() {
 /// Other C libraries have no per-thread arenas to cap.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn limit_malloc_arenas() {}
+
+/// Diagnosis (`--features alloc-stats`): the system allocator, counting the bytes held.
+#[cfg(feature = "alloc-stats")]
+mod alloc_stats {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
+    static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+    struct Counting;
+
+    fn add(n: usize) {
+        let live = LIVE.fetch_add(n, Ordering::Relaxed) + n;
+        PEAK.fetch_max(live, Ordering::Relaxed);
+    }
+
+    // SAFETY: every call is forwarded to the system allocator unchanged; only counters move.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let p = unsafe { System.alloc(layout) };
+            if !p.is_null() {
+                add(layout.size());
+            }
+            p
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            let p = unsafe { System.alloc_zeroed(layout) };
+            if !p.is_null() {
+                add(layout.size());
+            }
+            p
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) };
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            let p = unsafe { System.realloc(ptr, layout, new_size) };
+            if !p.is_null() {
+                LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+                add(new_size);
+            }
+            p
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    /// Prints live and peak heap bytes and VmRSS (KiB) to stderr every `period`.
+    pub fn report_every(period: std::time::Duration) {
+        std::thread::spawn(move || {
+            loop {
+                let rss = std::fs::read_to_string("/proc/self/status")
+                    .ok()
+                    .and_then(|s| {
+                        s.lines()
+                            .find_map(|l| l.strip_prefix("VmRSS:"))
+                            .map(|v| v.trim().to_string())
+                    })
+                    .unwrap_or_default();
+                eprintln!(
+                    "alloc-stats live={}KiB peak={}KiB rss={rss}",
+                    LIVE.load(Ordering::Relaxed) / 1024,
+                    PEAK.load(Ordering::Relaxed) / 1024,
+                );
+                std::thread::sleep(period);
+            }
+        });
+    }
+}
