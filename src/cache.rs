@@ -36,6 +36,16 @@ pub fn slim(di: &mut DeviceIsolation) {
     }
 }
 
+/// `resource` by its identity alone, name and namespace: a reference taken from an object
+/// (`ResourceRef::from_obj`) also carries its uid and resourceVersion, two more strings that
+/// equality and hashing ignore. What the process keeps per resource for long (the view's
+/// watchers, the reconcile memory, a re-list's census) keeps this form.
+pub fn bare(resource: &ResourceRef) -> ResourceRef {
+    let mut bare = ResourceRef::new(&resource.name);
+    bare.namespace = resource.namespace.clone();
+    bare
+}
+
 /// What a watch reports besides changed objects, so that per-resource process state can be
 /// freed: every object that is applied can also be deleted.
 #[derive(Clone, Debug, PartialEq)]
@@ -86,7 +96,7 @@ pub fn slim_watch(
                 watcher::Event::Init => listing = Some(HashSet::new()),
                 watcher::Event::InitApply(di) => {
                     if let Some(seen) = listing.as_mut() {
-                        seen.insert(ResourceRef::from_obj(di));
+                        seen.insert(bare(&ResourceRef::from_obj(di)));
                     }
                 }
                 watcher::Event::InitDone => {

@@ -6,11 +6,12 @@
 //! exactly the resources it concerns.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::cache::bare;
 use crate::mde::model::MachineAction;
 use crate::reconcile::{ActionFact, ActionKind, CallFailure, ResourceRef};
 
@@ -25,13 +26,19 @@ struct Known {
     first_seen: std::time::Instant,
 }
 
+/// Sized for thousands of machines and resources: each list is allocated to its exact length
+/// (a `Vec` grows to four elements on its first push, a `HashSet` of one holds four buckets),
+/// a resource is kept by its name and namespace only (without the uid and resourceVersion its
+/// watch-cache reference carries), and a machine id is one allocation shared by the resource
+/// that watches it and the machine's watcher list.
 #[derive(Default)]
 struct Inner {
     synced: bool,
     load_failure: Option<CallFailure>,
     by_machine: HashMap<String, Vec<Known>>,
-    watchers: HashMap<String, HashSet<ResourceRef>>,
-    machine_of: HashMap<ResourceRef, String>,
+    /// Resources per machine, without repeats; almost always one.
+    watchers: HashMap<Arc<str>, Vec<ResourceRef>>,
+    machine_of: HashMap<ResourceRef, Arc<str>>,
 }
 
 /// Thread-safe view; one per process.
@@ -95,10 +102,13 @@ impl ActionView {
             match list.iter_mut().find(|k| k.fact.id == action.id) {
                 Some(existing) if existing.fact == action => continue,
                 Some(existing) => existing.fact = action,
-                None => list.push(Known {
-                    fact: action,
-                    first_seen: seen_now,
-                }),
+                None => {
+                    list.reserve_exact(1);
+                    list.push(Known {
+                        fact: action,
+                        first_seen: seen_now,
+                    });
+                }
             }
             prune(list);
             changed.insert(machine);
@@ -139,24 +149,27 @@ impl ActionView {
 
     /// Registers that `resource` manages `machine_id` (replacing an earlier machine).
     pub fn watch(&self, resource: &ResourceRef, machine_id: &str) {
-        if self.read().machine_of.get(resource).map(String::as_str) == Some(machine_id) {
+        if self.read().machine_of.get(resource).map(|m| &**m) == Some(machine_id) {
             return; // the common case, on every reconcile: no write lock
         }
         let mut inner = self.write();
         unregister(&mut inner, resource);
-        inner
-            .machine_of
-            .insert(resource.clone(), machine_id.to_string());
-        inner
-            .watchers
-            .entry(machine_id.to_string())
-            .or_default()
-            .insert(resource.clone());
+        let machine: Arc<str> = match inner.watchers.get_key_value(machine_id) {
+            Some((shared, _)) => shared.clone(),
+            None => Arc::from(machine_id),
+        };
+        let resource = bare(resource);
+        inner.machine_of.insert(resource.clone(), machine.clone());
+        let list = inner.watchers.entry(machine).or_default();
+        if !list.contains(&resource) {
+            list.reserve_exact(1);
+            list.push(resource);
+        }
     }
 
     /// Forgets a deleted resource; returns the machine it watched.
     pub fn unwatch(&self, resource: &ResourceRef) -> Option<String> {
-        unregister(&mut self.write(), resource)
+        unregister(&mut self.write(), resource).map(|m| m.to_string())
     }
 
     /// Resources watching a machine (for the tracked-resources gauge).
@@ -172,7 +185,7 @@ impl ActionView {
         let inner = self.read();
         let mut out: Vec<ResourceRef> = machines
             .into_iter()
-            .filter_map(|m| inner.watchers.get(m))
+            .filter_map(|m| inner.watchers.get(m.as_str()))
             .flatten()
             .cloned()
             .collect();
@@ -208,12 +221,14 @@ fn age(known: &Known, now: DateTime<Utc>) -> Duration {
 
 /// Removes `resource`'s interest in its machine (and the machine's entry once nobody watches
 /// it); returns the machine.
-fn unregister(inner: &mut Inner, resource: &ResourceRef) -> Option<String> {
+fn unregister(inner: &mut Inner, resource: &ResourceRef) -> Option<Arc<str>> {
     let machine = inner.machine_of.remove(resource)?;
-    if let Some(set) = inner.watchers.get_mut(&machine) {
-        set.remove(resource);
-        if set.is_empty() {
+    if let Some(list) = inner.watchers.get_mut(&machine) {
+        list.retain(|r| r != resource);
+        if list.is_empty() {
             inner.watchers.remove(&machine);
+        } else {
+            list.shrink_to_fit();
         }
     }
     Some(machine)
@@ -264,6 +279,7 @@ fn prune(list: &mut Vec<Known>) {
             true
         }
     });
+    list.shrink_to_fit();
 }
 
 #[cfg(test)]
@@ -340,6 +356,27 @@ mod tests {
         assert!(view.watchers_of([&"m2".to_string()]).is_empty());
         assert_eq!(view.watched(), 0);
         assert_eq!(view.unwatch(&r), None);
+    }
+
+    #[test]
+    fn resources_sharing_a_machine_are_each_woken_once_and_leave_one_by_one() {
+        let view = ActionView::new();
+        let (a, b) = (
+            ResourceRef::new("a").within("ns"),
+            ResourceRef::new("b").within("ns"),
+        );
+        view.watch(&a, "m1");
+        view.watch(&a, "m1");
+        view.watch(&b, "m1");
+        let m1 = "m1".to_string();
+        let mut woken = view.watchers_of([&m1, &m1]);
+        woken.sort_by(|x, y| x.name.cmp(&y.name));
+        assert_eq!(woken, vec![a.clone(), b.clone()]);
+        assert_eq!(view.unwatch(&a).as_deref(), Some("m1"));
+        assert_eq!(view.watchers_of([&m1]), vec![b.clone()]);
+        assert_eq!(view.unwatch(&b).as_deref(), Some("m1"));
+        assert!(view.watchers_of([&m1]).is_empty());
+        assert_eq!(view.watched(), 0);
     }
 
     #[test]

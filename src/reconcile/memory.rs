@@ -38,7 +38,11 @@ pub struct Memory {
 impl Memory {
     /// Starts remembering `resource` (idempotent): called when a reconcile begins.
     pub fn track(&self, resource: &ResourceRef) {
-        self.lock().entry(resource.clone()).or_default();
+        let mut entries = self.lock();
+        if !entries.contains_key(resource) {
+            // By name and namespace only: the uid and resourceVersion are two more strings.
+            entries.insert(crate::cache::bare(resource), Entry::default());
+        }
     }
 
     /// Frees everything remembered of `resource`. Returns whether anything was.
