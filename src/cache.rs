@@ -31,6 +31,9 @@ pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration
 pub fn slim(di: &mut DeviceIsolation) {
     let meta = di.meta_mut();
     meta.managed_fields = None;
+    // Labels (a set's child carries `isolation.mde.dev/set`, GitOps tools add their own): the
+    // operator never reads them; a child finds its set by its ownerReference.
+    meta.labels = None;
     if let Some(annotations) = meta.annotations.as_mut() {
         annotations.remove(LAST_APPLIED);
     }
@@ -201,8 +204,10 @@ mod tests {
             "spec": {"machineId": "m1", "isolated": false},
         }))
         .unwrap();
+        di.metadata.labels = Some([("isolation.mde.dev/set".to_string(), "s".to_string())].into());
         slim(&mut di);
         assert!(di.metadata.managed_fields.is_none());
+        assert!(di.metadata.labels.is_none());
         let annotations = di.metadata.annotations.as_ref().unwrap();
         assert!(!annotations.contains_key(LAST_APPLIED));
         assert_eq!(di.comment(), Some("INC-1"));

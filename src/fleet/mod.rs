@@ -483,16 +483,23 @@ async fn write_children(
 ) -> Result<(), Error> {
     let namespace = set.namespace().unwrap_or_default();
     let api: Api<DeviceIsolation> = Api::namespaced(ctx.kube.clone(), &namespace);
-    let mut writes: Vec<DeviceIsolation> = admit.iter().map(|m| child_for(set, m)).collect();
+    // Machine ids only: each child is built as its write starts, so that thousands admitted at
+    // once are never all held in memory together.
+    let mut writes: Vec<String> = admit.to_vec();
     for (machine, child) in children {
         if !up_to_date(child, set) && child.metadata.deletion_timestamp.is_none() {
-            writes.push(child_for(set, machine));
+            writes.push(machine.clone());
         }
     }
+    let template = child_for(set, "");
+    let set_name = set.name_any();
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let results: Vec<Result<(), Error>> = futures::stream::iter(writes)
-        .map(|child| {
+    let mut results = futures::stream::iter(writes)
+        .map(|machine| {
             let (api, params) = (api.clone(), params.clone());
+            let mut child = template.clone();
+            child.metadata.name = Some(child_name(&set_name, &machine));
+            child.spec.machine_id = Some(machine);
             async move {
                 let name = child.name_any();
                 api.patch(&name, &params, &Patch::Apply(&child))
@@ -501,10 +508,16 @@ async fn write_children(
                     .map_err(|source| Error::Child { name, source })
             }
         })
-        .buffer_unordered(CHILD_WRITES_IN_FLIGHT)
-        .collect()
-        .await;
-    results.into_iter().collect::<Result<(), Error>>()?;
+        .buffer_unordered(CHILD_WRITES_IN_FLIGHT);
+    let mut first_error = None;
+    while let Some(result) = results.next().await {
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
 
     // A selection resolved again may leave machines out: their children go (deleting a
     // DeviceIsolation leaves the device as it is).
