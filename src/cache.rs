@@ -27,9 +27,10 @@ use crate::reconcile::{ResourceRef, Sibling, key_of};
 /// The annotation in which client-side `kubectl apply` keeps the last applied manifest.
 pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-/// Drops the parts of a resource the operator never reads (see the module docs).
-pub fn slim(di: &mut DeviceIsolation) {
-    let meta = di.meta_mut();
+/// Drops the parts of a resource the operator never reads (see the module docs); for a set the
+/// last-applied copy repeats a long machineIds list.
+pub fn slim<K: Resource>(obj: &mut K) {
+    let meta = obj.meta_mut();
     meta.managed_fields = None;
     // Labels (a set's child carries `isolation.mde.dev/set`, GitOps tools add their own): the
     // operator never reads them; a child finds its set by its ownerReference.

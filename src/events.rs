@@ -26,6 +26,17 @@ pub enum EventKind {
     Warning,
 }
 
+impl EventKind {
+    /// Warning when `warning`, else Normal.
+    pub fn of(warning: bool) -> Self {
+        if warning {
+            EventKind::Warning
+        } else {
+            EventKind::Normal
+        }
+    }
+}
+
 /// Creates Events in the namespace of the object they are about.
 #[derive(Clone)]
 pub struct EventPublisher {
@@ -60,6 +71,21 @@ impl EventPublisher {
             .create(&PostParams::default(), &event)
             .await
             .map(|_| ())
+    }
+
+    /// Creates one Event about `regarding`; a failure is logged, never fatal (status holds the
+    /// truth).
+    pub async fn publish_logged(
+        &self,
+        regarding: &ObjectReference,
+        kind: EventKind,
+        reason: &str,
+        note: &str,
+        action: &str,
+    ) {
+        if let Err(e) = self.publish(regarding, kind, reason, note, action).await {
+            tracing::warn!(error = %e, reason, "could not publish event");
+        }
     }
 
     fn event(

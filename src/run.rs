@@ -316,7 +316,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         let (reader, writer) = reflector::store();
         let changes = reflector::reflector(
             writer,
-            watcher(api, watcher::Config::default()).modify(fleet::slim),
+            watcher(api, watcher::Config::default()).modify(cache::slim),
         )
         .applied_objects()
         .boxed();

@@ -172,15 +172,6 @@ impl SetStores {
     }
 }
 
-/// Drops what the operator never reads of a set (managedFields, and the client-side
-/// `kubectl apply` copy of the manifest, which repeats a long machineIds list).
-pub fn slim(set: &mut DeviceIsolationSet) {
-    set.metadata.managed_fields = None;
-    if let Some(annotations) = set.metadata.annotations.as_mut() {
-        annotations.remove(crate::cache::LAST_APPLIED);
-    }
-}
-
 /// Why `child`'s set lets it request nothing new; `None` for a resource of no set, or a set that
 /// is rolling out.
 pub fn hold_of(child: &DeviceIsolation, sets: &SetStores) -> Option<String> {
@@ -491,15 +482,11 @@ async fn write_children(
             writes.push(machine.clone());
         }
     }
-    let template = child_for(set, "");
-    let set_name = set.name_any();
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let mut results = futures::stream::iter(writes)
         .map(|machine| {
             let (api, params) = (api.clone(), params.clone());
-            let mut child = template.clone();
-            child.metadata.name = Some(child_name(&set_name, &machine));
-            child.spec.machine_id = Some(machine);
+            let child = child_for(set, &machine);
             async move {
                 let name = child.name_any();
                 api.patch(&name, &params, &Patch::Apply(&child))
@@ -568,19 +555,16 @@ async fn write_status(
 async fn publish(set: &DeviceIsolationSet, ctx: &Context, events: &[SetEvent]) {
     let regarding = set.object_ref(&());
     for event in events {
-        let kind = if event.warning {
-            EventKind::Warning
-        } else {
-            EventKind::Normal
-        };
-        let reason = event.reason.as_str();
-        if let Err(e) = ctx
-            .events
-            .publish(&regarding, kind, reason, &event.note, "Rollout")
-            .await
-        {
-            tracing::warn!(error = %e, reason, "could not publish event");
-        }
+        let kind = EventKind::of(event.warning);
+        ctx.events
+            .publish_logged(
+                &regarding,
+                kind,
+                event.reason.as_str(),
+                &event.note,
+                "Rollout",
+            )
+            .await;
     }
 }
 

@@ -280,20 +280,17 @@ impl Effects for Live<'_> {
         }
         let regarding = self.di.object_ref(&());
         for note in notes {
-            let kind = if note.warning {
-                EventKind::Warning
-            } else {
-                EventKind::Normal
-            };
-            let reason = note.reason.as_str();
-            if let Err(e) = self
-                .ctx
+            let kind = EventKind::of(note.warning);
+            self.ctx
                 .events
-                .publish(&regarding, kind, reason, &note.note, "Reconcile")
-                .await
-            {
-                tracing::warn!(error = %e, reason, "could not publish event");
-            }
+                .publish_logged(
+                    &regarding,
+                    kind,
+                    note.reason.as_str(),
+                    &note.note,
+                    "Reconcile",
+                )
+                .await;
         }
     }
 
