@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 
-use super::vocab::{CallFailure, PostOutcome, ResourceRef};
+use super::vocab::{CallFailure, DeviceCandidate, PostOutcome, ResourceRef};
 
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Entry {
@@ -24,6 +24,9 @@ struct Entry {
     /// Marker of a POST MDE rejected for good (not found, unsupported, invalid), and why: a
     /// reconcile from a watch cache that does not show the stall yet must not send it again.
     rejected: Option<(String, CallFailure)>,
+    /// What spec.deviceName resolved to, for one generation and retry request ([`resolution_key`]):
+    /// a reconcile from a watch cache that does not show the result yet must not look it up again.
+    resolved: Option<(String, Vec<DeviceCandidate>)>,
     /// Consecutive failed reconciles (Kubernetes-side errors), for the error backoff.
     errors: u32,
 }
@@ -125,6 +128,23 @@ impl Memory {
             .map(|(_, f)| f.clone())
     }
 
+    /// Records what `key` ([`resolution_key`]) resolved to.
+    pub fn resolved(&self, resource: &ResourceRef, key: String, found: &[DeviceCandidate]) {
+        if let Some(entry) = self.lock().get_mut(resource) {
+            entry.resolved = Some((key, found.to_vec()));
+        }
+    }
+
+    /// What `key` resolved to in this process, if it was.
+    pub fn resolution(&self, resource: &ResourceRef, key: &str) -> Option<Vec<DeviceCandidate>> {
+        self.lock()
+            .get(resource)?
+            .resolved
+            .as_ref()
+            .filter(|(k, _)| k == key)
+            .map(|(_, found)| found.clone())
+    }
+
     /// Counts a failed reconcile; returns the consecutive failures so far.
     pub fn failed(&self, resource: &ResourceRef) -> u32 {
         let mut entries = self.lock();
@@ -162,6 +182,15 @@ impl Memory {
 }
 
 type LockMap = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+
+/// Identifies one resolution of a device name: a new generation or a new retry request asks MDE
+/// again, a stale watch cache does not.
+pub fn resolution_key(generation: i64, retry_request: Option<&str>, device_name: &str) -> String {
+    format!(
+        "{generation}/{}/{device_name}",
+        retry_request.unwrap_or_default()
+    )
+}
 
 /// One async lock per machine, present in the map only while held or awaited.
 #[derive(Default)]

@@ -131,7 +131,7 @@ pub async fn drive<E: Effects>(
         match plan.effect {
             Effect::None => return pass.finish(fx, &plan).await,
             Effect::ResolveDevice { device_name } => {
-                pass.facts.resolution = fx.resolve(&device_name).await;
+                pass.facts.resolution = pass.resolve(di, fx, memory, &device_name).await;
             }
             Effect::Lookup {
                 machine_id,
@@ -247,6 +247,30 @@ impl Pass {
         });
         self.facts.post = None;
         plan
+    }
+
+    /// Resolves spec.deviceName once per generation and retry request in this process: a
+    /// reconcile from a watch cache that does not show the written result yet reuses it.
+    async fn resolve<E: Effects>(
+        &self,
+        di: &DeviceIsolation,
+        fx: &E,
+        memory: &Memory,
+        device_name: &str,
+    ) -> Resolution {
+        let key = memory::resolution_key(
+            di.metadata.generation.unwrap_or(1),
+            di.retry_request(),
+            device_name,
+        );
+        if let Some(found) = memory.resolution(&self.resource, &key) {
+            return Resolution::Found(found);
+        }
+        let resolution = fx.resolve(device_name).await;
+        if let Resolution::Found(found) = &resolution {
+            memory.resolved(&self.resource, key, found);
+        }
+        resolution
     }
 
     /// A device name was just resolved: from now on this is a machine like any other.

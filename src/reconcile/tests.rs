@@ -47,6 +47,7 @@ enum Call {
     Write(Option<String>, String),
     Release,
     Nudge,
+    Resolve(String),
 }
 
 /// A fake MDE, quota gate and API server for one resource.
@@ -136,8 +137,9 @@ impl Effects for Fake {
     fn set_hold(&self) -> Option<String> {
         self.set_hold.lock().unwrap().clone()
     }
-    async fn resolve(&self, _name: &str) -> Resolution {
-        unreachable!("the fixtures name a machine id")
+    async fn resolve(&self, name: &str) -> Resolution {
+        self.log(Call::Resolve(name.into()));
+        Resolution::Found(Vec::new())
     }
     async fn lookup(&self, _machine: &str, _since: Option<DateTime<Utc>>) -> Lookup {
         self.log(Call::Lookup);
@@ -290,6 +292,58 @@ async fn a_rejected_request_is_not_sent_again_from_a_stale_cache() {
         Some("UnsupportedPlatform")
     );
     assert_eq!(again.intent, None);
+}
+
+#[tokio::test]
+async fn a_device_name_is_not_resolved_again_from_a_stale_cache_only_on_a_retry_request() {
+    let (fake, memory) = (Fake::new(), Memory::default());
+    let by_name = |retry: Option<&str>| {
+        let mut di = resource("ghost", false, None);
+        di.spec.machine_id = None;
+        di.spec.device_name = Some("ghost.contoso.local".into());
+        if let Some(at) = retry {
+            di.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(crate::crd::RETRY_ANNOTATION.into(), at.into());
+        }
+        di
+    };
+    let resolves = |calls: &[Call]| {
+        calls
+            .iter()
+            .filter(|c| matches!(c, Call::Resolve(_)))
+            .count()
+    };
+    run(&fake, &by_name(None), &memory).await;
+    assert_eq!(resolves(&fake.calls()), 1);
+    let stalled = fake.written.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        reason_of(&stalled, STALLED).as_deref(),
+        Some("MachineNotFound")
+    );
+
+    // A watch cache that does not show the stall yet: the same answer, no second read.
+    let action = run(&fake, &by_name(None), &memory).await;
+    assert_eq!(resolves(&fake.calls()), 0);
+    assert_eq!(action, Action::await_change());
+    let again = fake.written.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        reason_of(&again, STALLED).as_deref(),
+        Some("MachineNotFound")
+    );
+
+    // A person asks again: MDE is asked again.
+    let mut retried = by_name(Some("2026-12-01T11:00:00Z"));
+    retried.status = Some(again);
+    run(&fake, &retried, &memory).await;
+    assert_eq!(
+        fake.calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Resolve(_)))
+            .count(),
+        1
+    );
 }
 
 #[tokio::test]
