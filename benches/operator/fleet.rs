@@ -6,7 +6,8 @@
 //!   the selection with `GET /api/machines` reads, records it in `status.selection` and creates
 //!   one child DeviceIsolation per selected device, which sends the device's unisolate through
 //!   the quota gate.
-//! - `fleet10000`: the same with 10,000 tagged devices (T(10,000) = 22,140 simulated seconds).
+//! - `fleet10000`: the same with 10,000 tagged devices (T(10,000) = 22,140 simulated seconds), at
+//!   time scale 30 (see `time_scale`).
 //!
 //! Measured, from the simulator's call log unless said otherwise (simulated seconds): the first
 //! and the last unisolate POST; the selection time (from the start of the apply to the first
