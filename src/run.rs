@@ -178,6 +178,38 @@ where
     }
 }
 
+/// Says once when the DeviceIsolationSet CRD is not served (a chart upgrade whose new CRD was not
+/// applied yet; the watch keeps retrying with backoff) and once when it is: single resources are
+/// served either way, and a set is served as soon as its CRD is applied, without a restart.
+fn set_crd_notice(
+    scope: Option<String>,
+) -> impl FnMut(&Result<watcher::Event<DeviceIsolationSet>, watcher::Error>) {
+    let scope = scope.unwrap_or_else(|| "all namespaces".into());
+    let mut missing = false;
+    move |event| match event {
+        Err(
+            watcher::Error::InitialListFailed(kube::Error::Api(status))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(status)),
+        ) if status.code == 404 => {
+            if !missing {
+                missing = true;
+                tracing::error!(
+                    scope = %scope,
+                    "the DeviceIsolationSet CRD is not installed: sets are not served until it is \
+                     (kubectl apply -f crds/deviceisolationsets.isolation.mde.dev.yaml); single \
+                     DeviceIsolations are served"
+                );
+            }
+        }
+        // `Init` starts a list attempt; what follows it comes from the server.
+        Ok(e) if missing && !matches!(e, watcher::Event::Init) => {
+            missing = false;
+            tracing::info!(scope = %scope, "the DeviceIsolationSet CRD is installed: serving sets");
+        }
+        _ => {}
+    }
+}
+
 /// Logs a controller's per-object outcome (errors are handled by the error policies).
 async fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(result: Result<T, E>) {
     if let Err(e) = result {
@@ -318,6 +350,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             writer,
             watcher(api, watcher::Config::default()).modify(cache::slim),
         )
+        .inspect(set_crd_notice(namespace.clone()))
         .applied_objects()
         .boxed();
         let (tx, rx) = mpsc::unbounded_channel::<ObjectRef<DeviceIsolationSet>>();

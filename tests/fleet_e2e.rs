@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::cluster::cluster;
-use common::operator::{Operator, OperatorConfig, machine_id};
+use common::operator::{Operator, OperatorConfig, is_leading, machine_id, the_leader};
 use common::poll::poll;
 use common::sim::Sim;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -101,6 +101,9 @@ const RESTART_BUDGET: &str = "0.25";
 
 /// Devices of the restart test: three minutes' worth at its pace.
 const KILL_DEVICES: usize = 60;
+
+/// Lease of the restart test's replicas (real seconds, as in tests/leader_election.rs).
+const LEASE_SECONDS: u64 = 6;
 
 /// The operator at `scale`, spending `budget` of the quota.
 fn start_operator(
@@ -709,10 +712,11 @@ async fn guards_stop_too_large_selections_and_refuse_empty_selectors() {
     assert!(e.contains("at most 63 characters"), "{e}");
 }
 
-/// The operator SIGKILLed in the middle of a rollout and started again: no device gets a second
-/// action and the rollout goes on from where it was.
+/// Two replicas with leader election, the leader SIGKILLed in the middle of a rollout twice (the
+/// standby takes over; the killed one comes back as the standby): no device gets a second action
+/// and the rollout goes on from where it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_operator_resumes_the_rollout_without_a_second_action() {
+async fn a_killed_leader_hands_the_rollout_over_without_a_second_action() {
     let c = cluster();
     c.install_crds().await;
     let ns = c.namespace("fleet-kill").await;
@@ -722,7 +726,20 @@ async fn a_killed_operator_resumes_the_rollout_without_a_second_action() {
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let sim = start_sim(&seed(dir.path(), &devices), RESTART_SCALE);
-    let mut op = start_operator(&sim, &c.kubeconfig, &ns, RESTART_SCALE, RESTART_BUDGET);
+    let replica = || {
+        let mut cfg = OperatorConfig::new(&c.kubeconfig, &ns);
+        cfg.time_scale = RESTART_SCALE;
+        cfg.extra = vec![
+            "--quota-budget".into(),
+            RESTART_BUDGET.into(),
+            "--leader-election".into(),
+            "--lease-duration-seconds".into(),
+            LEASE_SECONDS.to_string(),
+        ];
+        Operator::start(&sim, cfg)
+    };
+    let mut ops = [replica(), replica()];
+    let http = reqwest::Client::new();
     apply_set(
         &client,
         &ns,
@@ -731,13 +748,29 @@ async fn a_killed_operator_resumes_the_rollout_without_a_second_action() {
     )
     .await;
     // 25 requests a simulated minute: a kill in the first minute's burst and one in the second's.
+    let mut leader = 0;
     for at in [10, 35] {
+        let addrs = ops
+            .each_ref()
+            .map(|op| op.http_addr(Duration::from_secs(60)));
+        leader = the_leader(&http, &[&ops[0], &ops[1]], &addrs).await;
         sim.wait_until(90, "more requests", || async {
             (mutating_calls(&sim).await >= at).then_some(())
         })
         .await;
-        op.kill();
-        op.restart();
+        ops[leader].kill();
+        let standby = 1 - leader;
+        let end = Instant::now() + Duration::from_secs(LEASE_SECONDS * 3);
+        while !is_leading(&http, &addrs[standby]).await {
+            assert!(
+                Instant::now() < end,
+                "the standby did not take over:\n{}",
+                ops[standby].tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ops[leader].restart();
+        leader = standby;
     }
     let killed_at = mutating_calls(&sim).await;
     assert!(killed_at < KILL_DEVICES, "killed too late: {killed_at}");
@@ -746,7 +779,7 @@ async fn a_killed_operator_resumes_the_rollout_without_a_second_action() {
         &ns,
         "kill",
         180,
-        &op,
+        &ops[leader],
         "Converged",
         has_reason("Converged"),
     )

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use common::cluster::{SA_NAME, SA_NAMESPACE, cluster};
 use common::operator::{
-    Operator, OperatorConfig, create, device_isolation, machine_id, wait_ready,
+    Operator, OperatorConfig, create, device_isolation, is_leading, machine_id, readyz, the_leader,
+    wait_ready,
 };
 use common::sim::Sim;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -75,45 +76,6 @@ fn replica(
         "2".into(),
     ];
     Operator::start(sim, cfg)
-}
-
-/// `/readyz` of an operator: status and body (status 0 when it does not answer).
-async fn readyz(http: &reqwest::Client, addr: &str) -> (u16, String) {
-    match http.get(format!("http://{addr}/readyz")).send().await {
-        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-        Err(_) => (0, String::new()),
-    }
-}
-
-/// Whether `/readyz` says this replica leads (a standby is ready too, and says so).
-async fn is_leading(http: &reqwest::Client, addr: &str) -> bool {
-    let (status, body) = readyz(http, addr).await;
-    status == 200 && body.trim() == "ok: leader"
-}
-
-/// Waits until exactly one of the two replicas leads; returns its index.
-async fn the_leader(http: &reqwest::Client, ops: &[&Operator; 2], addrs: &[String; 2]) -> usize {
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let a = is_leading(http, &addrs[0]).await;
-        let b = is_leading(http, &addrs[1]).await;
-        assert!(
-            !(a && b),
-            "both replicas ready (leading) at once:\nA:\n{}\nB:\n{}",
-            ops[0].tail(),
-            ops[1].tail()
-        );
-        if a || b {
-            return if a { 0 } else { 1 };
-        }
-        assert!(
-            Instant::now() < end,
-            "no replica became the leader:\nA:\n{}\nB:\n{}",
-            ops[0].tail(),
-            ops[1].tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The Lease's holder, `acquireTime` and transitions.

@@ -298,17 +298,27 @@ impl TestCluster {
     /// callers wait for the first one, and a failure lets the next caller retry.
     pub async fn install_crds(&self) {
         static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
-        DONE.get_or_try_init(|| self.apply_crds())
+        DONE.get_or_try_init(|| self.apply_crds(None))
             .await
             .unwrap_or_else(|e| panic!("install CRDs: {e}"));
     }
 
-    async fn apply_crds(&self) -> Result<(), String> {
+    /// Server-side applies the CustomResourceDefinitions of `<repo>/crds/<file>` alone (for a
+    /// test of a cluster that lacks the others: give that test its own binary, the API server is
+    /// shared within one) and waits until they are Established.
+    pub async fn install_crd_file(&self, file: &str) {
+        self.apply_crds(Some(file))
+            .await
+            .unwrap_or_else(|e| panic!("install {file}: {e}"));
+    }
+
+    async fn apply_crds(&self, only: Option<&str>) -> Result<(), String> {
         let dir = repo_root().join("crds");
         let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
             .map_err(|e| format!("read {}: {e}", dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+            .filter(|p| only.is_none_or(|f| p.file_name().is_some_and(|n| n == f)))
             .collect();
         files.sort();
         let mut crds = Vec::new();

@@ -23,6 +23,8 @@ pub struct Operator {
     args: Vec<String>,
     envs: Vec<(String, String)>,
     log: PathBuf,
+    /// Length of the log when the running process was started: its own output follows.
+    spawned_at: usize,
     _dir: tempfile::TempDir,
 }
 
@@ -113,6 +115,7 @@ impl Operator {
             args,
             envs,
             log,
+            spawned_at: 0,
             _dir: dir,
         };
         op.spawn();
@@ -139,6 +142,7 @@ impl Operator {
             .append(true)
             .open(&self.log)
             .expect("operator log file");
+        self.spawned_at = log.metadata().map_or(0, |m| m.len() as usize);
         let child = Command::new(env!("CARGO_BIN_EXE_mde-isolation-operator"))
             .args(&self.args)
             // Credentials and ids come only from the test (the operator refuses more than one);
@@ -205,12 +209,15 @@ impl Operator {
         None
     }
 
-    /// The address of the HTTP endpoint, once the operator logged it.
+    /// The address of the HTTP endpoint of the running process, once it logged it (a restarted
+    /// process listens on a new port).
     pub fn http_addr(&self, timeout: Duration) -> String {
         let end = Instant::now() + timeout;
         loop {
             let out = self.output();
             if let Some(addr) = out
+                .get(self.spawned_at..)
+                .unwrap_or_default()
                 .lines()
                 .filter(|l| l.contains("serving /metrics"))
                 .find_map(|l| l.split("addr=").nth(1))
@@ -416,4 +423,47 @@ pub struct SeedMachine<'a> {
 /// A deterministic machine id for test number `n`.
 pub fn machine_id(n: u32) -> String {
     format!("{n:040x}")
+}
+
+/// `/readyz` of an operator: status and body (status 0 when it does not answer).
+pub async fn readyz(http: &reqwest::Client, addr: &str) -> (u16, String) {
+    match http.get(format!("http://{addr}/readyz")).send().await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// Whether `/readyz` says this replica leads (a standby is ready too, and says so).
+pub async fn is_leading(http: &reqwest::Client, addr: &str) -> bool {
+    let (status, body) = readyz(http, addr).await;
+    status == 200 && body.trim() == "ok: leader"
+}
+
+/// Waits until exactly one of the two replicas leads; returns its index.
+pub async fn the_leader(
+    http: &reqwest::Client,
+    ops: &[&Operator; 2],
+    addrs: &[String; 2],
+) -> usize {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let a = is_leading(http, &addrs[0]).await;
+        let b = is_leading(http, &addrs[1]).await;
+        assert!(
+            !(a && b),
+            "both replicas ready (leading) at once:\nA:\n{}\nB:\n{}",
+            ops[0].tail(),
+            ops[1].tail()
+        );
+        if a || b {
+            return if a { 0 } else { 1 };
+        }
+        assert!(
+            Instant::now() < end,
+            "no replica became the leader:\nA:\n{}\nB:\n{}",
+            ops[0].tail(),
+            ops[1].tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
