@@ -190,16 +190,14 @@ fn set_crd_notice(
         Err(
             watcher::Error::InitialListFailed(kube::Error::Api(status))
             | watcher::Error::WatchStartFailed(kube::Error::Api(status)),
-        ) if status.code == 404 => {
-            if !missing {
-                missing = true;
-                tracing::error!(
-                    scope = %scope,
-                    "the DeviceIsolationSet CRD is not installed: sets are not served until it is \
-                     (kubectl apply -f crds/deviceisolationsets.isolation.mde.dev.yaml); single \
-                     DeviceIsolations are served"
-                );
-            }
+        ) if status.code == 404 && !missing => {
+            missing = true;
+            tracing::error!(
+                scope = %scope,
+                "the DeviceIsolationSet CRD is not installed: sets are not served until it is \
+                 (kubectl apply -f crds/deviceisolationsets.isolation.mde.dev.yaml); single \
+                 DeviceIsolations are served"
+            );
         }
         // `Init` starts a list attempt; what follows it comes from the server.
         Ok(e) if missing && !matches!(e, watcher::Event::Init) => {
