@@ -309,18 +309,12 @@ pub async fn reconcile(set: Arc<DeviceIsolationSet>, ctx: Arc<Context>) -> Resul
         now: chrono::Utc::now(),
     });
     write_children(&set, &ctx, &selection, &children, &decision.admit).await?;
-    let new_status = json!({
-        "observedGeneration": set.metadata.generation,
-        "devices": decision.devices,
-        "canaryPassedGeneration": decision.canary_passed_generation,
-        "conditions": decision.conditions,
-    });
     let unchanged = status.observed_generation == set.metadata.generation
         && status.devices == decision.devices
         && status.canary_passed_generation == decision.canary_passed_generation
         && status.conditions == decision.conditions;
     if !unchanged {
-        write_status(&set, &ctx, new_status).await?;
+        write_status(&set, &ctx, decision.status_patch(set.metadata.generation)).await?;
     }
     publish(&set, &ctx, &decision.events).await;
     if !decision.holds() {

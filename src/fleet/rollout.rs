@@ -79,6 +79,17 @@ impl Decision {
     pub fn holds(&self) -> bool {
         self.reason.holds_children()
     }
+
+    /// The status fields this decision owns, as a merge patch for `generation` (the selection
+    /// is written on its own, when it is resolved).
+    pub fn status_patch(&self, generation: Option<i64>) -> serde_json::Value {
+        serde_json::json!({
+            "observedGeneration": generation,
+            "devices": self.devices,
+            "canaryPassedGeneration": self.canary_passed_generation,
+            "conditions": self.conditions,
+        })
+    }
 }
 
 /// Decides. See the module docs.
