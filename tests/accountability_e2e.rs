@@ -1,0 +1,252 @@
+//! Accountable changes (`policies/accountability.yaml`) against the real kube-apiserver, users
+//! impersonated with `kubectl --as`: `isolation.mde.dev/requested-by` must name whoever creates or
+//! changes the request, `isolation.mde.dev/approved-by` whoever approves, never the requester, for
+//! the generation they saw. Its own test binary: the policy binds cluster-wide.
+
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
+
+use common::cluster::{TestCluster, cluster};
+use common::poll::eventually;
+
+const POLICY_FILE: &str = "policies/accountability.yaml";
+const MACHINE: &str = "1e5bc9d7e413ddd7902c2932e418702b84d0cc07";
+
+fn repo_file(path: &str) -> String {
+    format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `kubectl ARGS` as `user` (`None`: the admin), feeding `stdin`.
+fn kubectl(c: &TestCluster, user: Option<&str>, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut cmd = c.kubectl();
+    if let Some(user) = user {
+        cmd.args(["--as", user]);
+    }
+    let mut child = cmd
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().expect("kubectl output")
+}
+
+fn ok(out: &Output) -> bool {
+    out.status.success()
+}
+
+fn said(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Users a and b may create and edit DeviceIsolations and sets anywhere.
+fn grant_users(c: &TestCluster) {
+    let rbac = r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: accountability-test-editor}
+rules:
+  - apiGroups: [isolation.mde.dev]
+    resources: [deviceisolations, deviceisolationsets]
+    verbs: [get, list, create, update, patch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: accountability-test-editor}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: accountability-test-editor}
+subjects:
+  - {apiGroup: rbac.authorization.k8s.io, kind: User, name: user-a}
+  - {apiGroup: rbac.authorization.k8s.io, kind: User, name: user-b}
+"#;
+    let out = kubectl(c, None, &["apply", "--server-side", "-f", "-"], rbac);
+    assert!(ok(&out), "{}", said(&out));
+}
+
+fn device_isolation(ns: &str, name: &str, requested_by: &str, comment: &str) -> String {
+    format!(
+        r#"
+apiVersion: isolation.mde.dev/v1alpha1
+kind: DeviceIsolation
+metadata:
+  name: {name}
+  namespace: {ns}
+  annotations:
+    isolation.mde.dev/comment: "{comment}"
+    isolation.mde.dev/requested-by: {requested_by}
+spec:
+  machineId: "{MACHINE}"
+  isolated: false
+"#
+    )
+}
+
+/// Applies the policy (after a server-side dry run) and waits until the API server enforces it.
+async fn install_policy(c: &TestCluster, ns: &str) {
+    let file = repo_file(POLICY_FILE);
+    let dry = kubectl(
+        c,
+        None,
+        &["apply", "--server-side", "--dry-run=server", "-f", &file],
+        "",
+    );
+    assert!(ok(&dry), "{}", said(&dry));
+    let out = kubectl(c, None, &["apply", "--server-side", "-f", &file], "");
+    assert!(ok(&out), "{}", said(&out));
+    // The API server loads a new policy within a few seconds: until then a lie is admitted.
+    let probe = device_isolation(ns, "probe", "user-b", "probe");
+    eventually(Duration::from_secs(60), "the policy enforced", || {
+        let out = kubectl(
+            c,
+            Some("user-a"),
+            &["create", "--dry-run=server", "-f", "-"],
+            &probe,
+        );
+        async move { if ok(&out) { Err(said(&out)) } else { Ok(()) } }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requested_by_and_approved_by_must_name_who_asks() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("accountable").await;
+    grant_users(c);
+    install_policy(c, &ns).await;
+
+    // user-a cannot name user-b as the requester; naming itself is admitted.
+    let lie = kubectl(
+        c,
+        Some("user-a"),
+        &["create", "-f", "-"],
+        &device_isolation(&ns, "release", "user-b", "INC-4711"),
+    );
+    assert!(!ok(&lie));
+    assert!(
+        said(&lie).contains("isolation.mde.dev/requested-by must name you (user-a)"),
+        "{}",
+        said(&lie)
+    );
+    let truth = kubectl(
+        c,
+        Some("user-a"),
+        &["create", "-f", "-"],
+        &device_isolation(&ns, "release", "user-a", "INC-4711"),
+    );
+    assert!(ok(&truth), "{}", said(&truth));
+
+    // user-b changing the spec or the comment must take the request over.
+    let patch_spec = r#"{"spec":{"isolated":true}}"#;
+    let out = kubectl(
+        c,
+        Some("user-b"),
+        &[
+            "patch",
+            "deviceisolation",
+            "release",
+            "-n",
+            &ns,
+            "--type=merge",
+            "-p",
+            patch_spec,
+        ],
+        "",
+    );
+    assert!(!ok(&out), "{}", said(&out));
+    let out = kubectl(
+        c,
+        Some("user-b"),
+        &[
+            "annotate",
+            "deviceisolation",
+            "release",
+            "-n",
+            &ns,
+            "--overwrite",
+            "isolation.mde.dev/comment=INC-4712",
+        ],
+        "",
+    );
+    assert!(!ok(&out), "{}", said(&out));
+    // An unrelated label is no change of the request.
+    let out = kubectl(
+        c,
+        Some("user-b"),
+        &["label", "deviceisolation", "release", "-n", &ns, "team=soc"],
+        "",
+    );
+    assert!(ok(&out), "{}", said(&out));
+    let takeover = r#"{"metadata":{"annotations":{"isolation.mde.dev/requested-by":"user-b"}},"spec":{"isolated":true}}"#;
+    let out = kubectl(
+        c,
+        Some("user-b"),
+        &[
+            "patch",
+            "deviceisolation",
+            "release",
+            "-n",
+            &ns,
+            "--type=merge",
+            "-p",
+            takeover,
+        ],
+        "",
+    );
+    assert!(ok(&out), "{}", said(&out));
+
+    // Approval: never by the requester, only by whoever sets it, for the generation seen.
+    let approve = |user: &str, approver: &str, generation: &str| {
+        kubectl(
+            c,
+            Some(user),
+            &[
+                "annotate",
+                "deviceisolation",
+                "release",
+                "-n",
+                &ns,
+                "--overwrite",
+                &format!("isolation.mde.dev/approved-by={approver}"),
+                &format!("isolation.mde.dev/approved-generation={generation}"),
+            ],
+            "",
+        )
+    };
+    let own = approve("user-b", "user-b", "2");
+    assert!(!ok(&own));
+    assert!(
+        said(&own).contains("cannot approve their own change"),
+        "{}",
+        said(&own)
+    );
+    let forged = approve("user-a", "user-c", "2");
+    assert!(!ok(&forged));
+    assert!(
+        said(&forged).contains("approved-by must name you (user-a)"),
+        "{}",
+        said(&forged)
+    );
+    let stale = approve("user-a", "user-a", "1");
+    assert!(!ok(&stale));
+    assert!(
+        said(&stale).contains("approved-generation must be the generation you approve (2)"),
+        "{}",
+        said(&stale)
+    );
+    let approved = approve("user-a", "user-a", "2");
+    assert!(ok(&approved), "{}", said(&approved));
+}
