@@ -13,13 +13,14 @@ bench: ## Run the benchmark; writes docs/benchmarks.md and .json (a subset: make
 	cargo build --release --quiet -p mde-sim
 	cargo bench --bench operator -- $(SCENARIOS)
 
-crd: ## Regenerate crds/ and the chart's copy from the Rust types
+crd: ## Regenerate crds/ and the chart's copy from the Rust types (and copy policies/ into the chart)
 	cargo build --quiet --bin mde-isolation-operator
 	$${CARGO_TARGET_DIR:-target}/debug/mde-isolation-operator crd --kind DeviceIsolation > crds/.crd.yaml.tmp
 	mv crds/.crd.yaml.tmp crds/deviceisolations.isolation.mde.dev.yaml
 	$${CARGO_TARGET_DIR:-target}/debug/mde-isolation-operator crd --kind DeviceIsolationSet > crds/.crd.yaml.tmp
 	mv crds/.crd.yaml.tmp crds/deviceisolationsets.isolation.mde.dev.yaml
 	cp crds/deviceisolations.isolation.mde.dev.yaml crds/deviceisolationsets.isolation.mde.dev.yaml charts/mde-isolation-operator/crds/
+	cp policies/accountability.yaml charts/mde-isolation-operator/policies/
 
 fmt:
 	cargo fmt --all

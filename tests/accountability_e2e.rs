@@ -250,3 +250,67 @@ async fn requested_by_and_approved_by_must_name_who_asks() {
     let approved = approve("user-a", "user-a", "2");
     assert!(ok(&approved), "{}", said(&approved));
 }
+
+#[test]
+fn the_charts_policy_is_the_committed_policy() {
+    let chart = std::fs::read_to_string(repo_file(
+        "charts/mde-isolation-operator/policies/accountability.yaml",
+    ))
+    .unwrap();
+    let committed = std::fs::read_to_string(repo_file(POLICY_FILE)).unwrap();
+    assert!(
+        chart == committed,
+        "charts/mde-isolation-operator/policies/accountability.yaml drifted: run `make crd`"
+    );
+}
+
+/// The chart with `admissionPolicy.enabled=true` renders the policy for its own ServiceAccount,
+/// and the API server accepts what it renders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_installs_the_policy_for_its_own_service_account() {
+    let c = cluster();
+    let mut helm = c.helm();
+    let out = helm
+        .args([
+            "template",
+            "soc",
+            &repo_file("charts/mde-isolation-operator"),
+            "-n",
+            "secops",
+            "--set",
+            "admissionPolicy.enabled=true",
+            "--set",
+            "mde.tenantId=t",
+            "--set",
+            "mde.clientId=c",
+            "--set",
+            "mde.existingSecret=s",
+            "--show-only",
+            "templates/admission-policy.yaml",
+        ])
+        .output()
+        .expect("helm");
+    let rendered = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(
+        rendered.contains(
+            "request.userInfo.username != 'system:serviceaccount:secops:soc-mde-isolation-operator'"
+        ),
+        "{rendered}"
+    );
+    for kind in [
+        "kind: ValidatingAdmissionPolicy\n",
+        "kind: ValidatingAdmissionPolicyBinding\n",
+        "kind: ClusterRole\n",
+        "kind: ClusterRoleBinding\n",
+    ] {
+        assert!(rendered.contains(kind), "no {kind}in {rendered}");
+    }
+    let dry = kubectl(
+        c,
+        None,
+        &["apply", "--server-side", "--dry-run=server", "-f", "-"],
+        &rendered,
+    );
+    assert!(ok(&dry), "{}", said(&dry));
+}
