@@ -37,6 +37,16 @@ pub fn comment_with_marker(comment: &str, marker: &str) -> String {
     format!("{} {}", comment.trim(), marker)
 }
 
+/// The requester part of a comment, before the marker: `requested-by=<name>`, followed by
+/// ` (unverified)` when no admission policy vouches that the annotation names who asked.
+pub fn requester_tag(name: &str, verified: bool) -> String {
+    if verified {
+        format!("requested-by={name}")
+    } else {
+        format!("requested-by={name} (unverified)")
+    }
+}
+
 /// Whether a `requestorComment` carries an audit tag of this operator (of any resource, any
 /// process): the action was requested through this operator's application.
 pub fn is_tagged(requestor_comment: Option<&str>) -> bool {

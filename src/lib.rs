@@ -9,7 +9,9 @@
 //! MDE's record ([`recall`]), so a restart does not start with a full budget in a spent window,
 //! and the gate learns from 429s what MDE allows beside other tools. The watch caches ([`cache`]) report deletions, so that
 //! what the process remembers per resource ([`reconcile::memory`]) is freed with it.
+//! [`accountability`] tells whether the API server vouches for who asked (requested-by).
 
+pub mod accountability;
 pub mod audit;
 pub mod cache;
 pub mod conditions;

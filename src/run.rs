@@ -130,6 +130,8 @@ async fn reconcile_when_leading(
     if di.owning_set().is_some() {
         ctx.sets.ready().await;
     }
+    // Who asked is tagged verified or not: know which before the first request.
+    ctx.accountability.checked().await;
     reconcile::reconcile(di, ctx).await
 }
 
@@ -322,6 +324,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         ambiguous_settle: Duration::from_secs(args.request_timeout_seconds * 2 + 1),
         ..scaled_timing(args.time_scale)
     };
+    // Whether the API server vouches for requested-by: a policy is rarely changed, so a minute.
+    let accountability = Arc::new(crate::accountability::Accountability::default());
+    tokio::spawn(crate::accountability::run(
+        kube.clone(),
+        accountability.clone(),
+        Duration::from_secs(60),
+        shutdown.clone(),
+    ));
     let events = EventPublisher::new(
         kube.clone(),
         reconcile::FIELD_MANAGER,
@@ -395,6 +405,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         stores: Stores::new(stores.clone()),
         sets: set_stores.clone(),
         selections: fleet::Selections::default(),
+        accountability: accountability.clone(),
         memory: Memory::default(),
         events,
         metrics: metrics.clone(),

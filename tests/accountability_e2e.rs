@@ -314,3 +314,48 @@ async fn the_chart_installs_the_policy_for_its_own_service_account() {
     );
     assert!(ok(&dry), "{}", said(&dry));
 }
+
+/// With the policy enforced, the operator passes who asked on to MDE as verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mde_comment_names_the_verified_requester() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("accountable-run").await;
+    grant_users(c);
+    install_policy(c, &ns).await;
+    let dir = tempfile::tempdir().unwrap();
+    let seed = common::operator::seed_file(
+        dir.path(),
+        &[common::operator::SeedMachine {
+            id: MACHINE,
+            name: "laptop-042.contoso.local",
+            behaviour: "online",
+            isolated: true,
+        }],
+    );
+    let sim = common::sim::Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", "60"]);
+    let op = common::operator::Operator::start(
+        &sim,
+        common::operator::OperatorConfig::new(&c.kubeconfig, &ns),
+    );
+    let out = kubectl(
+        c,
+        Some("user-a"),
+        &["create", "-f", "-"],
+        &device_isolation(&ns, "release", "user-a", "INC-4711"),
+    );
+    assert!(ok(&out), "{}", said(&out));
+    common::operator::wait_ready(&c.client().await, &ns, "release", &op).await;
+    let truth = sim.ground_truth(MACHINE).await;
+    let comment = truth["actions"][0]["requestorComment"].as_str().unwrap();
+    assert!(
+        comment.starts_with("INC-4711 requested-by=user-a [mde-isolation-operator "),
+        "{comment}"
+    );
+    assert!(
+        op.output()
+            .contains("requested-by is enforced by the admission policy"),
+        "{}",
+        op.tail()
+    );
+}

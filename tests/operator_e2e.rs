@@ -71,11 +71,16 @@ async fn release_converges_with_one_unisolate_and_restarts_cost_nothing() {
     .await;
     let mut op = Operator::start(&sim, OperatorConfig::new(&c.kubeconfig, &ns));
 
-    let di = device_isolation(
+    let mut di = device_isolation(
         "laptop-042",
         &m,
         false,
         Some("Released after clean re-image (INC-4711)"),
+    );
+    // No accountability policy in this cluster: who asked is passed on, marked unverified.
+    di.metadata.annotations.get_or_insert_default().insert(
+        "isolation.mde.dev/requested-by".into(),
+        "alice@contoso.com".into(),
     );
     apply(&client, &ns, &di).await;
     let ready = wait_ready(&client, &ns, "laptop-042", &op).await;
@@ -108,6 +113,10 @@ async fn release_converges_with_one_unisolate_and_restarts_cost_nothing() {
     assert!(
         comment.contains(&format!("{ns}/laptop-042")),
         "audit tag: {comment}"
+    );
+    assert!(
+        comment.contains(" requested-by=alice@contoso.com (unverified) [mde-isolation-operator "),
+        "{comment}"
     );
     let machine_calls = calls_for(&sim, &m).await;
     assert_eq!(posts(&machine_calls, "unisolate"), 1, "{machine_calls:#?}");

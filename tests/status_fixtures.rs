@@ -93,6 +93,7 @@ impl Resource {
             spec: &self.spec,
             comment: Some(COMMENT),
             retry_request: None,
+            requested_by: None,
             status: &status,
             siblings: &[],
             facts,

@@ -27,6 +27,10 @@ pub const COMMENT_ANNOTATION: &str = "isolation.mde.dev/comment";
 /// Annotation that requests a fresh attempt (any new value), like Flux's `requestedAt`.
 pub const RETRY_ANNOTATION: &str = "isolation.mde.dev/retry-requested-at";
 
+/// Annotation naming who asked for the current spec and comment (enforced by the accountability
+/// admission policy, `policies/accountability.yaml`, when it is installed).
+pub const REQUESTED_BY_ANNOTATION: &str = "isolation.mde.dev/requested-by";
+
 /// Desired isolation state of one Defender for Endpoint device.
 // clippy reads the repeated `type_ = "string"` of the printer columns as duplicated attributes.
 #[allow(clippy::duplicated_attributes)]
@@ -218,12 +222,22 @@ fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
     meta.annotations.as_ref()?.get(key).map(String::as_str)
 }
 
+/// An annotation's value, trimmed; `None` when missing or blank.
+fn trimmed_annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    annotation(meta, key)
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
 impl DeviceIsolation {
+    /// The requested-by annotation, trimmed; `None` when missing or blank.
+    pub fn requested_by(&self) -> Option<&str> {
+        trimmed_annotation(&self.metadata, REQUESTED_BY_ANNOTATION)
+    }
+
     /// The comment annotation, trimmed; `None` when missing or blank.
     pub fn comment(&self) -> Option<&str> {
-        annotation(&self.metadata, COMMENT_ANNOTATION)
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
+        trimmed_annotation(&self.metadata, COMMENT_ANNOTATION)
     }
 
     /// The set that owns this resource (its controller ownerReference of kind

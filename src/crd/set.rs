@@ -290,9 +290,12 @@ pub struct DeviceCounts {
 impl DeviceIsolationSet {
     /// The comment annotation, trimmed; `None` when missing or blank.
     pub fn comment(&self) -> Option<&str> {
-        super::annotation(&self.metadata, super::COMMENT_ANNOTATION)
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
+        super::trimmed_annotation(&self.metadata, super::COMMENT_ANNOTATION)
+    }
+
+    /// The requested-by annotation, trimmed; `None` when missing or blank.
+    pub fn requested_by(&self) -> Option<&str> {
+        super::trimmed_annotation(&self.metadata, super::REQUESTED_BY_ANNOTATION)
     }
 
     /// The refresh-request annotation value, if any.

@@ -240,9 +240,15 @@ pub fn child_for(set: &DeviceIsolationSet, machine_id: &str) -> DeviceIsolation 
     );
     child.metadata.namespace = set.namespace();
     child.metadata.labels = Some([(SET_LABEL.to_string(), set.name_any())].into());
-    child.metadata.annotations = set
-        .comment()
-        .map(|c| [(COMMENT_ANNOTATION.to_string(), c.to_string())].into());
+    // The comment, and who asked for the set (checked by the admission policy when the set was).
+    let annotations: std::collections::BTreeMap<String, String> = [
+        (COMMENT_ANNOTATION, set.comment()),
+        (crate::crd::REQUESTED_BY_ANNOTATION, set.requested_by()),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k.to_string(), v?.to_string())))
+    .collect();
+    child.metadata.annotations = (!annotations.is_empty()).then_some(annotations);
     child.metadata.owner_references = set.controller_owner_ref(&()).map(|mut o| {
         o.block_owner_deletion = Some(true);
         vec![o]

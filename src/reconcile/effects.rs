@@ -55,6 +55,8 @@ pub trait Effects: Send + Sync {
     fn nudge_view(&self);
     /// Why the resource's DeviceIsolationSet lets it request nothing new, if it does.
     fn set_hold(&self) -> Option<String>;
+    /// Whether the API server vouches for the requested-by annotation.
+    fn requester_verified(&self) -> bool;
     /// Finds the devices named `name`.
     fn resolve(&self, name: &str) -> impl Future<Output = Resolution> + Send;
     /// Lists `machine`'s recent Isolate/Unisolate actions into the view.
@@ -163,6 +165,10 @@ impl Effects for Live<'_> {
 
     fn nudge_view(&self) {
         self.ctx.poller_nudge.notify_one();
+    }
+
+    fn requester_verified(&self) -> bool {
+        self.ctx.accountability.verified()
     }
 
     fn set_hold(&self) -> Option<String> {

@@ -68,6 +68,8 @@ pub struct Context {
     pub sets: crate::fleet::SetStores,
     /// Set selections written and not cached yet.
     pub selections: crate::fleet::Selections,
+    /// Whether the API server vouches for requested-by.
+    pub accountability: Arc<crate::accountability::Accountability>,
     /// Per-resource process memory.
     pub memory: Memory,
     /// Event publisher.
@@ -204,6 +206,7 @@ impl Pass {
                 synced,
                 view_failure,
                 set_hold: fx.set_hold(),
+                requester_verified: fx.requester_verified(),
                 actions: machine
                     .as_deref()
                     .map(|m| fx.actions_for(m))
@@ -238,6 +241,7 @@ impl Pass {
             spec: &di.spec,
             comment: di.comment(),
             retry_request: di.retry_request(),
+            requested_by: di.requested_by(),
             status: &self.status,
             siblings: &self.siblings,
             facts: &self.facts,

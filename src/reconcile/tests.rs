@@ -134,6 +134,9 @@ impl Effects for Fake {
     fn nudge_view(&self) {
         self.log(Call::Nudge);
     }
+    fn requester_verified(&self) -> bool {
+        true
+    }
     fn set_hold(&self) -> Option<String> {
         self.set_hold.lock().unwrap().clone()
     }

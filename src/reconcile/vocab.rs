@@ -233,6 +233,9 @@ pub struct Facts {
     /// Why the DeviceIsolationSet owning the resource lets it request nothing new (paused,
     /// stopped, deleted); `None` for a resource of no set, or a set rolling out.
     pub set_hold: Option<String>,
+    /// Whether the API server vouches for the requested-by annotation (the accountability
+    /// admission policy is installed and enforced).
+    pub requester_verified: bool,
 }
 
 /// A device that carries the name being resolved.
@@ -321,6 +324,8 @@ pub struct Input<'a> {
     pub comment: Option<&'a str>,
     /// The retry-request annotation.
     pub retry_request: Option<&'a str>,
+    /// The requested-by annotation: who asked for this generation.
+    pub requested_by: Option<&'a str>,
     /// Current status (default when none).
     pub status: &'a DeviceIsolationStatus,
     /// Other resources for the same machine.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::vocab::*;
-use crate::audit::{AuditTag, carries_marker, comment_with_marker};
+use crate::audit::{AuditTag, carries_marker, comment_with_marker, requester_tag};
 use crate::conditions::{self, Condition, Phase, STALLED};
 use crate::crd::{DeviceIsolationStatus, DriftPolicy, Intent};
 use crate::mde::model::ActionStatus;
@@ -111,6 +111,21 @@ impl<'a> Planner<'a> {
     /// The machine id; only called once it is known.
     pub(super) fn machine_id(&self) -> String {
         self.machine.clone().unwrap_or_default()
+    }
+
+    /// Who asked, as the comment and the events say it (see [`requester_tag`]).
+    pub(super) fn requester(&self) -> Option<String> {
+        self.input
+            .requested_by
+            .map(|name| requester_tag(name, self.facts().requester_verified))
+    }
+
+    /// The comment's text as sent to MDE before the marker: the annotation and who asked.
+    pub(super) fn request_text(&self, comment: &str) -> String {
+        match self.requester() {
+            Some(tag) => format!("{} {tag}", comment.trim()),
+            None => comment.to_string(),
+        }
     }
 
     pub(super) fn current_intent(&self) -> Option<Intent> {

@@ -224,7 +224,7 @@ impl Planner<'_> {
                 machine_id,
                 kind: self.desired,
                 isolation_type: self.input.spec.isolation_type,
-                comment: comment_with_marker(comment, &marker),
+                comment: comment_with_marker(&self.request_text(comment), &marker),
                 priority: if self.status.intent.as_ref().map_or(1, |i| i.attempt) > 1 {
                     Priority::Low
                 } else {

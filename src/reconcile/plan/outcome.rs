@@ -24,17 +24,17 @@ impl Planner<'_> {
                 } else {
                     Reason::ActionAdopted
                 };
-                self.event(
-                    false,
-                    reason,
-                    format!(
-                        "{} action {} for machine {} is {}",
-                        action.kind.as_str(),
-                        action.id,
-                        self.machine_id(),
-                        action.status.as_str()
-                    ),
+                let mut note = format!(
+                    "{} action {} for machine {} is {}",
+                    action.kind.as_str(),
+                    action.id,
+                    self.machine_id(),
+                    action.status.as_str()
                 );
+                if let (true, Some(tag)) = (ours, self.requester()) {
+                    note.push_str(&format!("; {tag}"));
+                }
+                self.event(false, reason, note);
                 self.status.action = Some(action.tracked());
                 Some(self.follow(action.clone()))
             }

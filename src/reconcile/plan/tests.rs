@@ -37,6 +37,7 @@ struct Case {
     generation: i64,
     comment: Option<&'static str>,
     retry: Option<&'static str>,
+    requested_by: Option<&'static str>,
     status: DeviceIsolationStatus,
     siblings: Vec<Sibling>,
     facts: Facts,
@@ -53,6 +54,7 @@ impl Case {
             generation: 1,
             comment: Some("Released after re-image (INC-4711)"),
             retry: None,
+            requested_by: None,
             status: DeviceIsolationStatus::default(),
             siblings: vec![],
             facts: Facts {
@@ -91,6 +93,7 @@ impl Case {
             spec: &spec,
             comment: self.comment,
             retry_request: self.retry,
+            requested_by: self.requested_by,
             status: &self.status,
             siblings: &self.siblings,
             facts: &self.facts,
@@ -336,6 +339,42 @@ fn created_action_is_recorded_and_the_intent_cleared() {
     assert!(plan.status.intent.is_none());
     assert_eq!(plan.events[0].reason, "ActionRequested");
     assert_eq!(reason(&plan, RECONCILING).as_deref(), Some("ActionPending"));
+}
+
+#[test]
+fn the_comment_and_the_event_name_who_asked_and_whether_the_api_server_vouches_for_it() {
+    for (requested_by, verified, want) in [
+        (Some("user-a"), true, Some("requested-by=user-a ")),
+        (
+            Some("user-a"),
+            false,
+            Some("requested-by=user-a (unverified) "),
+        ),
+        (None, true, None),
+    ] {
+        let mut case = Case::release();
+        case.requested_by = requested_by;
+        case.facts.requester_verified = verified;
+        let (mut case, plan) = case.settle();
+        let Effect::Post { comment, .. } = &plan.effect else {
+            panic!("expected a POST, got {:?}", plan.effect)
+        };
+        let marker = &case.status.intent.as_ref().unwrap().marker;
+        match want {
+            Some(tag) => assert_eq!(
+                comment,
+                &format!("Released after re-image (INC-4711) {tag}{marker}")
+            ),
+            None => assert!(!comment.contains("requested-by"), "{comment}"),
+        }
+        let a = our_action(&case, ActionStatus::Pending);
+        case.facts.post = Some(PostOutcome::Action(a));
+        let note = &case.plan().events[0].note;
+        match want {
+            Some(tag) => assert!(note.ends_with(&format!("; {}", tag.trim_end())), "{note}"),
+            None => assert!(!note.contains("requested-by"), "{note}"),
+        }
+    }
 }
 
 #[test]
