@@ -8,7 +8,7 @@ mod common;
 use std::process::Output;
 use std::time::Duration;
 
-use common::cluster::{TestCluster, cluster};
+use common::cluster::{CHART_REQUIRED_VALUES, TestCluster, cluster};
 use common::poll::eventually;
 
 const POLICY_FILE: &str = "policies/accountability.yaml";
@@ -43,6 +43,11 @@ fn kubectl(c: &TestCluster, user: Option<&str>, args: &[&str], stdin: &str) -> O
 
 fn ok(out: &Output) -> bool {
     out.status.success()
+}
+
+/// Asserts that kubectl was refused with a message containing `why`.
+fn refused(out: &Output, why: &str) {
+    assert!(!ok(out) && said(out).contains(why), "{}", said(out));
 }
 
 fn said(out: &Output) -> String {
@@ -135,11 +140,9 @@ async fn requested_by_and_approved_by_must_name_who_asks() {
         &["create", "-f", "-"],
         &device_isolation(&ns, "release", "user-b", "INC-4711"),
     );
-    assert!(!ok(&lie));
-    assert!(
-        said(&lie).contains("isolation.mde.dev/requested-by must name you (user-a)"),
-        "{}",
-        said(&lie)
+    refused(
+        &lie,
+        "isolation.mde.dev/requested-by must name you (user-a)",
     );
     let truth = kubectl(
         c,
@@ -226,26 +229,17 @@ async fn requested_by_and_approved_by_must_name_who_asks() {
             "",
         )
     };
-    let own = approve("user-b", "user-b", "2");
-    assert!(!ok(&own));
-    assert!(
-        said(&own).contains("cannot approve their own change"),
-        "{}",
-        said(&own)
+    refused(
+        &approve("user-b", "user-b", "2"),
+        "cannot approve their own change",
     );
-    let forged = approve("user-a", "user-c", "2");
-    assert!(!ok(&forged));
-    assert!(
-        said(&forged).contains("approved-by must name you (user-a)"),
-        "{}",
-        said(&forged)
+    refused(
+        &approve("user-a", "user-c", "2"),
+        "approved-by must name you (user-a)",
     );
-    let stale = approve("user-a", "user-a", "1");
-    assert!(!ok(&stale));
-    assert!(
-        said(&stale).contains("approved-generation must be the generation you approve (2)"),
-        "{}",
-        said(&stale)
+    refused(
+        &approve("user-a", "user-a", "1"),
+        "approved-generation must be the generation you approve (2)",
     );
     let approved = approve("user-a", "user-a", "2");
     assert!(ok(&approved), "{}", said(&approved));
@@ -269,22 +263,14 @@ fn the_charts_policy_is_the_committed_policy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_installs_the_policy_for_its_own_service_account() {
     let c = cluster();
-    let mut helm = c.helm();
-    let out = helm
+    let chart = repo_file("charts/mde-isolation-operator");
+    let out = c
+        .helm()
+        .args(["template", "soc", &chart, "-n", "secops"])
+        .args(CHART_REQUIRED_VALUES)
         .args([
-            "template",
-            "soc",
-            &repo_file("charts/mde-isolation-operator"),
-            "-n",
-            "secops",
             "--set",
             "admissionPolicy.enabled=true",
-            "--set",
-            "mde.tenantId=t",
-            "--set",
-            "mde.clientId=c",
-            "--set",
-            "mde.existingSecret=s",
             "--show-only",
             "templates/admission-policy.yaml",
         ])

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::cluster::cluster;
-use common::operator::{Operator, OperatorConfig, is_leading, machine_id, the_leader};
+use common::operator::{Operator, OperatorConfig, machine_id, the_leader, wait_leading};
 use common::poll::poll;
 use common::sim::Sim;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -760,15 +760,8 @@ async fn a_killed_leader_hands_the_rollout_over_without_a_second_action() {
         .await;
         ops[leader].kill();
         let standby = 1 - leader;
-        let end = Instant::now() + Duration::from_secs(LEASE_SECONDS * 3);
-        while !is_leading(&http, &addrs[standby]).await {
-            assert!(
-                Instant::now() < end,
-                "the standby did not take over:\n{}",
-                ops[standby].tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let within = Duration::from_secs(LEASE_SECONDS * 3);
+        wait_leading(&http, &addrs[standby], within, &ops[standby]).await;
         ops[leader].restart();
         leader = standby;
     }

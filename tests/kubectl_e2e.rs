@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::cluster::{SA_NAME, SA_NAMESPACE, cluster};
+use common::cluster::{CHART_REQUIRED_VALUES, SA_NAME, SA_NAMESPACE, cluster};
 use common::operator::{
     Operator, OperatorConfig, SeedMachine, condition, machine_id, seed_file, wait_ready,
 };
@@ -37,15 +37,6 @@ const SCALE: &str = "60";
 /// Longest any single kubectl or helm invocation may take before the test fails; far above
 /// what they need, so that only a hang trips it.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(180);
-/// Values the chart requires (it fails to render without them).
-const REQUIRED_VALUES: [&str; 6] = [
-    "--set",
-    "mde.tenantId=t",
-    "--set",
-    "mde.clientId=c",
-    "--set",
-    "mde.existingSecret=s",
-];
 /// The ServiceAccount identity the harness issued a token for, as RBAC sees it.
 const SA_USER: &str = "system:serviceaccount:mde-sa-test:mde-isolation-operator";
 
@@ -767,7 +758,7 @@ async fn helm_chart_lints_and_renders_what_the_server_accepts() {
     let chart = chart.to_str().expect("utf-8 path");
 
     let mut args = vec!["lint", chart];
-    args.extend(REQUIRED_VALUES);
+    args.extend(CHART_REQUIRED_VALUES);
     let out = tools.helm(&args, None).await.ok();
     assert!(
         out.stdout.contains("1 chart(s) linted, 0 chart(s) failed"),
@@ -829,7 +820,7 @@ async fn helm_chart_lints_and_renders_what_the_server_accepts() {
     for (variant, extra, expected) in variants {
         let ns = c.namespace(&format!("helm-{variant}")).await;
         let mut args = vec!["template", "x", chart, "-n", &ns];
-        args.extend(REQUIRED_VALUES);
+        args.extend(CHART_REQUIRED_VALUES);
         args.extend(extra);
         let rendered = tools.helm(&args, None).await.ok();
         let out = tools
@@ -880,7 +871,7 @@ async fn chart_identity_objects(tools: &Tools) -> (String, Vec<String>) {
     ];
     let sa_value = format!("serviceAccount.name={SA_NAME}");
     args.push(&sa_value);
-    args.extend(REQUIRED_VALUES);
+    args.extend(CHART_REQUIRED_VALUES);
     let rendered = tools.helm(&args, None).await.ok();
     let mut docs = Vec::new();
     let mut kinds = Vec::new();

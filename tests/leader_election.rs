@@ -7,10 +7,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::cluster::{SA_NAME, SA_NAMESPACE, cluster};
+use common::cluster::{CHART_REQUIRED_VALUES, SA_NAME, SA_NAMESPACE, cluster};
 use common::operator::{
     Operator, OperatorConfig, create, device_isolation, is_leading, machine_id, readyz, the_leader,
-    wait_ready,
+    wait_leading, wait_ready,
 };
 use common::sim::Sim;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -211,15 +211,8 @@ async fn standby_takes_over_from_a_killed_leader_without_duplicate_actions() {
     );
 
     // Takeover: within the lease duration, plus two read intervals (2/15 of it each) and slack.
-    let end = killed_at + Duration::from_secs(LEASE_SECONDS * 2);
-    while !is_leading(&http, &addrs[standby]).await {
-        assert!(
-            Instant::now() < end,
-            "the standby did not take over:\n{}",
-            ops[standby].tail()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let within = Duration::from_secs(LEASE_SECONDS * 2).saturating_sub(killed_at.elapsed());
+    wait_leading(&http, &addrs[standby], within, &ops[standby]).await;
     let takeover = killed_at.elapsed();
     let bound = Duration::from_secs_f64(LEASE_SECONDS as f64 * (1.0 + 4.0 / 15.0) + 2.0);
     assert!(
@@ -462,29 +455,17 @@ async fn leader_election_works_under_the_charts_rbac() {
     let fullname = format!("{release}-mde-isolation-operator");
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/mde-isolation-operator");
     let sa = format!("serviceAccount.name={SA_NAME}");
-    let rendered = run_tool(
-        c.helm(),
-        &[
-            "template",
-            &release,
-            chart,
-            "-n",
-            SA_NAMESPACE,
-            "--set",
-            "mde.tenantId=t",
-            "--set",
-            "mde.clientId=c",
-            "--set",
-            "mde.existingSecret=s",
-            "--set",
-            "serviceAccount.create=false",
-            "--set",
-            &sa,
-            "--set",
-            "leaderElection.enabled=true",
-        ],
-        None,
-    );
+    let mut args = vec!["template", &release, chart, "-n", SA_NAMESPACE];
+    args.extend(CHART_REQUIRED_VALUES);
+    args.extend([
+        "--set",
+        "serviceAccount.create=false",
+        "--set",
+        &sa,
+        "--set",
+        "leaderElection.enabled=true",
+    ]);
+    let rendered = run_tool(c.helm(), &args, None);
     let mut rbac = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(&rendered) {
         let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).expect("yaml");

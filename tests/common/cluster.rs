@@ -48,6 +48,16 @@ const READY_TIMEOUT: Duration = Duration::from_secs(240);
 /// Lines of harness log kept for failure messages.
 const LOG_TAIL_LINES: usize = 80;
 
+/// `helm` arguments the chart requires (it refuses to render without them).
+pub const CHART_REQUIRED_VALUES: [&str; 6] = [
+    "--set",
+    "mde.tenantId=t",
+    "--set",
+    "mde.clientId=c",
+    "--set",
+    "mde.existingSecret=s",
+];
+
 /// Field manager for the server-side applies done by the helpers.
 const FIELD_MANAGER: &str = "mde-test-harness";
 

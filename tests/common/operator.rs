@@ -439,6 +439,19 @@ pub async fn is_leading(http: &reqwest::Client, addr: &str) -> bool {
     status == 200 && body.trim() == "ok: leader"
 }
 
+/// Waits until the replica at `addr` leads, failing after `within` with its log.
+pub async fn wait_leading(http: &reqwest::Client, addr: &str, within: Duration, op: &Operator) {
+    let end = Instant::now() + within;
+    while !is_leading(http, addr).await {
+        assert!(
+            Instant::now() < end,
+            "the standby did not take over:\n{}",
+            op.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until exactly one of the two replicas leads; returns its index.
 pub async fn the_leader(
     http: &reqwest::Client,
