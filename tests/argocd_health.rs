@@ -1,12 +1,17 @@
 //! The Argo CD health check (`charts/mde-isolation-operator/argocd/health.lua`) run by a real Lua
 //! interpreter against the planner's phase fixtures (`tests/fixtures/phases/`, see
-//! `tests/status_fixtures.rs`).
+//! `tests/status_fixtures.rs`) and the rollout's set phase fixtures (`tests/fixtures/set-phases/`,
+//! see `tests/set_status_fixtures.rs`). One script serves both kinds: it reads only
+//! `metadata.generation`, `status.observedGeneration` and the Ready, Reconciling and Stalled
+//! conditions, which a DeviceIsolation and a DeviceIsolationSet report alike.
 //!
 //! Argo CD evaluates health checks with gopher-lua, a Lua 5.1 implementation, with the live object
 //! as the global `obj` and the chunk's return value as the result. Each case here does the same
 //! under `lua5.1` and `lua5.4` (both installed by `scripts/install-lua.sh`): the fixture becomes a
 //! Lua table literal assigned to `obj`, the script runs with `dofile`, and `status` and `message`
 //! of the table it returns are compared. A missing interpreter fails the test: it never skips.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -105,10 +110,11 @@ fn health(lua: &str, object: &Value) -> (String, String) {
 }
 
 fn fixture(stem: &str) -> Value {
-    let path = repo().join(format!("tests/fixtures/phases/{stem}.json"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (see tests/status_fixtures.rs)", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    common::fixtures::read(&common::fixtures::dir("phases"), stem)
+}
+
+fn set_fixture(stem: &str) -> Value {
+    common::fixtures::read(&common::fixtures::dir("set-phases"), stem)
 }
 
 /// `"<reason>: <message>"` of condition `type_` of a fixture.
@@ -150,12 +156,50 @@ fn expectations() -> Vec<(&'static str, &'static str, String)> {
     ]
 }
 
-#[test]
-fn health_of_every_phase_fixture_under_real_lua() {
+/// The expected Argo CD health of every set phase fixture: `(file stem, status, message)`.
+fn set_expectations() -> Vec<(&'static str, &'static str, String)> {
+    let paused = set_fixture("set-paused");
+    let rolling_out = set_fixture("set-rolling-out");
+    let converged = set_fixture("set-converged");
+    let too_large = set_fixture("set-too-large");
+    vec![
+        (
+            "set-just-applied",
+            "Progressing",
+            "Waiting for the operator to report status".into(),
+        ),
+        // Paused is Reconciling: Argo CD shows it Progressing, as long as it stays paused.
+        (
+            "set-paused",
+            "Progressing",
+            described(&paused, "Reconciling"),
+        ),
+        (
+            "set-rolling-out",
+            "Progressing",
+            described(&rolling_out, "Reconciling"),
+        ),
+        ("set-converged", "Healthy", described(&converged, "Ready")),
+        (
+            "set-too-large",
+            "Degraded",
+            described(&too_large, "Stalled"),
+        ),
+        (
+            "set-new-generation",
+            "Progressing",
+            "Waiting for the operator to observe generation 2 (status is for 1)".into(),
+        ),
+    ]
+}
+
+/// Runs the script on every `(stem, status, message)` of `cases` (read with `read`) under every
+/// interpreter; fails listing every mismatch.
+fn check_health(cases: Vec<(&'static str, &'static str, String)>, read: fn(&str) -> Value) {
     let interpreters: Vec<String> = INTERPRETERS.iter().map(|n| interpreter(n)).collect();
     let mut failures = Vec::new();
-    for (stem, want_status, want_message) in expectations() {
-        let object = fixture(stem);
+    for (stem, want_status, want_message) in cases {
+        let object = read(stem);
         for lua in &interpreters {
             let (status, message) = health(lua, &object);
             if (status.as_str(), &message) != (want_status, &want_message) {
@@ -168,27 +212,36 @@ fn health_of_every_phase_fixture_under_real_lua() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-#[test]
-fn every_phase_fixture_has_an_expectation() {
-    let dir = repo().join("tests/fixtures/phases");
-    let mut stems: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let p = e.path();
-            (p.extension()? == "json").then(|| p.file_stem()?.to_str().map(String::from))?
-        })
-        .collect();
-    stems.sort();
-    let mut expected: Vec<String> = expectations()
-        .into_iter()
-        .map(|(s, ..)| s.to_string())
-        .collect();
+/// Fails unless `cases` name exactly the fixtures of `tests/fixtures/<dir>`.
+fn check_coverage(dir: &str, cases: Vec<(&'static str, &'static str, String)>) {
+    let stems = common::fixtures::stems(&common::fixtures::dir(dir));
+    let mut expected: Vec<String> = cases.into_iter().map(|(s, ..)| s.to_string()).collect();
     expected.sort();
+    assert!(!stems.is_empty(), "no fixtures in tests/fixtures/{dir}");
     assert_eq!(
         stems, expected,
-        "a new phase fixture needs its Argo CD health here"
+        "a new fixture in tests/fixtures/{dir} needs its Argo CD health here"
     );
+}
+
+#[test]
+fn health_of_every_phase_fixture_under_real_lua() {
+    check_health(expectations(), fixture);
+}
+
+#[test]
+fn health_of_every_set_phase_fixture_under_real_lua() {
+    check_health(set_expectations(), set_fixture);
+}
+
+#[test]
+fn every_phase_fixture_has_an_expectation() {
+    check_coverage("phases", expectations());
+}
+
+#[test]
+fn every_set_phase_fixture_has_an_expectation() {
+    check_coverage("set-phases", set_expectations());
 }
 
 #[test]
@@ -215,23 +268,26 @@ fn lua_literals_keep_strings_exact() {
 }
 
 #[test]
-fn docs_embed_the_shipped_script() {
+fn docs_give_both_kinds_the_shipped_script() {
     let script = std::fs::read_to_string(script_path()).expect("health.lua");
     let docs = std::fs::read_to_string(repo().join("docs/gitops.md")).expect("docs/gitops.md");
-    // The argocd-cm example indents the script by four spaces under its key.
-    let indented: String = script
-        .lines()
-        .map(|l| {
-            if l.is_empty() {
-                "\n".to_string()
-            } else {
-                format!("    {l}\n")
-            }
-        })
-        .collect();
-    assert!(
-        docs.contains(&indented),
-        "docs/gitops.md must embed charts/mde-isolation-operator/argocd/health.lua verbatim \
-         (indented by 4 spaces) in its argocd-cm example"
-    );
+    // The argocd-cm example: the YAML block of docs/gitops.md that holds a ConfigMap.
+    let example = docs
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|block| block.split("```").next())
+        .find(|block| block.contains("kind: ConfigMap"))
+        .expect("docs/gitops.md has an argocd-cm example");
+    let configmap: serde_yaml::Value = serde_yaml::from_str(example)
+        .unwrap_or_else(|e| panic!("the argocd-cm example of docs/gitops.md: {e}"));
+    assert_eq!(configmap["metadata"]["name"].as_str(), Some("argocd-cm"));
+    for kind in ["DeviceIsolation", "DeviceIsolationSet"] {
+        let key = format!("resource.customizations.health.isolation.mde.dev_{kind}");
+        assert_eq!(
+            configmap["data"][key.as_str()].as_str(),
+            Some(script.as_str()),
+            "the argocd-cm example of docs/gitops.md must give {key} \
+             charts/mde-isolation-operator/argocd/health.lua verbatim"
+        );
+    }
 }

@@ -15,8 +15,9 @@
 //! | `stalled.json` | MDE answered 404 for the machine (`Stalled`, `MachineNotFound`) |
 //! | `new-generation.json` | `released.json` after a spec edit (generation 2) the operator has not observed yet |
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use mde_isolation_operator::conditions::{self, READY, RECONCILING, STALLED};
@@ -293,68 +294,13 @@ fn phases() -> BTreeMap<&'static str, Value> {
     out
 }
 
-fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/phases")
-}
-
 #[test]
 fn committed_phase_fixtures_match_the_planner() {
-    let dir = fixtures_dir();
-    let update = std::env::var_os("UPDATE_FIXTURES").is_some_and(|v| !v.is_empty() && v != "0");
-    let produced = phases();
-    let hint =
-        "regenerate with `UPDATE_FIXTURES=1 cargo test --test status_fixtures` and review the diff";
-
-    if update {
-        std::fs::create_dir_all(&dir).expect("create tests/fixtures/phases");
-    }
-    let mut problems = Vec::new();
-    for (stem, object) in &produced {
-        let path = dir.join(format!("{stem}.json"));
-        let text = serde_json::to_string_pretty(object).expect("JSON") + "\n";
-        if update {
-            std::fs::write(&path, &text)
-                .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-            continue;
-        }
-        match std::fs::read_to_string(&path) {
-            Err(e) => problems.push(format!("{}: {e}", path.display())),
-            Ok(committed) => {
-                let parsed: Value = serde_json::from_str(&committed)
-                    .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
-                if &parsed != object {
-                    problems.push(format!(
-                        "{} drifted from the planner; it now produces:\n{text}",
-                        path.display()
-                    ));
-                }
-            }
-        }
-    }
-    // A fixture the planner no longer produces would go on being tested against: remove it.
-    let entries = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}; {hint}", dir.display()))
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"));
-    for path in entries {
-        let stem = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default();
-        if !produced.contains_key(stem) {
-            if update {
-                std::fs::remove_file(&path)
-                    .unwrap_or_else(|e| panic!("remove {}: {e}", path.display()));
-            } else {
-                problems.push(format!(
-                    "{} is not produced by this test any more",
-                    path.display()
-                ));
-            }
-        }
-    }
-    assert!(problems.is_empty(), "{}\n{hint}", problems.join("\n"));
+    common::fixtures::check(
+        &common::fixtures::dir("phases"),
+        &phases(),
+        "status_fixtures",
+    );
 }
 
 #[test]

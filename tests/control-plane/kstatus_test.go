@@ -1,6 +1,6 @@
 package main
 
-// How Flux sees a DeviceIsolation: Flux's health checks (Kustomization `wait: true` and
+// How Flux sees a DeviceIsolation and a DeviceIsolationSet: Flux's health checks (Kustomization `wait: true` and
 // `healthChecks`) compute each object's status with kstatus, the library tested here
 // (sigs.k8s.io/cli-utils/pkg/kstatus/status). kstatus reads the Reconciling and Stalled
 // conditions, the Ready condition, and status.observedGeneration against metadata.generation.
@@ -8,9 +8,11 @@ package main
 // The test starts the control plane of this directory (the binary built and cached by
 // scripts/build-control-plane.sh, or the cluster of MDE_TEST_KUBECONFIG), installs ../../crds,
 // and creates one live DeviceIsolation per phase fixture of ../fixtures/phases (produced by the
-// real planner, see tests/status_fixtures.rs): create, then write the fixture's status through
-// the status subresource, then, for a fixture whose generation is 2, edit the spec. It reads
-// each object back and asserts what kstatus makes of it.
+// real planner, see tests/status_fixtures.rs) and one live DeviceIsolationSet per fixture of
+// ../fixtures/set-phases (produced by the real rollout, see tests/set_status_fixtures.rs):
+// create, then write the fixture's status through the status subresource, then, for a fixture
+// whose generation is 2, edit the spec. It reads each object back and asserts what kstatus and
+// the healthCheckExprs of docs/gitops.md make of it.
 //
 // Run it with `go test ./...` in this directory (scripts/test.sh does). It never skips: a
 // control plane that cannot be built or started fails the test.
@@ -27,7 +29,6 @@ import (
 	"path/filepath"
 	"reflect"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -48,10 +49,11 @@ import (
 )
 
 const (
-	fixturesDir = "../fixtures/phases"
-	crdsDir     = "../../crds"
-	buildScript = "../../scripts/build-control-plane.sh"
-	gitopsDocs  = "../../docs/gitops.md"
+	fixturesDir    = "../fixtures/phases"
+	setFixturesDir = "../fixtures/set-phases"
+	crdsDir        = "../../crds"
+	buildScript    = "../../scripts/build-control-plane.sh"
+	gitopsDocs     = "../../docs/gitops.md"
 	// readyTimeout bounds the wait for the harness's READY line (it gives up after 3 minutes).
 	readyTimeout = 4 * time.Minute
 )
@@ -60,11 +62,12 @@ var (
 	crdGVR = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
 	nsGVR  = schema.GroupVersionResource{Version: "v1", Resource: "namespaces"}
 	diGVR  = schema.GroupVersionResource{Group: "isolation.mde.dev", Version: "v1alpha1", Resource: "deviceisolations"}
+	setGVR = schema.GroupVersionResource{Group: "isolation.mde.dev", Version: "v1alpha1", Resource: "deviceisolationsets"}
 )
 
 // phase is one fixture and what kstatus must say about it.
 type phase struct {
-	// fixture is the file stem under ../fixtures/phases.
+	// fixture is the file stem under its kind's fixtures directory.
 	fixture string
 	// createFrom names the fixture whose spec the object is created with, when the fixture's
 	// own spec is an edit made after the status was written (a new generation).
@@ -96,8 +99,44 @@ var phases = []phase{
 	},
 }
 
+// setPhases are the DeviceIsolationSet fixtures of ../fixtures/set-phases.
+var setPhases = []phase{
+	{
+		fixture: "set-just-applied",
+		want:    status.InProgressStatus,
+		// As for a DeviceIsolation: the CRD defaults status to observedGeneration 0 (and zero
+		// device counts), below metadata.generation 1.
+		why:       "status.observedGeneration 0 (the CRD's default) is below metadata.generation 1",
+		wantExprs: status.InProgressStatus,
+	},
+	{
+		fixture: "set-paused",
+		// A paused set is not done: it holds a Flux health check (wait: true) until its timeout.
+		want: status.InProgressStatus, why: "Reconciling=True (Paused)",
+		wantExprs: status.InProgressStatus,
+	},
+	{fixture: "set-rolling-out", want: status.InProgressStatus, why: "Reconciling=True (RollingOut)", wantExprs: status.InProgressStatus},
+	{fixture: "set-converged", want: status.CurrentStatus, why: "Ready=True for the current generation", wantExprs: status.CurrentStatus},
+	{fixture: "set-too-large", want: status.FailedStatus, why: "Stalled=True (SelectionTooLarge)", wantExprs: status.FailedStatus},
+	{
+		fixture: "set-new-generation", createFrom: "set-converged",
+		want: status.InProgressStatus, why: "status.observedGeneration < metadata.generation",
+		wantExprs: status.InProgressStatus,
+	},
+}
+
 func TestEveryPhaseFixtureHasAKstatusCase(t *testing.T) {
-	files, err := filepath.Glob(filepath.Join(fixturesDir, "*.json"))
+	checkCoverage(t, fixturesDir, phases)
+}
+
+func TestEverySetPhaseFixtureHasAKstatusCase(t *testing.T) {
+	checkCoverage(t, setFixturesDir, setPhases)
+}
+
+// checkCoverage fails unless cases name exactly the fixtures of dir.
+func checkCoverage(t *testing.T, dir string, cases []phase) {
+	t.Helper()
+	files, err := filepath.Glob(filepath.Join(dir, "*.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,13 +144,13 @@ func TestEveryPhaseFixtureHasAKstatusCase(t *testing.T) {
 	for _, f := range files {
 		stems = append(stems, strings.TrimSuffix(filepath.Base(f), ".json"))
 	}
-	for _, p := range phases {
+	for _, p := range cases {
 		covered = append(covered, p.fixture)
 	}
 	sort.Strings(stems)
 	sort.Strings(covered)
-	if !reflect.DeepEqual(stems, covered) {
-		t.Fatalf("fixtures %v, kstatus cases %v: a new phase fixture needs its expected kstatus here", stems, covered)
+	if len(stems) == 0 || !reflect.DeepEqual(stems, covered) {
+		t.Fatalf("fixtures of %s %v, kstatus cases %v: a new phase fixture needs its expected kstatus here", dir, stems, covered)
 	}
 }
 
@@ -131,22 +170,40 @@ func TestKstatusReadsEveryPhase(t *testing.T) {
 	exprs := docsHealthCheckExprs(t)
 	installCRDs(ctx, t, client)
 	ns := createNamespace(ctx, t, client)
-	api := client.Resource(diGVR).Namespace(ns)
 
-	for _, p := range phases {
+	t.Run("DeviceIsolation", func(t *testing.T) {
+		checkPhases(ctx, t, client.Resource(diGVR).Namespace(ns), ns, fixturesDir, phases, exprs["DeviceIsolation"])
+	})
+	t.Run("DeviceIsolationSet", func(t *testing.T) {
+		checkPhases(ctx, t, client.Resource(setGVR).Namespace(ns), ns, setFixturesDir, setPhases, exprs["DeviceIsolationSet"])
+	})
+}
+
+// checkPhases creates each fixture of dir live through api (in namespace ns), writes its status,
+// edits its spec for a new generation, and asserts what kstatus and exprs (the healthCheckExprs
+// of docs/gitops.md for the fixtures' kind) say of what the API server returns.
+func checkPhases(ctx context.Context, t *testing.T, api dynamic.ResourceInterface, ns, dir string, cases []phase, exprs *healthCheckExprs) {
+	if exprs == nil {
+		t.Fatalf("%s has no healthCheckExprs entry for the kind of %s", gitopsDocs, dir)
+	}
+	for _, p := range cases {
 		t.Run(p.fixture, func(t *testing.T) {
-			want := readFixture(t, p.fixture)
+			want := readFixture(t, dir, p.fixture)
+			if kind := want.GetKind(); kind != exprs.kind {
+				t.Fatalf("fixture of kind %s checked with the healthCheckExprs of %s", kind, exprs.kind)
+			}
 			created := want.DeepCopy()
 			unstructured.RemoveNestedField(created.Object, "status")
 			created.SetNamespace(ns)
 			if p.createFrom != "" {
-				spec, _, _ := unstructured.NestedMap(readFixture(t, p.createFrom).Object, "spec")
+				spec, _, _ := unstructured.NestedMap(readFixture(t, dir, p.createFrom).Object, "spec")
 				created.Object["spec"] = spec
 			}
 			live := createWhenServed(ctx, t, api, created)
 
 			if fixtureStatus, ok := want.Object["status"]; ok {
 				live.Object["status"] = fixtureStatus
+				var err error
 				if live, err = api.UpdateStatus(ctx, live, metav1.UpdateOptions{}); err != nil {
 					t.Fatalf("write status: %v", err)
 				}
@@ -199,13 +256,14 @@ func TestKstatusReadsEveryPhase(t *testing.T) {
 
 // healthCheckExprs are the CEL expressions of a Flux Kustomization's spec.healthCheckExprs entry.
 type healthCheckExprs struct {
+	kind                        string
 	inProgress, failed, current cel.Program
 }
 
-// docsHealthCheckExprs parses the healthCheckExprs example of docs/gitops.md, the way Flux does:
-// parsed, not type-checked (an object's fields are not declared), with optional types and the
-// string, set and encoder extensions.
-func docsHealthCheckExprs(t *testing.T) *healthCheckExprs {
+// docsHealthCheckExprs parses the healthCheckExprs example of docs/gitops.md, by kind, the way
+// Flux does: parsed, not type-checked (an object's fields are not declared), with optional types
+// and the string, set and encoder extensions.
+func docsHealthCheckExprs(t *testing.T) map[string]*healthCheckExprs {
 	t.Helper()
 	data, err := os.ReadFile(gitopsDocs)
 	if err != nil {
@@ -216,18 +274,17 @@ func docsHealthCheckExprs(t *testing.T) *healthCheckExprs {
 		t.Fatalf("%s has no healthCheckExprs example", gitopsDocs)
 	}
 	example, _, _ = strings.Cut(example, "```")
-	source := map[string]string{}
-	for _, line := range strings.Split(example, "\n") {
-		key, value, ok := strings.Cut(strings.TrimSpace(line), ": ")
-		if !ok || (key != "inProgress" && key != "failed" && key != "current") {
-			continue
-		}
-		if source[key], err = strconv.Unquote(value); err != nil {
-			t.Fatalf("%s: %s: %v", gitopsDocs, line, err)
-		}
+	var parsed struct {
+		HealthCheckExprs []struct {
+			APIVersion string `json:"apiVersion"`
+			Kind       string `json:"kind"`
+			InProgress string `json:"inProgress"`
+			Failed     string `json:"failed"`
+			Current    string `json:"current"`
+		} `json:"healthCheckExprs"`
 	}
-	if source["current"] == "" {
-		t.Fatalf("%s: the healthCheckExprs example has no current expression", gitopsDocs)
+	if err := yaml.UnmarshalStrict([]byte("healthCheckExprs:"+example), &parsed); err != nil {
+		t.Fatalf("%s: the healthCheckExprs example: %v", gitopsDocs, err)
 	}
 	env, err := cel.NewEnv(
 		cel.HomogeneousAggregateLiterals(),
@@ -239,21 +296,39 @@ func docsHealthCheckExprs(t *testing.T) *healthCheckExprs {
 	if err != nil {
 		t.Fatal(err)
 	}
-	program := func(key string) cel.Program {
-		if source[key] == "" {
-			return nil
+	out := map[string]*healthCheckExprs{}
+	for _, entry := range parsed.HealthCheckExprs {
+		if entry.APIVersion != "isolation.mde.dev/v1alpha1" {
+			t.Fatalf("%s: healthCheckExprs entry for %s has apiVersion %q", gitopsDocs, entry.Kind, entry.APIVersion)
 		}
-		ast, issues := env.Parse(source[key])
-		if issues != nil && issues.Err() != nil {
-			t.Fatalf("%s: %s expression: %v", gitopsDocs, key, issues.Err())
+		if entry.Current == "" {
+			t.Fatalf("%s: the healthCheckExprs entry for %s has no current expression", gitopsDocs, entry.Kind)
 		}
-		prg, err := env.Program(ast)
-		if err != nil {
-			t.Fatalf("%s: %s expression: %v", gitopsDocs, key, err)
+		if out[entry.Kind] != nil {
+			t.Fatalf("%s: two healthCheckExprs entries for %s", gitopsDocs, entry.Kind)
 		}
-		return prg
+		program := func(key, source string) cel.Program {
+			if source == "" {
+				return nil
+			}
+			ast, issues := env.Parse(source)
+			if issues != nil && issues.Err() != nil {
+				t.Fatalf("%s: %s %s expression: %v", gitopsDocs, entry.Kind, key, issues.Err())
+			}
+			prg, err := env.Program(ast)
+			if err != nil {
+				t.Fatalf("%s: %s %s expression: %v", gitopsDocs, entry.Kind, key, err)
+			}
+			return prg
+		}
+		out[entry.Kind] = &healthCheckExprs{
+			kind:       entry.Kind,
+			inProgress: program("inProgress", entry.InProgress),
+			failed:     program("failed", entry.Failed),
+			current:    program("current", entry.Current),
+		}
 	}
-	return &healthCheckExprs{inProgress: program("inProgress"), failed: program("failed"), current: program("current")}
+	return out
 }
 
 // evaluate applies Flux's rules for healthCheckExprs (its RFC 0009): a status.observedGeneration
@@ -287,13 +362,13 @@ func (e *healthCheckExprs) evaluate(ctx context.Context, u *unstructured.Unstruc
 	return status.InProgressStatus, nil
 }
 
-// readFixture parses ../fixtures/phases/<stem>.json.
-func readFixture(t *testing.T, stem string) *unstructured.Unstructured {
+// readFixture parses <dir>/<stem>.json.
+func readFixture(t *testing.T, dir, stem string) *unstructured.Unstructured {
 	t.Helper()
-	path := filepath.Join(fixturesDir, stem+".json")
+	path := filepath.Join(dir, stem+".json")
 	data, err := os.ReadFile(path)
 	if err != nil {
-		t.Fatalf("%v (the fixtures come from tests/status_fixtures.rs)", err)
+		t.Fatalf("%v (the fixtures come from tests/status_fixtures.rs and tests/set_status_fixtures.rs)", err)
 	}
 	u := &unstructured.Unstructured{}
 	if err := u.UnmarshalJSON(data); err != nil {

@@ -1,14 +1,17 @@
--- Argo CD health check for isolation.mde.dev/DeviceIsolation (see docs/gitops.md).
+-- Argo CD health check for isolation.mde.dev/DeviceIsolation and DeviceIsolationSet (see
+-- docs/gitops.md): both report the same conditions, and this script reads nothing else.
 --
--- Put this script in the argocd-cm ConfigMap under the key
+-- Put this script in the argocd-cm ConfigMap under both keys
 -- resource.customizations.health.isolation.mde.dev_DeviceIsolation
+-- resource.customizations.health.isolation.mde.dev_DeviceIsolationSet
 --
 --   Healthy      Ready=True, and both status.observedGeneration and the Ready condition's
 --                observedGeneration equal metadata.generation
 --   Degraded     Stalled=True (for the current generation): a person must act; the message
 --                is "<reason>: <message>"
 --   Progressing  everything else: no status yet, a spec change the operator has not observed,
---                Reconciling (an action pending, waiting for quota, a retry scheduled)
+--                Reconciling (an action pending, waiting for quota, a retry scheduled; a set
+--                rolling out, in its canary, or paused)
 --
 -- Argo CD runs health checks with gopher-lua (Lua 5.1): keep to Lua 5.1.
 local hs = {}
