@@ -9,6 +9,7 @@ pub mod set;
 
 pub use set::*;
 
+use chrono::{DateTime, Utc};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSON, ValidationRule,
 };
@@ -73,12 +74,20 @@ pub const REQUESTED_BY_ANNOTATION: &str = "isolation.mde.dev/requested-by";
         type_ = "string",
         json_path = ".spec.deviceName",
         priority = 1
+    ),
+    printcolumn(
+        name = "Release-At",
+        type_ = "date",
+        json_path = ".spec.releaseAt",
+        priority = 1
     )
 )]
 #[x_kube(validation = kube::core::Rule::new("has(self.machineId) != has(self.deviceName)")
     .message("exactly one of machineId and deviceName must be set"))]
 #[x_kube(validation = kube::core::Rule::new("has(self.machineId) == has(oldSelf.machineId)")
     .message("cannot switch between machineId and deviceName; create a new DeviceIsolation"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.releaseAt) || self.isolated")
+    .message("releaseAt ends an isolation: it needs isolated: true"))]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceIsolationSpec {
     /// MDE machine id of the device: 40 lowercase hexadecimal characters. Immutable: create a new
@@ -111,6 +120,14 @@ pub struct DeviceIsolationSpec {
     /// the person's decision in place; Correct sends a new action to restore the desired state.
     #[serde(default)]
     pub drift_policy: DriftPolicy,
+
+    /// When an isolation ends by itself (RFC 3339, only with isolated: true): at that instant the
+    /// device is released through the usual path (one Unisolate, its comment says why) and the
+    /// resource becomes Ready with reason ReleasedOnSchedule. Editing it extends or shortens the
+    /// isolation; a later instant after the release isolates again until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
+    pub release_at: Option<DateTime<Utc>>,
 }
 
 /// How the operator reacts to a device changed outside of it.
@@ -464,6 +481,7 @@ mod tests {
                 isolated: false,
                 isolation_type: IsolationType::Full,
                 drift_policy: DriftPolicy::Report,
+                release_at: None,
             },
         );
         assert_eq!(di.comment(), None);

@@ -70,8 +70,16 @@ pub const PREVIEW_LEN: usize = 50;
         type_ = "boolean",
         json_path = ".spec.paused",
         priority = 1
+    ),
+    printcolumn(
+        name = "Release-At",
+        type_ = "date",
+        json_path = ".spec.releaseAt",
+        priority = 1
     )
 )]
+#[x_kube(validation = kube::core::Rule::new("!has(self.releaseAt) || self.isolated")
+    .message("releaseAt ends an isolation: it needs isolated: true"))]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceIsolationSetSpec {
     /// Desired state of every selected device: true isolates, false releases.
@@ -107,6 +115,12 @@ pub struct DeviceIsolationSetSpec {
     /// How the children are admitted.
     #[serde(default)]
     pub rollout: Rollout,
+
+    /// When the isolation of every selected device ends by itself (RFC 3339, only with
+    /// isolated: true): each child carries it (see DeviceIsolation's releaseAt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
+    pub release_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 fn default_max_devices() -> u32 {

@@ -236,6 +236,7 @@ pub fn child_for(set: &DeviceIsolationSet, machine_id: &str) -> DeviceIsolation 
             isolated: set.spec.isolated,
             isolation_type: set.spec.isolation_type,
             drift_policy: set.spec.drift_policy,
+            release_at: set.spec.release_at,
         },
     );
     child.metadata.namespace = set.namespace();

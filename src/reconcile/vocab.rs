@@ -428,6 +428,8 @@ crate::conditions::reason_enum! {
     Released => Ready,
     /// The device is isolated.
     Isolated => Ready,
+    /// The device was released at spec.releaseAt.
+    ReleasedOnSchedule => Ready,
     /// The request is being sent (or was: the event).
     ActionRequested => Reconciling,
     /// The action is Pending/InProgress in MDE.

@@ -264,6 +264,7 @@ pub fn device_isolation(
             isolated,
             isolation_type: IsolationType::Full,
             drift_policy: DriftPolicy::Report,
+            release_at: None,
         },
     );
     if let Some(c) = comment {

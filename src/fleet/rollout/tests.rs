@@ -19,6 +19,7 @@ fn spec(paused: bool, canary: u32, max_failures: u32, max_devices: u32) -> Devic
             canary,
             max_failures,
         },
+        release_at: None,
     }
 }
 

@@ -119,6 +119,8 @@ impl Planner<'_> {
     pub(super) fn ready(&mut self, action: &ActionFact) -> Decision {
         let reason = if self.desired.leaves_isolated() {
             Reason::Isolated
+        } else if released_on_schedule(self.input) {
+            Reason::ReleasedOnSchedule
         } else {
             Reason::Released
         };

@@ -54,7 +54,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
         input,
         status: input.status.clone(),
         events: Vec::new(),
-        desired: ActionKind::for_desired(input.spec.isolated),
+        desired: ActionKind::for_desired(input.spec.isolated && !released_on_schedule(input)),
         machine: input
             .spec
             .machine_id
@@ -62,8 +62,23 @@ pub fn plan(input: &Input<'_>) -> Plan {
             .or_else(|| input.status.machine_id.clone()),
     };
     p.start_generation();
+    p.start_scheduled_release();
     let (phase, effect, requeue) = p.decide();
+    let requeue =
+        until_release(input).map_or(requeue, |due| Some(requeue.map_or(due, |r| r.min(due))));
     p.finish(phase, effect, requeue)
+}
+
+/// Whether spec.releaseAt has come: the isolation it ends is over.
+fn released_on_schedule(input: &Input<'_>) -> bool {
+    input.spec.isolated && input.spec.release_at.is_some_and(|at| at <= input.now)
+}
+
+/// How long until spec.releaseAt, while it is ahead: the resource looks again then, whatever
+/// else it waits for.
+fn until_release(input: &Input<'_>) -> Option<Duration> {
+    let at = input.spec.release_at.filter(|_| input.spec.isolated)?;
+    (at > input.now).then(|| (at - input.now).to_std().unwrap_or_default())
 }
 
 mod action;
@@ -122,9 +137,37 @@ impl<'a> Planner<'a> {
 
     /// The comment's text as sent to MDE before the marker: the annotation and who asked.
     pub(super) fn request_text(&self, comment: &str) -> String {
-        match self.requester() {
-            Some(tag) => format!("{} {tag}", comment.trim()),
-            None => comment.to_string(),
+        let mut text = comment.trim().to_string();
+        if let Some(at) = self
+            .input
+            .spec
+            .release_at
+            .filter(|_| released_on_schedule(self.input))
+        {
+            text.push_str(&format!(
+                " (released on schedule: releaseAt {})",
+                rfc3339(at)
+            ));
+        }
+        if let Some(tag) = self.requester() {
+            text.push(' ');
+            text.push_str(&tag);
+        }
+        text
+    }
+
+    /// The isolation's attempts do not count against the scheduled release that ends it: when
+    /// releaseAt has come and status still follows the isolating action, start afresh (the
+    /// attempt counter goes on, so every request keeps its own marker).
+    pub(super) fn start_scheduled_release(&mut self) {
+        let follows_isolate = self
+            .status
+            .action
+            .as_ref()
+            .is_some_and(|a| a.action_type == ActionKind::Isolate.as_str());
+        if released_on_schedule(self.input) && follows_isolate {
+            self.status.failed_attempts = 0;
+            self.status.next_attempt_at = None;
         }
     }
 

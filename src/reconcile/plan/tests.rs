@@ -38,6 +38,7 @@ struct Case {
     comment: Option<&'static str>,
     retry: Option<&'static str>,
     requested_by: Option<&'static str>,
+    release_at: Option<DateTime<Utc>>,
     status: DeviceIsolationStatus,
     siblings: Vec<Sibling>,
     facts: Facts,
@@ -55,6 +56,7 @@ impl Case {
             comment: Some("Released after re-image (INC-4711)"),
             retry: None,
             requested_by: None,
+            release_at: None,
             status: DeviceIsolationStatus::default(),
             siblings: vec![],
             facts: Facts {
@@ -83,6 +85,7 @@ impl Case {
             isolated: self.isolated,
             isolation_type: IsolationType::Selective,
             drift_policy: self.drift,
+            release_at: self.release_at,
         };
         let timing = Timing::default();
         plan(&Input {
@@ -900,4 +903,79 @@ fn a_transient_view_failure_is_named_while_waiting() {
         "{}",
         cond.message
     );
+}
+
+// ---- releaseAt: an isolation that ends on time ------------------------------------------------
+
+/// Feeds back what MDE answered to the POST the plan asked for (the action, succeeded at once).
+fn answered(mut case: Case, plan: &Plan, id: &str) -> Case {
+    let Effect::Post { kind, comment, .. } = &plan.effect else {
+        panic!("expected a POST, got {:?}", plan.effect)
+    };
+    let mut a = action(id, *kind, ActionStatus::Succeeded, 0);
+    a.created_at = Some(case.now);
+    a.updated_at = Some(case.now);
+    a.comment = Some(comment.clone());
+    case.facts.post = Some(PostOutcome::Action(a.clone()));
+    case.facts.actions.push(a);
+    case
+}
+
+#[test]
+fn an_isolation_ends_at_release_at_with_one_unisolate_and_says_why() {
+    let mut case = Case::isolate();
+    case.release_at = Some(t(70));
+    let (case, plan) = case.settle();
+    assert!(is_post(&plan, ActionKind::Isolate));
+    let (mut case, plan) = answered(case, &plan, "iso").settle();
+    assert_eq!(ready_reason(&plan), "True:Isolated");
+    assert_eq!(
+        plan.requeue,
+        Some(Duration::from_secs(60 * 60)),
+        "back at releaseAt"
+    );
+
+    // Not a minute early.
+    case.now = t(69);
+    let (mut case, plan) = case.settle();
+    assert_eq!(plan.effect, Effect::None);
+    assert_eq!(plan.requeue, Some(Duration::from_secs(60)));
+
+    case.now = t(70);
+    let (case, plan) = case.settle();
+    let Effect::Post { kind, comment, .. } = &plan.effect else {
+        panic!("expected the release, got {:?}", plan.effect)
+    };
+    assert_eq!(*kind, ActionKind::Unisolate);
+    assert!(
+        comment.contains("(released on schedule: releaseAt 2026-11-28T11:10:00Z)"),
+        "{comment}"
+    );
+    let (case, plan) = answered(case, &plan, "rel").settle();
+    assert_eq!(ready_reason(&plan), "True:ReleasedOnSchedule");
+    assert_eq!(plan.requeue, None);
+    assert_eq!(plan.status.isolated, Some(false));
+    // Settled: later passes request nothing more.
+    let (_, plan) = case.settle();
+    assert_eq!(plan.effect, Effect::None);
+    assert_eq!(ready_reason(&plan), "True:ReleasedOnSchedule");
+}
+
+#[test]
+fn moving_release_at_later_before_it_passes_postpones_the_release() {
+    let mut case = Case::isolate();
+    case.release_at = Some(t(70));
+    let (case, plan) = case.settle();
+    let (mut case, _) = answered(case, &plan, "iso").settle();
+    // Edited at t(65): a new generation, ending at t(130) instead.
+    case.generation = 2;
+    case.release_at = Some(t(130));
+    case.now = t(65);
+    let (mut case, plan) = case.settle();
+    assert_eq!(plan.effect, Effect::None);
+    assert_eq!(ready_reason(&plan), "True:Isolated");
+    assert_eq!(plan.requeue, Some(Duration::from_secs(65 * 60)));
+    case.now = t(70);
+    let (_, plan) = case.settle();
+    assert_eq!(plan.effect, Effect::None, "not at the old instant");
 }
