@@ -12,7 +12,7 @@ use common::operator::{
     Operator, OperatorConfig, create, device_isolation, is_leading, machine_id, readyz, the_leader,
     wait_leading, wait_ready,
 };
-use common::sim::Sim;
+use common::sim::{Sim, real_time};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ObjectMeta, PostParams};
@@ -107,14 +107,6 @@ fn is_identity_of(holder: &Option<String>, pid: u32) -> bool {
 
 fn calls_of<'a>(calls: &'a [Value], app: &str) -> Vec<&'a Value> {
     calls.iter().filter(|c| c["app"] == app).collect()
-}
-
-fn real_time(call: &Value) -> DateTime<Utc> {
-    call["realTime"]
-        .as_str()
-        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| t.with_timezone(&Utc))
-        .unwrap_or_else(|| panic!("realTime of {call}"))
 }
 
 /// Two replicas: one leads, the other stands by (503) for longer than a lease. The leader is

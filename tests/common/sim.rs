@@ -345,3 +345,12 @@ impl Drop for Sim {
         let _ = self.child.wait();
     }
 }
+
+/// When the simulator logged `call` (its `realTime`, wall clock).
+pub fn real_time(call: &Value) -> chrono::DateTime<chrono::Utc> {
+    call["realTime"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .unwrap_or_else(|| panic!("realTime of {call}"))
+}
