@@ -37,13 +37,14 @@ pub fn comment_with_marker(comment: &str, marker: &str) -> String {
     format!("{} {}", comment.trim(), marker)
 }
 
-/// The requester part of a comment, before the marker: `requested-by=<name>`, followed by
-/// ` (unverified)` when no admission policy vouches that the annotation names who asked.
-pub fn requester_tag(name: &str, verified: bool) -> String {
+/// A person's part of a comment, before the marker: `<role>=<name>` (`requested-by`,
+/// `approved-by`), followed by ` (unverified)` when no admission policy vouches that the
+/// annotation names that person.
+pub fn person_tag(role: &str, name: &str, verified: bool) -> String {
     if verified {
-        format!("requested-by={name}")
+        format!("{role}={name}")
     } else {
-        format!("requested-by={name} (unverified)")
+        format!("{role}={name} (unverified)")
     }
 }
 

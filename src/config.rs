@@ -161,6 +161,12 @@ pub struct RunArgs {
     #[arg(long, env = "MDE_REQUEST_TIMEOUT_SECONDS", default_value_t = 30)]
     pub request_timeout_seconds: u64,
 
+    /// A DeviceIsolationSet selecting more devices than this waits (Reconciling,
+    /// AwaitingApproval) until a second person approves it with the annotations
+    /// isolation.mde.dev/approved-by and approved-generation; 0 turns the rule off.
+    #[arg(long, env = "MDE_APPROVAL_THRESHOLD", default_value_t = 0)]
+    pub approval_threshold: u32,
+
     /// Failed or timed-out actions before a resource stalls with RetriesExhausted.
     #[arg(long, env = "MDE_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: u32,

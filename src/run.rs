@@ -406,6 +406,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         sets: set_stores.clone(),
         selections: fleet::Selections::default(),
         accountability: accountability.clone(),
+        approval_threshold: args.approval_threshold,
         memory: Memory::default(),
         events,
         metrics: metrics.clone(),

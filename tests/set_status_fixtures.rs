@@ -188,6 +188,8 @@ impl Set {
             children: &children,
             managed_elsewhere: &HashSet::new(),
             canary_passed_generation: status.canary_passed_generation,
+            approval_threshold: 0,
+            approved_by: None,
             conditions: &status.conditions,
             now,
         });

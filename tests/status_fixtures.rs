@@ -95,6 +95,7 @@ impl Resource {
             comment: Some(COMMENT),
             retry_request: None,
             requested_by: None,
+            approved_by: None,
             status: &status,
             siblings: &[],
             facts,

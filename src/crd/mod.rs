@@ -128,6 +128,13 @@ pub struct DeviceIsolationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<String>", extend("format" = "date-time"))]
     pub release_at: Option<DateTime<Utc>>,
+
+    /// True: no request is sent until a second person approves this generation (annotations
+    /// isolation.mde.dev/approved-by and approved-generation); Reconciling with reason
+    /// AwaitingApproval until then. A DeviceIsolationSet is gated by the operator's approval
+    /// threshold instead.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_approval: bool,
 }
 
 /// How the operator reacts to a device changed outside of it.
@@ -232,6 +239,21 @@ pub struct Intent {
     pub marker: String,
     /// When the intent was recorded (RFC 3339).
     pub recorded_at: String,
+}
+
+/// Annotation naming who approved the current generation (a second person: never the requester).
+pub const APPROVED_BY_ANNOTATION: &str = "isolation.mde.dev/approved-by";
+
+/// Annotation naming the generation the approval is for: a spec change needs a new approval.
+pub const APPROVED_GENERATION_ANNOTATION: &str = "isolation.mde.dev/approved-generation";
+
+/// Who approved generation `generation` of the object with `meta`: `approved-by` when it is set,
+/// is not the requester, and `approved-generation` is that generation. `None` otherwise.
+pub fn approver(meta: &ObjectMeta, generation: i64) -> Option<&str> {
+    let by = trimmed_annotation(meta, APPROVED_BY_ANNOTATION)?;
+    let approved_generation = trimmed_annotation(meta, APPROVED_GENERATION_ANNOTATION)?;
+    let requester = trimmed_annotation(meta, REQUESTED_BY_ANNOTATION);
+    (approved_generation.parse::<i64>() == Ok(generation) && requester != Some(by)).then_some(by)
 }
 
 /// An annotation's value.
@@ -472,6 +494,38 @@ mod tests {
     }
 
     #[test]
+    fn an_approval_counts_for_its_generation_and_never_from_the_requester() {
+        let meta = |pairs: &[(&str, &str)]| ObjectMeta {
+            annotations: Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..ObjectMeta::default()
+        };
+        let approved = meta(&[
+            (REQUESTED_BY_ANNOTATION, "user-a"),
+            (APPROVED_BY_ANNOTATION, "user-b"),
+            (APPROVED_GENERATION_ANNOTATION, "2"),
+        ]);
+        assert_eq!(approver(&approved, 2), Some("user-b"));
+        assert_eq!(
+            approver(&approved, 3),
+            None,
+            "a spec change needs a new approval"
+        );
+        let own = meta(&[
+            (REQUESTED_BY_ANNOTATION, "user-a"),
+            (APPROVED_BY_ANNOTATION, "user-a"),
+            (APPROVED_GENERATION_ANNOTATION, "2"),
+        ]);
+        assert_eq!(approver(&own, 2), None);
+        let no_generation = meta(&[(APPROVED_BY_ANNOTATION, "user-b")]);
+        assert_eq!(approver(&no_generation, 1), None);
+    }
+
+    #[test]
     fn comment_annotation_is_trimmed_and_blank_means_missing() {
         let mut di = DeviceIsolation::new(
             "x",
@@ -482,6 +536,7 @@ mod tests {
                 isolation_type: IsolationType::Full,
                 drift_policy: DriftPolicy::Report,
                 release_at: None,
+                require_approval: false,
             },
         );
         assert_eq!(di.comment(), None);

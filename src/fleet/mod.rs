@@ -52,6 +52,9 @@ crate::conditions::reason_enum! {
     Canary => Reconciling,
     /// Children are requested and working.
     RollingOut => Reconciling,
+    /// The selection is larger than the operator's approval threshold: waiting for a second
+    /// person's approval of this generation.
+    AwaitingApproval => Reconciling,
     /// The comment annotation is missing.
     CommentMissing => Stalled,
     /// The selection is larger than spec.maxDevices.
@@ -70,6 +73,8 @@ crate::conditions::reason_enum! {
     RolloutStarted => Event,
     /// The canary devices are Ready and the rest follow (event).
     CanaryPassed => Event,
+    /// A second person approved this generation (event).
+    Approved => Event,
     /// Every device is settled (event).
     Done => Event,
     }
@@ -81,6 +86,7 @@ impl SetReason {
         matches!(
             self,
             SetReason::Paused
+                | SetReason::AwaitingApproval
                 | SetReason::FailureBudgetExceeded
                 | SetReason::SelectionTooLarge
                 | SetReason::CommentMissing
@@ -237,6 +243,7 @@ pub fn child_for(set: &DeviceIsolationSet, machine_id: &str) -> DeviceIsolation 
             isolation_type: set.spec.isolation_type,
             drift_policy: set.spec.drift_policy,
             release_at: set.spec.release_at,
+            require_approval: false,
         },
     );
     child.metadata.namespace = set.namespace();
@@ -312,6 +319,8 @@ pub async fn reconcile(set: Arc<DeviceIsolationSet>, ctx: Arc<Context>) -> Resul
         children: &states,
         managed_elsewhere: &managed_elsewhere,
         canary_passed_generation: status.canary_passed_generation,
+        approval_threshold: ctx.approval_threshold,
+        approved_by: crate::crd::approver(&set.metadata, set.metadata.generation.unwrap_or(1)),
         conditions: &status.conditions,
         now: chrono::Utc::now(),
     });

@@ -40,6 +40,10 @@ pub struct Input<'a> {
     pub managed_elsewhere: &'a HashSet<String>,
     /// The generation whose canary passed, if any.
     pub canary_passed_generation: Option<i64>,
+    /// The operator's approval threshold: a larger selection needs a second person (0: never).
+    pub approval_threshold: u32,
+    /// Who approved this generation (see [`crate::crd::approver`]).
+    pub approved_by: Option<&'a str>,
     /// The conditions written last.
     pub conditions: &'a [Condition],
     /// Now.
@@ -153,6 +157,18 @@ pub fn plan(input: &Input<'_>) -> Decision {
              resolve it again)"
                 .to_string(),
         )
+    } else if needs_approval(input) && input.approved_by.is_none() {
+        (
+            SetReason::AwaitingApproval,
+            format!(
+                "{} devices selected, more than the approval threshold {}: a second person \
+                 approves generation {g} (annotations isolation.mde.dev/approved-by and \
+                 isolation.mde.dev/approved-generation: \"{g}\")",
+                selection.count,
+                input.approval_threshold,
+                g = input.generation
+            ),
+        )
     } else if devices.failed > spec.rollout.max_failures {
         (
             SetReason::FailureBudgetExceeded,
@@ -257,6 +273,16 @@ pub fn plan(input: &Input<'_>) -> Decision {
         .map(|c| c.reason.as_str());
     let changed = previous != Some(reason.as_str());
     if changed
+        && previous == Some(SetReason::AwaitingApproval.as_str())
+        && let Some(by) = input.approved_by
+    {
+        events.push(SetEvent {
+            warning: false,
+            reason: SetReason::Approved,
+            note: format!("generation {} approved by {by}", input.generation),
+        });
+    }
+    if changed
         && let Some(event) = transition_event(reason, &phase, devices.requested, !admit.is_empty())
     {
         events.push(event);
@@ -275,6 +301,11 @@ pub fn plan(input: &Input<'_>) -> Decision {
         reason,
         events,
     }
+}
+
+/// Whether the selection needs a second person's approval.
+fn needs_approval(input: &Input<'_>) -> bool {
+    input.approval_threshold > 0 && input.selection.count > input.approval_threshold
 }
 
 fn elsewhere(devices: &DeviceCounts) -> String {

@@ -68,6 +68,8 @@ pub struct Context {
     pub sets: crate::fleet::SetStores,
     /// Set selections written and not cached yet.
     pub selections: crate::fleet::Selections,
+    /// A set selecting more devices waits for a second person's approval (0: never).
+    pub approval_threshold: u32,
     /// Whether the API server vouches for requested-by.
     pub accountability: Arc<crate::accountability::Accountability>,
     /// Per-resource process memory.
@@ -242,6 +244,7 @@ impl Pass {
             comment: di.comment(),
             retry_request: di.retry_request(),
             requested_by: di.requested_by(),
+            approved_by: crate::crd::approver(&di.metadata, di.metadata.generation.unwrap_or(1)),
             status: &self.status,
             siblings: &self.siblings,
             facts: &self.facts,

@@ -326,6 +326,8 @@ pub struct Input<'a> {
     pub retry_request: Option<&'a str>,
     /// The requested-by annotation: who asked for this generation.
     pub requested_by: Option<&'a str>,
+    /// Who approved this generation (see [`crate::crd::approver`]).
+    pub approved_by: Option<&'a str>,
     /// Current status (default when none).
     pub status: &'a DeviceIsolationStatus,
     /// Other resources for the same machine.
@@ -430,6 +432,8 @@ crate::conditions::reason_enum! {
     Isolated => Ready,
     /// The device was released at spec.releaseAt.
     ReleasedOnSchedule => Ready,
+    /// spec.requireApproval: waiting for a second person's approval of this generation.
+    AwaitingApproval => Reconciling,
     /// The request is being sent (or was: the event).
     ActionRequested => Reconciling,
     /// The action is Pending/InProgress in MDE.

@@ -265,6 +265,7 @@ pub fn device_isolation(
             isolation_type: IsolationType::Full,
             drift_policy: DriftPolicy::Report,
             release_at: None,
+            require_approval: false,
         },
     );
     if let Some(c) = comment {

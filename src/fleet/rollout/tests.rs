@@ -50,6 +50,9 @@ struct Row {
     children: Vec<(usize, ChildState)>,
     elsewhere: Vec<usize>,
     canary_passed: bool,
+    /// The operator's approval threshold, and who approved.
+    threshold: u32,
+    approved_by: Option<&'static str>,
     want_reason: SetReason,
     /// Indexes admitted now.
     want_admit: Vec<usize>,
@@ -64,6 +67,8 @@ fn row(name: &'static str, spec: DeviceIsolationSetSpec, selected: usize) -> Row
         children: vec![],
         elsewhere: vec![],
         canary_passed: false,
+        threshold: 0,
+        approved_by: None,
         want_reason: SetReason::RollingOut,
         want_admit: vec![],
     }
@@ -89,6 +94,8 @@ fn decide(r: &Row) -> Decision {
         children: &children,
         managed_elsewhere: &elsewhere,
         canary_passed_generation: r.canary_passed.then_some(2),
+        approval_threshold: r.threshold,
+        approved_by: r.approved_by,
         conditions: &[],
         now: now(),
     })
@@ -119,6 +126,34 @@ fn the_rules_in_order() {
         Row {
             want_reason: SetReason::Paused,
             ..row("paused at creation: nothing", spec(true, 0, 0, 100), 5)
+        },
+        Row {
+            threshold: 4,
+            want_reason: SetReason::AwaitingApproval,
+            ..row(
+                "over the approval threshold: nothing",
+                spec(false, 0, 0, 100),
+                5,
+            )
+        },
+        Row {
+            threshold: 4,
+            approved_by: Some("user-b"),
+            want_admit: (0..5).collect(),
+            ..row(
+                "over the threshold, approved: all",
+                spec(false, 0, 0, 100),
+                5,
+            )
+        },
+        Row {
+            threshold: 5,
+            want_admit: (0..5).collect(),
+            ..row(
+                "at the threshold: no approval needed",
+                spec(false, 0, 0, 100),
+                5,
+            )
         },
         Row {
             children: vec![(0, Ready), (1, Pending)],
@@ -285,6 +320,8 @@ fn events_mark_the_transitions() {
         children: &children,
         managed_elsewhere: &HashSet::new(),
         canary_passed_generation: None,
+        approval_threshold: 0,
+        approved_by: None,
         conditions: &done.conditions,
         now: now(),
     });

@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::vocab::*;
-use crate::audit::{AuditTag, carries_marker, comment_with_marker, requester_tag};
+use crate::audit::{AuditTag, carries_marker, comment_with_marker, person_tag};
 use crate::conditions::{self, Condition, Phase, STALLED};
 use crate::crd::{DeviceIsolationStatus, DriftPolicy, Intent};
 use crate::mde::model::ActionStatus;
@@ -128,11 +128,11 @@ impl<'a> Planner<'a> {
         self.machine.clone().unwrap_or_default()
     }
 
-    /// Who asked, as the comment and the events say it (see [`requester_tag`]).
+    /// Who asked, as the comment and the events say it (see [`person_tag`]).
     pub(super) fn requester(&self) -> Option<String> {
         self.input
             .requested_by
-            .map(|name| requester_tag(name, self.facts().requester_verified))
+            .map(|name| person_tag("requested-by", name, self.facts().requester_verified))
     }
 
     /// The comment's text as sent to MDE before the marker: the annotation and who asked.
@@ -152,6 +152,14 @@ impl<'a> Planner<'a> {
         if let Some(tag) = self.requester() {
             text.push(' ');
             text.push_str(&tag);
+        }
+        if let Some(by) = self.input.approved_by {
+            text.push(' ');
+            text.push_str(&person_tag(
+                "approved-by",
+                by,
+                self.facts().requester_verified,
+            ));
         }
         text
     }

@@ -179,6 +179,19 @@ impl Planner<'_> {
                 Effect::None,
             );
         }
+        if self.input.spec.require_approval && self.input.approved_by.is_none() {
+            return reconciling(
+                Reason::AwaitingApproval,
+                format!(
+                    "spec.requireApproval: no request until a second person approves generation \
+                     {g} (annotations isolation.mde.dev/approved-by and \
+                     isolation.mde.dev/approved-generation: \"{g}\")",
+                    g = self.generation()
+                ),
+                None,
+                Effect::None,
+            );
+        }
         if self.input.dry_run {
             return reconciling(
                 Reason::DryRun,

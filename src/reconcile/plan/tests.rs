@@ -38,6 +38,8 @@ struct Case {
     comment: Option<&'static str>,
     retry: Option<&'static str>,
     requested_by: Option<&'static str>,
+    approved_by: Option<&'static str>,
+    require_approval: bool,
     release_at: Option<DateTime<Utc>>,
     status: DeviceIsolationStatus,
     siblings: Vec<Sibling>,
@@ -56,6 +58,8 @@ impl Case {
             comment: Some("Released after re-image (INC-4711)"),
             retry: None,
             requested_by: None,
+            approved_by: None,
+            require_approval: false,
             release_at: None,
             status: DeviceIsolationStatus::default(),
             siblings: vec![],
@@ -86,6 +90,7 @@ impl Case {
             isolation_type: IsolationType::Selective,
             drift_policy: self.drift,
             release_at: self.release_at,
+            require_approval: self.require_approval,
         };
         let timing = Timing::default();
         plan(&Input {
@@ -97,6 +102,7 @@ impl Case {
             comment: self.comment,
             retry_request: self.retry,
             requested_by: self.requested_by,
+            approved_by: self.approved_by,
             status: &self.status,
             siblings: &self.siblings,
             facts: &self.facts,
@@ -978,4 +984,37 @@ fn moving_release_at_later_before_it_passes_postpones_the_release() {
     case.now = t(70);
     let (_, plan) = case.settle();
     assert_eq!(plan.effect, Effect::None, "not at the old instant");
+}
+
+// ---- requireApproval: a second person before the request ---------------------------------------
+
+#[test]
+fn a_resource_that_requires_approval_requests_nothing_until_approved_and_names_both() {
+    let mut case = Case::release();
+    case.require_approval = true;
+    case.requested_by = Some("user-a");
+    case.facts.requester_verified = true;
+    let plan = case.plan();
+    assert_eq!(plan.effect, Effect::None);
+    assert_eq!(plan.requeue, None, "the approval annotation wakes it");
+    assert!(plan.status.intent.is_none());
+    let waiting = conditions::find(&plan.status.conditions, RECONCILING).unwrap();
+    assert_eq!(waiting.reason, "AwaitingApproval");
+    assert!(
+        waiting
+            .message
+            .contains("isolation.mde.dev/approved-generation: \"1\""),
+        "{}",
+        waiting.message
+    );
+
+    case.approved_by = Some("user-b");
+    let plan = case.plan();
+    let Effect::Post { comment, .. } = &plan.effect else {
+        panic!("expected a POST, got {:?}", plan.effect)
+    };
+    assert!(
+        comment.contains("requested-by=user-a approved-by=user-b ["),
+        "{comment}"
+    );
 }
