@@ -8,7 +8,7 @@ mod common;
 use std::process::Output;
 use std::time::Duration;
 
-use common::cluster::{CHART_REQUIRED_VALUES, TestCluster, cluster};
+use common::cluster::{CHART_REQUIRED_VALUES, SA_NAME, SA_NAMESPACE, TestCluster, cluster};
 use common::poll::eventually;
 
 const POLICY_FILE: &str = "policies/accountability.yaml";
@@ -99,7 +99,30 @@ spec:
     )
 }
 
-/// Applies the policy (after a server-side dry run) and waits until the API server enforces it.
+/// The chart's policy template for a release `soc` in `namespace` whose ServiceAccount is `sa`.
+fn chart_policy(c: &TestCluster, namespace: &str, sa: &str) -> String {
+    let chart = repo_file("charts/mde-isolation-operator");
+    let out = c
+        .helm()
+        .args(["template", "soc", &chart, "-n", namespace])
+        .args(CHART_REQUIRED_VALUES)
+        .args([
+            "--set",
+            "admissionPolicy.enabled=true",
+            "--set",
+            &format!("serviceAccount.name={sa}"),
+            "--show-only",
+            "templates/admission-policy.yaml",
+        ])
+        .output()
+        .expect("helm");
+    assert!(out.status.success(), "{}", said(&out));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Installs the policy as the chart does for the harness's ServiceAccount (the identity the
+/// operator runs as where it creates a set's children), after a server-side dry run of the
+/// committed file, and waits until the API server enforces it.
 async fn install_policy(c: &TestCluster, ns: &str) {
     let file = repo_file(POLICY_FILE);
     let dry = kubectl(
@@ -109,7 +132,8 @@ async fn install_policy(c: &TestCluster, ns: &str) {
         "",
     );
     assert!(ok(&dry), "{}", said(&dry));
-    let out = kubectl(c, None, &["apply", "--server-side", "-f", &file], "");
+    let rendered = chart_policy(c, SA_NAMESPACE, SA_NAME);
+    let out = kubectl(c, None, &["apply", "--server-side", "-f", "-"], &rendered);
     assert!(ok(&out), "{}", said(&out));
     // The API server loads a new policy within a few seconds: until then a lie is admitted.
     let probe = device_isolation(ns, "probe", "user-b", "probe");
@@ -263,21 +287,7 @@ fn the_charts_policy_is_the_committed_policy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_installs_the_policy_for_its_own_service_account() {
     let c = cluster();
-    let chart = repo_file("charts/mde-isolation-operator");
-    let out = c
-        .helm()
-        .args(["template", "soc", &chart, "-n", "secops"])
-        .args(CHART_REQUIRED_VALUES)
-        .args([
-            "--set",
-            "admissionPolicy.enabled=true",
-            "--show-only",
-            "templates/admission-policy.yaml",
-        ])
-        .output()
-        .expect("helm");
-    let rendered = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{}", said(&out));
+    let rendered = chart_policy(c, "secops", "soc-mde-isolation-operator");
     assert!(
         rendered.contains(
             "request.userInfo.username != 'system:serviceaccount:secops:soc-mde-isolation-operator'"
@@ -344,4 +354,183 @@ async fn the_mde_comment_names_the_verified_requester() {
         "{}",
         op.tail()
     );
+}
+
+/// The operator as the harness's ServiceAccount (the policy exempts it), allowed everything.
+fn operator_identity(c: &TestCluster) -> std::path::PathBuf {
+    let binding = format!(
+        r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: accountability-test-operator}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: cluster-admin}}
+subjects:
+  - {{kind: ServiceAccount, name: {SA_NAME}, namespace: {SA_NAMESPACE}}}
+"#
+    );
+    let out = kubectl(c, None, &["apply", "--server-side", "-f", "-"], &binding);
+    assert!(ok(&out), "{}", said(&out));
+    c.service_account_kubeconfig(SA_NAMESPACE, SA_NAME)
+}
+
+/// The two-person rule: a set of 150 devices over a threshold of 100 requests nothing until a
+/// second person approves; the requester cannot; a spec change needs a new approval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_set_waits_for_a_second_person_and_a_spec_change_needs_a_new_approval() {
+    use mde_isolation_operator::crd::DeviceIsolationSet;
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("approval").await;
+    grant_users(c);
+    install_policy(c, &ns).await;
+    let kubeconfig = operator_identity(c);
+    let dir = tempfile::tempdir().unwrap();
+    let mut seed = String::from("machines:\n");
+    for i in 0..150u32 {
+        seed.push_str(&format!(
+            "- {{id: '{}', computerDnsName: big-{i}, behaviour: online, isolated: true, \
+             machineTags: [big]}}\n",
+            common::operator::machine_id(0x9000 + i)
+        ));
+    }
+    let seed_path = dir.path().join("seed.yaml");
+    std::fs::write(&seed_path, seed).unwrap();
+    let sim = common::sim::Sim::start(&[
+        "--seed",
+        seed_path.to_str().unwrap(),
+        "--time-scale",
+        "60",
+        "--duplicate-mode",
+        "allow",
+    ]);
+    let mut cfg = common::operator::OperatorConfig::new(&kubeconfig, &ns);
+    cfg.extra = vec!["--approval-threshold".into(), "100".into()];
+    let op = common::operator::Operator::start(&sim, cfg);
+
+    let set = format!(
+        r#"
+apiVersion: isolation.mde.dev/v1alpha1
+kind: DeviceIsolationSet
+metadata:
+  name: big
+  namespace: {ns}
+  annotations:
+    isolation.mde.dev/comment: "False positive, rule 77 (INC-4711)"
+    isolation.mde.dev/requested-by: user-a
+spec:
+  isolated: false
+  maxDevices: 200
+  selector: {{machineTags: [big]}}
+"#
+    );
+    let out = kubectl(c, Some("user-a"), &["create", "-f", "-"], &set);
+    assert!(ok(&out), "{}", said(&out));
+    let api: kube::Api<DeviceIsolationSet> = kube::Api::namespaced(c.client().await, &ns);
+    let reason_is = |want: &'static str| {
+        let api = api.clone();
+        move || {
+            let api = api.clone();
+            async move {
+                let set = api.get("big").await.map_err(|e| e.to_string())?;
+                let ready = set
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready").cloned());
+                match ready {
+                    Some(r) if r.reason == want => Ok(r.message),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        }
+    };
+    let waiting = eventually(
+        Duration::from_secs(60),
+        "AwaitingApproval",
+        reason_is("AwaitingApproval"),
+    )
+    .await;
+    assert!(waiting.contains("150 devices selected"), "{waiting}");
+    let mutating = |calls: Vec<serde_json::Value>| {
+        calls
+            .iter()
+            .filter(|c| c["api"] == "unisolate" || c["api"] == "isolate")
+            .count()
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(mutating(sim.admin_calls().await), 0, "{}", op.tail());
+
+    let approve = |user: &str, generation: &str| {
+        kubectl(
+            c,
+            Some(user),
+            &[
+                "annotate",
+                "dis",
+                "big",
+                "-n",
+                &ns,
+                "--overwrite",
+                &format!("isolation.mde.dev/approved-by={user}"),
+                &format!("isolation.mde.dev/approved-generation={generation}"),
+            ],
+            "",
+        )
+    };
+    refused(&approve("user-a", "1"), "cannot approve their own change");
+    let out = approve("user-b", "1");
+    assert!(ok(&out), "{}", said(&out));
+    eventually(
+        Duration::from_secs(120),
+        "Converged",
+        reason_is("Converged"),
+    )
+    .await;
+    assert_eq!(mutating(sim.admin_calls().await), 150);
+
+    // A spec change by the requester: the approval was for generation 1.
+    let out = kubectl(
+        c,
+        Some("user-a"),
+        &[
+            "patch",
+            "dis",
+            "big",
+            "-n",
+            &ns,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"rollout":{"maxFailures":1}}}"#,
+        ],
+        "",
+    );
+    assert!(ok(&out), "{}", said(&out));
+    let again = eventually(
+        Duration::from_secs(60),
+        "AwaitingApproval again",
+        reason_is("AwaitingApproval"),
+    )
+    .await;
+    assert!(again.contains("generation 2"), "{again}");
+    let out = approve("user-b", "2");
+    assert!(ok(&out), "{}", said(&out));
+    eventually(
+        Duration::from_secs(60),
+        "Converged again",
+        reason_is("Converged"),
+    )
+    .await;
+    assert_eq!(mutating(sim.admin_calls().await), 150, "no second action");
+    let truth = sim
+        .ground_truth(&common::operator::machine_id(0x9000))
+        .await;
+    let released_by = truth["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["type"] == "Unisolate")
+        .filter_map(|a| a["requestorComment"].as_str())
+        .collect::<Vec<_>>();
+    assert_eq!(released_by.len(), 1, "{truth}");
+    // The children carry the set's requester; the approval is the set's (its Approved event).
+    assert!(released_by[0].contains("requested-by=user-a ["), "{truth}");
 }

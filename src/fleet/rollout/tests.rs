@@ -328,3 +328,31 @@ fn events_mark_the_transitions() {
     assert!(again.events.is_empty(), "{:?}", again.events);
     assert_eq!(again.conditions, done.conditions);
 }
+
+#[test]
+fn an_approval_is_announced_once_when_the_rollout_starts() {
+    let waiting = decide(&Row {
+        threshold: 2,
+        ..row("waiting", spec(false, 0, 0, 100), 3)
+    });
+    assert_eq!(waiting.reason, SetReason::AwaitingApproval);
+    assert!(waiting.holds());
+    let sel = selection(3);
+    let approved = plan(&Input {
+        generation: 2,
+        spec: &spec(false, 0, 0, 100),
+        has_comment: true,
+        selection: &sel,
+        children: &HashMap::new(),
+        managed_elsewhere: &HashSet::new(),
+        canary_passed_generation: None,
+        approval_threshold: 2,
+        approved_by: Some("user-b"),
+        conditions: &waiting.conditions,
+        now: now(),
+    });
+    let events: Vec<_> = approved.events.iter().map(|e| e.reason).collect();
+    assert_eq!(events, [SetReason::Approved, SetReason::RolloutStarted]);
+    assert_eq!(approved.events[0].note, "generation 2 approved by user-b");
+    assert_eq!(approved.admit.len(), 3);
+}
