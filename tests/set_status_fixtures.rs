@@ -190,6 +190,7 @@ impl Set {
             canary_passed_generation: status.canary_passed_generation,
             approval_threshold: 0,
             approved_by: None,
+            requester: None,
             conditions: &status.conditions,
             now,
         });

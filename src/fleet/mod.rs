@@ -321,6 +321,9 @@ pub async fn reconcile(set: Arc<DeviceIsolationSet>, ctx: Arc<Context>) -> Resul
         canary_passed_generation: status.canary_passed_generation,
         approval_threshold: ctx.approval_threshold,
         approved_by: crate::crd::approver(&set.metadata, set.metadata.generation.unwrap_or(1)),
+        requester: set.requested_by().map(|name| {
+            crate::audit::person_tag("requested-by", name, ctx.accountability.verified())
+        }),
         conditions: &status.conditions,
         now: chrono::Utc::now(),
     });

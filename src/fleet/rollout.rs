@@ -44,6 +44,8 @@ pub struct Input<'a> {
     pub approval_threshold: u32,
     /// Who approved this generation (see [`crate::crd::approver`]).
     pub approved_by: Option<&'a str>,
+    /// Who asked, as the events say it (`requested-by=…`, see [`crate::audit::person_tag`]).
+    pub requester: Option<String>,
     /// The conditions written last.
     pub conditions: &'a [Condition],
     /// Now.
@@ -283,8 +285,14 @@ pub fn plan(input: &Input<'_>) -> Decision {
         });
     }
     if changed
-        && let Some(event) = transition_event(reason, &phase, devices.requested, !admit.is_empty())
+        && let Some(mut event) =
+            transition_event(reason, &phase, devices.requested, !admit.is_empty())
     {
+        if event.reason == SetReason::RolloutStarted
+            && let Some(tag) = &input.requester
+        {
+            event.note.push_str(&format!("; {tag}"));
+        }
         events.push(event);
     }
     let conditions = conditions::conditions_for(

@@ -96,6 +96,7 @@ fn decide(r: &Row) -> Decision {
         canary_passed_generation: r.canary_passed.then_some(2),
         approval_threshold: r.threshold,
         approved_by: r.approved_by,
+        requester: Some("requested-by=user-a".into()),
         conditions: &[],
         now: now(),
     })
@@ -288,6 +289,11 @@ fn events_mark_the_transitions() {
     let reasons = |d: &Decision| d.events.iter().map(|e| e.reason).collect::<Vec<_>>();
     let start = decide(&row("start", spec(false, 0, 0, 100), 3));
     assert_eq!(reasons(&start), [SetReason::RolloutStarted]);
+    assert!(
+        start.events[0].note.ends_with("; requested-by=user-a"),
+        "{}",
+        start.events[0].note
+    );
     let canary = decide(&Row {
         children: vec![(0, Ready)],
         ..row("canary passes", spec(false, 1, 0, 100), 3)
@@ -322,6 +328,7 @@ fn events_mark_the_transitions() {
         canary_passed_generation: None,
         approval_threshold: 0,
         approved_by: None,
+        requester: None,
         conditions: &done.conditions,
         now: now(),
     });
@@ -348,6 +355,7 @@ fn an_approval_is_announced_once_when_the_rollout_starts() {
         canary_passed_generation: None,
         approval_threshold: 2,
         approved_by: Some("user-b"),
+        requester: None,
         conditions: &waiting.conditions,
         now: now(),
     });
