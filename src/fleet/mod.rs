@@ -271,7 +271,9 @@ fn up_to_date(child: &DeviceIsolation, set: &DeviceIsolationSet) -> bool {
     have.isolated == want.isolated
         && have.isolation_type == want.isolation_type
         && have.drift_policy == want.drift_policy
+        && have.release_at == want.release_at
         && child.comment() == set.comment()
+        && child.requested_by() == set.requested_by()
 }
 
 /// Reconciles one DeviceIsolationSet.

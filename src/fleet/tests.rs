@@ -70,6 +70,24 @@ fn a_child_carries_the_sets_wish_label_comment_and_controller_reference() {
         .unwrap()
         .insert(COMMENT_ANNOTATION.into(), "INC-4712".into());
     assert!(!up_to_date(&child, &recommented));
+    let mut timed = isolate.clone();
+    timed.spec.release_at = Some(chrono::Utc::now());
+    let timed_child = child_for(&timed, M);
+    assert_eq!(timed_child.spec.release_at, timed.spec.release_at);
+    assert!(up_to_date(&timed_child, &timed));
+    assert!(
+        !up_to_date(&child_for(&isolate, M), &timed),
+        "releaseAt edits reach the children"
+    );
+    let mut taken_over = s.clone();
+    taken_over
+        .metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert(crate::crd::REQUESTED_BY_ANNOTATION.into(), "user-b".into());
+    assert_eq!(child_for(&taken_over, M).requested_by(), Some("user-b"));
+    assert!(!up_to_date(&child, &taken_over), "so does a new requester");
 }
 
 #[test]
