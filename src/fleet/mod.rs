@@ -13,12 +13,14 @@
 pub mod rollout;
 pub mod select;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::Request;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
@@ -129,16 +131,21 @@ impl Selections {
     }
 
     /// The selection of set `uid`: what its cached status shows (then the remembered copy is
-    /// dropped), else what was written and is not cached yet.
-    pub fn current(&self, uid: &str, cached: Option<&Selection>) -> Option<Selection> {
+    /// dropped), else what was written and is not cached yet. The cached one is borrowed: with
+    /// thousands of machine ids, a copy per set reconcile was a transient of its own.
+    pub fn current<'a>(
+        &self,
+        uid: &str,
+        cached: Option<&'a Selection>,
+    ) -> Option<Cow<'a, Selection>> {
         let mut written = self.lock();
         match (cached, written.get(uid)) {
             (Some(c), Some(w)) if c == w => {
                 written.remove(uid);
-                Some(c.clone())
+                Some(Cow::Borrowed(c))
             }
-            (_, Some(w)) => Some(w.clone()),
-            (Some(c), None) => Some(c.clone()),
+            (_, Some(w)) => Some(Cow::Owned(w.clone())),
+            (Some(c), None) => Some(Cow::Borrowed(c)),
             (None, None) => None,
         }
     }
@@ -282,9 +289,11 @@ pub async fn reconcile(set: Arc<DeviceIsolationSet>, ctx: Arc<Context>) -> Resul
         // The children see it (`hold_of`) and the garbage collector removes them.
         return Ok(Action::await_change());
     }
-    let status = set.status.clone().unwrap_or_default();
+    // Borrowed, not copied: the status holds the selection's machine ids.
+    let no_status = DeviceIsolationSetStatus::default();
+    let status = set.status.as_ref().unwrap_or(&no_status);
     let uid = set.metadata.uid.clone().unwrap_or_default();
-    let selection = match current_selection(&set, &ctx, &uid, &status) {
+    let selection = match current_selection(&set, &ctx, &uid, status) {
         Some(selection) => selection,
         None => match resolve(&set, &ctx).await {
             Ok(selection) => {
@@ -303,9 +312,9 @@ pub async fn reconcile(set: Arc<DeviceIsolationSet>, ctx: Arc<Context>) -> Resul
                     }],
                 )
                 .await;
-                selection
+                Cow::Owned(selection)
             }
-            Err(wait) => return waiting(&set, &ctx, &status, wait).await,
+            Err(wait) => return waiting(&set, &ctx, status, wait).await,
         },
     };
     let (children, managed_elsewhere) = observe(&set, &selection, &ctx);
@@ -351,12 +360,12 @@ pub async fn reconcile(set: Arc<DeviceIsolationSet>, ctx: Arc<Context>) -> Resul
 
 /// The snapshot in status (or written and not cached yet), when it was resolved for the current
 /// selector and refresh request.
-fn current_selection(
+fn current_selection<'a>(
     set: &DeviceIsolationSet,
     ctx: &Context,
     uid: &str,
-    status: &DeviceIsolationSetStatus,
-) -> Option<Selection> {
+    status: &'a DeviceIsolationSetStatus,
+) -> Option<Cow<'a, Selection>> {
     let criteria = select::criteria(&set.spec.selector, &set.spec.exclude);
     ctx.selections
         .current(uid, status.selection.as_ref())
@@ -489,6 +498,7 @@ async fn write_children(
 ) -> Result<(), Error> {
     let namespace = set.namespace().unwrap_or_default();
     let api: Api<DeviceIsolation> = Api::namespaced(ctx.kube.clone(), &namespace);
+    let children_path = Request::new(DeviceIsolation::url_path(&(), Some(&namespace)));
     // Machine ids only: each child is built as its write starts, so that thousands admitted at
     // once are never all held in memory together.
     let mut writes: Vec<String> = admit.to_vec();
@@ -500,14 +510,18 @@ async fn write_children(
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let mut results = futures::stream::iter(writes)
         .map(|machine| {
-            let (api, params) = (api.clone(), params.clone());
             let child = child_for(set, &machine);
+            let name = child.name_any();
+            let request = children_path.patch(&name, &params, &Patch::Apply(&child));
             async move {
-                let name = child.name_any();
-                api.patch(&name, &params, &Patch::Apply(&child))
-                    .await
-                    .map(drop)
-                    .map_err(|source| Error::Child { name, source })
+                let source = match request {
+                    Ok(request) => match send_unparsed(ctx, request, "patch").await {
+                        Ok(()) => return Ok(()),
+                        Err(e) => e,
+                    },
+                    Err(e) => kube::Error::BuildRequest(e),
+                };
+                Err(Error::Child { name, source })
             }
         })
         .buffer_unordered(CHILD_WRITES_IN_FLIGHT);
@@ -554,17 +568,38 @@ async fn write_status(
     ctx: &Context,
     status: serde_json::Value,
 ) -> Result<(), Error> {
-    let api: Api<DeviceIsolationSet> =
-        Api::namespaced(ctx.kube.clone(), &set.namespace().unwrap_or_default());
+    let namespace = set.namespace();
+    let sets = Request::new(DeviceIsolationSet::url_path(&(), namespace.as_deref()));
     // A merge patch: fields not named stay (the selection is written once, not with every count).
-    api.patch_status(
-        &set.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
-    )
-    .await
-    .map(drop)
-    .map_err(Error::StatusWrite)
+    let request = sets
+        .patch_subresource(
+            "status",
+            &set.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .map_err(|e| Error::StatusWrite(kube::Error::BuildRequest(e)))?;
+    send_unparsed(ctx, request, "patch_status")
+        .await
+        .map_err(Error::StatusWrite)
+}
+
+/// Sends a write and checks the API server's answer without building the object it returns:
+/// the set's status holds up to 10,000 machine ids, and each of thousands of child creations
+/// returns the child; both were parsed only to be dropped. (The `fleet10000` benchmark's peak RSS
+/// did not move measurably with this alone: 87.6 MiB against 87.8 MiB before, a build with
+/// `alloc-stats`, both at time scale 60 on a 2-core Intel Xeon; it saves the work.)
+async fn send_unparsed(
+    ctx: &Context,
+    mut request: http::Request<Vec<u8>>,
+    verb: &'static str,
+) -> Result<(), kube::Error> {
+    // The verb kube's own calls attach, for its request spans.
+    request.extensions_mut().insert(verb);
+    ctx.kube
+        .request::<serde::de::IgnoredAny>(request)
+        .await
+        .map(drop)
 }
 
 async fn publish(set: &DeviceIsolationSet, ctx: &Context, events: &[SetEvent]) {

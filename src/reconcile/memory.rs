@@ -18,6 +18,17 @@ struct Entry {
     /// Marker of the current intent when this process knows its POST was never sent (refused by
     /// the quota gate, failed before sending): no lookup is needed before sending it.
     unsent: Option<String>,
+    /// Consecutive failed reconciles (Kubernetes-side errors), for the error backoff.
+    errors: u32,
+    /// What few resources ever need, boxed: the map holds an entry per resource, and its table
+    /// reserves room for more entries than it holds, so an entry's size counts many times over.
+    rare: Option<Box<Rare>>,
+}
+
+/// The part of an [`Entry`] that only a resource whose POST went wrong or that names its device
+/// by name has.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Rare {
     /// Marker of a POST whose outcome was ambiguous, and when: no lookup may prove it absent
     /// before the settle time, even if the watch cache still shows an older status.
     ambiguous: Option<(String, DateTime<Utc>)>,
@@ -27,8 +38,16 @@ struct Entry {
     /// What spec.deviceName resolved to, for one generation and retry request ([`resolution_key`]):
     /// a reconcile from a watch cache that does not show the result yet must not look it up again.
     resolved: Option<(String, Vec<DeviceCandidate>)>,
-    /// Consecutive failed reconciles (Kubernetes-side errors), for the error backoff.
-    errors: u32,
+}
+
+impl Entry {
+    fn rare(&self) -> Option<&Rare> {
+        self.rare.as_deref()
+    }
+
+    fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_default()
+    }
 }
 
 /// The per-resource memory of the process (see the module docs).
@@ -84,6 +103,7 @@ impl Memory {
     pub fn ambiguous_at(&self, resource: &ResourceRef, marker: &str) -> Option<DateTime<Utc>> {
         self.lock()
             .get(resource)?
+            .rare()?
             .ambiguous
             .as_ref()
             .filter(|(m, _)| m == marker)
@@ -108,11 +128,11 @@ impl Memory {
             PostOutcome::Action(_) => entry.unsent = None,
             PostOutcome::Failed(CallFailure::Ambiguous(_)) => {
                 entry.unsent = None;
-                entry.ambiguous = Some((marker.to_string(), now));
+                entry.rare_mut().ambiguous = Some((marker.to_string(), now));
             }
             PostOutcome::Failed(f) if f.is_rejection() => {
                 entry.unsent = None;
-                entry.rejected = Some((marker.to_string(), f.clone()));
+                entry.rare_mut().rejected = Some((marker.to_string(), f.clone()));
             }
             PostOutcome::Failed(_) => entry.unsent = Some(marker.to_string()),
         }
@@ -122,6 +142,7 @@ impl Memory {
     pub fn rejected(&self, resource: &ResourceRef, marker: &str) -> Option<CallFailure> {
         self.lock()
             .get(resource)?
+            .rare()?
             .rejected
             .as_ref()
             .filter(|(m, _)| m == marker)
@@ -131,7 +152,7 @@ impl Memory {
     /// Records what `key` ([`resolution_key`]) resolved to.
     pub fn resolved(&self, resource: &ResourceRef, key: String, found: &[DeviceCandidate]) {
         if let Some(entry) = self.lock().get_mut(resource) {
-            entry.resolved = Some((key, found.to_vec()));
+            entry.rare_mut().resolved = Some((key, found.to_vec()));
         }
     }
 
@@ -139,6 +160,7 @@ impl Memory {
     pub fn resolution(&self, resource: &ResourceRef, key: &str) -> Option<Vec<DeviceCandidate>> {
         self.lock()
             .get(resource)?
+            .rare()?
             .resolved
             .as_ref()
             .filter(|(k, _)| k == key)
@@ -241,6 +263,23 @@ mod tests {
 
     fn r(name: &str) -> ResourceRef {
         ResourceRef::new(name).within("soc")
+    }
+
+    #[test]
+    fn an_entry_is_small_until_something_rare_happens() {
+        // The marker, the error count and one pointer (see `Entry::rare`).
+        assert!(std::mem::size_of::<Entry>() <= 40);
+        let (m, a) = (Memory::default(), r("a"));
+        m.track(&a);
+        m.after_post(
+            &a,
+            "mk1",
+            &PostOutcome::Failed(CallFailure::Ambiguous("t".into())),
+            now(),
+        );
+        assert_eq!(m.ambiguous_at(&a, "mk1"), Some(now()));
+        assert_eq!(m.rejected(&a, "mk1"), None);
+        assert_eq!(m.resolution(&a, "k"), None);
     }
 
     fn now() -> DateTime<Utc> {
