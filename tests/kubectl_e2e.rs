@@ -929,8 +929,19 @@ async fn operator_runs_under_the_charts_service_account_and_rbac() {
         .ok();
     let (rbac, mut kinds) = chart_identity_objects(&tools).await;
     kinds.sort();
-    // The default chart watches the release namespace with a Role, never a ClusterRole.
-    assert_eq!(kinds, ["Role", "RoleBinding", "ServiceAccount"], "{rbac}");
+    // The default chart watches the release namespace with a Role; its one cluster-wide grant is
+    // reading the accountability policy and its binding, by name.
+    assert_eq!(
+        kinds,
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "ServiceAccount"
+        ],
+        "{rbac}"
+    );
     let out = tools
         .kubectl(&["apply", "-f", "-"], Some(rbac.as_bytes()))
         .await
@@ -942,6 +953,28 @@ async fn operator_runs_under_the_charts_service_account_and_rbac() {
     );
 
     // What the chart grants, and what it does not.
+    let policy = "validatingadmissionpolicies.admissionregistration.k8s.io";
+    assert!(
+        sa_can(
+            &tools,
+            "get",
+            &format!("{policy}/mde-isolation-accountability"),
+            SA_NAMESPACE,
+            None
+        )
+        .await
+    );
+    assert!(
+        !sa_can(
+            &tools,
+            "get",
+            &format!("{policy}/another-policy"),
+            SA_NAMESPACE,
+            None
+        )
+        .await
+    );
+    assert!(!sa_can(&tools, "list", policy, SA_NAMESPACE, None).await);
     let other = c.namespace("sa-unwatched").await;
     assert!(!sa_can(&tools, "get", "secrets", SA_NAMESPACE, None).await);
     assert!(!sa_can(&tools, "get", "secrets", &other, None).await);
