@@ -176,82 +176,39 @@ async fn requested_by_and_approved_by_must_name_who_asks() {
     );
     assert!(ok(&truth), "{}", said(&truth));
 
+    // `kubectl VERB deviceisolation release -n NS ARGS` as `user`.
+    let on_release = |user: &str, verb: &str, args: &[&str]| {
+        let mut all = vec![verb, "deviceisolation", "release", "-n", &ns];
+        all.extend(args);
+        kubectl(c, Some(user), &all, "")
+    };
+    let merge = |patch: &'static str| ["--type=merge", "-p", patch];
+
     // user-b changing the spec or the comment must take the request over.
-    let patch_spec = r#"{"spec":{"isolated":true}}"#;
-    let out = kubectl(
-        c,
-        Some("user-b"),
-        &[
-            "patch",
-            "deviceisolation",
-            "release",
-            "-n",
-            &ns,
-            "--type=merge",
-            "-p",
-            patch_spec,
-        ],
-        "",
+    let spec = merge(r#"{"spec":{"isolated":true}}"#);
+    refused(
+        &on_release("user-b", "patch", &spec),
+        "requested-by must name you (user-b)",
     );
-    assert!(!ok(&out), "{}", said(&out));
-    let out = kubectl(
-        c,
-        Some("user-b"),
-        &[
-            "annotate",
-            "deviceisolation",
-            "release",
-            "-n",
-            &ns,
-            "--overwrite",
-            "isolation.mde.dev/comment=INC-4712",
-        ],
-        "",
+    let comment = ["--overwrite", "isolation.mde.dev/comment=INC-4712"];
+    refused(
+        &on_release("user-b", "annotate", &comment),
+        "requested-by must name you (user-b)",
     );
-    assert!(!ok(&out), "{}", said(&out));
     // An unrelated label is no change of the request.
-    let out = kubectl(
-        c,
-        Some("user-b"),
-        &["label", "deviceisolation", "release", "-n", &ns, "team=soc"],
-        "",
-    );
+    let out = on_release("user-b", "label", &["team=soc"]);
     assert!(ok(&out), "{}", said(&out));
-    let takeover = r#"{"metadata":{"annotations":{"isolation.mde.dev/requested-by":"user-b"}},"spec":{"isolated":true}}"#;
-    let out = kubectl(
-        c,
-        Some("user-b"),
-        &[
-            "patch",
-            "deviceisolation",
-            "release",
-            "-n",
-            &ns,
-            "--type=merge",
-            "-p",
-            takeover,
-        ],
-        "",
+    let takeover = merge(
+        r#"{"metadata":{"annotations":{"isolation.mde.dev/requested-by":"user-b"}},"spec":{"isolated":true}}"#,
     );
+    let out = on_release("user-b", "patch", &takeover);
     assert!(ok(&out), "{}", said(&out));
 
     // Approval: never by the requester, only by whoever sets it, for the generation seen.
     let approve = |user: &str, approver: &str, generation: &str| {
-        kubectl(
-            c,
-            Some(user),
-            &[
-                "annotate",
-                "deviceisolation",
-                "release",
-                "-n",
-                &ns,
-                "--overwrite",
-                &format!("isolation.mde.dev/approved-by={approver}"),
-                &format!("isolation.mde.dev/approved-generation={generation}"),
-            ],
-            "",
-        )
+        let by = format!("isolation.mde.dev/approved-by={approver}");
+        let at = format!("isolation.mde.dev/approved-generation={generation}");
+        on_release(user, "annotate", &["--overwrite", &by, &at])
     };
     refused(
         &approve("user-b", "user-b", "2"),
