@@ -106,6 +106,16 @@ impl Fake {
         resource(name, isolated, self.written.lock().unwrap().clone())
     }
 
+    /// The next request waits 30 s for quota (once); returns the wait.
+    fn quota_waits_once(&self) -> std::time::Duration {
+        let wait = std::time::Duration::from_secs(30);
+        self.holds
+            .lock()
+            .unwrap()
+            .push_back(CallFailure::QuotaWait(wait));
+        wait
+    }
+
     fn posts_made(calls: &[Call]) -> usize {
         calls.iter().filter(|c| matches!(c, Call::Post(_))).count()
     }
@@ -209,11 +219,7 @@ fn reason_of(status: &DeviceIsolationStatus, type_: &str) -> Option<String> {
 #[tokio::test]
 async fn a_request_that_must_wait_writes_its_intent_once_and_sends_without_a_lookup() {
     let (fake, memory) = (Fake::new(), Memory::default());
-    let wait = std::time::Duration::from_secs(30);
-    fake.holds
-        .lock()
-        .unwrap()
-        .push_back(CallFailure::QuotaWait(wait));
+    let wait = fake.quota_waits_once();
     let action = run(&fake, &resource("a", false, None), &memory).await;
     assert_eq!(action, Action::requeue(wait));
     let calls = fake.calls();
@@ -260,11 +266,7 @@ async fn a_request_that_must_wait_writes_its_intent_once_and_sends_without_a_loo
 #[tokio::test]
 async fn a_rejected_request_is_not_sent_again_from_a_stale_cache() {
     let (fake, memory) = (Fake::new(), Memory::default());
-    let wait = std::time::Duration::from_secs(30);
-    fake.holds
-        .lock()
-        .unwrap()
-        .push_back(CallFailure::QuotaWait(wait));
+    let wait = fake.quota_waits_once();
     run(&fake, &resource("a", false, None), &memory).await;
     // The status with the intent, as a watch cache may still show it after the stall is written.
     let with_intent = fake.written.lock().unwrap().clone();
@@ -353,11 +355,7 @@ async fn a_device_name_is_not_resolved_again_from_a_stale_cache_only_on_a_retry_
 async fn a_resource_whose_set_holds_it_requests_nothing_and_goes_on_when_released() {
     let (fake, memory) = (Fake::new(), Memory::default());
     // Waiting for quota with its intent written, when its set is paused.
-    let wait = std::time::Duration::from_secs(30);
-    fake.holds
-        .lock()
-        .unwrap()
-        .push_back(CallFailure::QuotaWait(wait));
+    let wait = fake.quota_waits_once();
     run(&fake, &resource("a", false, None), &memory).await;
     fake.calls();
     *fake.set_hold.lock().unwrap() = Some("its DeviceIsolationSet s is paused".into());
