@@ -119,7 +119,7 @@ impl Planner<'_> {
     pub(super) fn ready(&mut self, action: &ActionFact) -> Decision {
         let reason = if self.desired.leaves_isolated() {
             Reason::Isolated
-        } else if released_on_schedule(self.input) {
+        } else if released_on_schedule(self.input).is_some() {
             Reason::ReleasedOnSchedule
         } else {
             Reason::Released

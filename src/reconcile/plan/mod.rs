@@ -54,7 +54,9 @@ pub fn plan(input: &Input<'_>) -> Plan {
         input,
         status: input.status.clone(),
         events: Vec::new(),
-        desired: ActionKind::for_desired(input.spec.isolated && !released_on_schedule(input)),
+        desired: ActionKind::for_desired(
+            input.spec.isolated && released_on_schedule(input).is_none(),
+        ),
         machine: input
             .spec
             .machine_id
@@ -69,9 +71,12 @@ pub fn plan(input: &Input<'_>) -> Plan {
     p.finish(phase, effect, requeue)
 }
 
-/// Whether spec.releaseAt has come: the isolation it ends is over.
-fn released_on_schedule(input: &Input<'_>) -> bool {
-    input.spec.isolated && input.spec.release_at.is_some_and(|at| at <= input.now)
+/// spec.releaseAt, once it has come: the isolation it ends is over.
+fn released_on_schedule(input: &Input<'_>) -> Option<DateTime<Utc>> {
+    input
+        .spec
+        .release_at
+        .filter(|at| input.spec.isolated && *at <= input.now)
 }
 
 /// How long until spec.releaseAt, while it is ahead: the resource looks again then, whatever
@@ -138,12 +143,7 @@ impl<'a> Planner<'a> {
     /// The comment's text as sent to MDE before the marker: the annotation and who asked.
     pub(super) fn request_text(&self, comment: &str) -> String {
         let mut text = comment.trim().to_string();
-        if let Some(at) = self
-            .input
-            .spec
-            .release_at
-            .filter(|_| released_on_schedule(self.input))
-        {
+        if let Some(at) = released_on_schedule(self.input) {
             text.push_str(&format!(
                 " (released on schedule: releaseAt {})",
                 rfc3339(at)
@@ -173,7 +173,7 @@ impl<'a> Planner<'a> {
             .action
             .as_ref()
             .is_some_and(|a| a.action_type == ActionKind::Isolate.as_str());
-        if released_on_schedule(self.input) && follows_isolate {
+        if released_on_schedule(self.input).is_some() && follows_isolate {
             self.status.failed_attempts = 0;
             self.status.next_attempt_at = None;
         }
