@@ -19,7 +19,11 @@ crd: ## Regenerate crds/ and the chart's copy from the Rust types (and copy poli
 	mv crds/.crd.yaml.tmp crds/deviceisolations.isolation.mde.dev.yaml
 	$${CARGO_TARGET_DIR:-target}/debug/mde-isolation-operator crd --kind DeviceIsolationSet > crds/.crd.yaml.tmp
 	mv crds/.crd.yaml.tmp crds/deviceisolationsets.isolation.mde.dev.yaml
-	cp crds/deviceisolations.isolation.mde.dev.yaml crds/deviceisolationsets.isolation.mde.dev.yaml charts/mde-isolation-operator/crds/
+	$${CARGO_TARGET_DIR:-target}/debug/mde-isolation-operator crd --kind MdeConnection > crds/.crd.yaml.tmp
+	mv crds/.crd.yaml.tmp crds/mdeconnections.isolation.mde.dev.yaml
+	$${CARGO_TARGET_DIR:-target}/debug/mde-isolation-operator crd --kind ClusterMdeConnection > crds/.crd.yaml.tmp
+	mv crds/.crd.yaml.tmp crds/clustermdeconnections.isolation.mde.dev.yaml
+	cp crds/*.isolation.mde.dev.yaml charts/mde-isolation-operator/crds/
 	cp policies/accountability.yaml charts/mde-isolation-operator/policies/
 
 fmt:

@@ -5,8 +5,10 @@
 //! The CRDs under `crds/` are generated from these types (`mde-isolation-operator crd`); a test
 //! fails when the committed files drift from them.
 
+pub mod connection;
 pub mod set;
 
+pub use connection::{ClusterMdeConnection, ConnectionKind, ConnectionRef, MdeConnection};
 pub use set::*;
 
 use chrono::{DateTime, Utc};
@@ -88,6 +90,8 @@ pub const REQUESTED_BY_ANNOTATION: &str = "isolation.mde.dev/requested-by";
     .message("cannot switch between machineId and deviceName; create a new DeviceIsolation"))]
 #[x_kube(validation = kube::core::Rule::new("!has(self.releaseAt) || self.isolated")
     .message("releaseAt ends an isolation: it needs isolated: true"))]
+#[x_kube(validation = kube::core::Rule::new("has(self.connectionRef) == has(oldSelf.connectionRef)")
+    .message("connectionRef is immutable: create a new DeviceIsolation to use another connection"))]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceIsolationSpec {
     /// MDE machine id of the device: 40 lowercase hexadecimal characters. Immutable: create a new
@@ -135,6 +139,13 @@ pub struct DeviceIsolationSpec {
     /// threshold instead.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_approval: bool,
+
+    /// The MdeConnection (of this namespace) or ClusterMdeConnection whose tenant and app
+    /// registration to call MDE with; without it, the operator's own (its flags). Immutable: the
+    /// device's actions live in that tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("connectionRef is immutable"))]
+    pub connection_ref: Option<ConnectionRef>,
 }
 
 /// How the operator reacts to a device changed outside of it.
@@ -318,17 +329,30 @@ pub enum Kind {
     /// `DeviceIsolationSet`.
     #[value(name = "DeviceIsolationSet")]
     DeviceIsolationSet,
+    /// `MdeConnection`.
+    #[value(name = "MdeConnection")]
+    MdeConnection,
+    /// `ClusterMdeConnection`.
+    #[value(name = "ClusterMdeConnection")]
+    ClusterMdeConnection,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 2] = [Kind::DeviceIsolation, Kind::DeviceIsolationSet];
+    pub const ALL: [Kind; 4] = [
+        Kind::DeviceIsolation,
+        Kind::DeviceIsolationSet,
+        Kind::MdeConnection,
+        Kind::ClusterMdeConnection,
+    ];
 
     /// The file under `crds/` (and the chart's `crds/`).
     pub fn file_name(self) -> &'static str {
         match self {
             Kind::DeviceIsolation => "deviceisolations.isolation.mde.dev.yaml",
             Kind::DeviceIsolationSet => "deviceisolationsets.isolation.mde.dev.yaml",
+            Kind::MdeConnection => "mdeconnections.isolation.mde.dev.yaml",
+            Kind::ClusterMdeConnection => "clustermdeconnections.isolation.mde.dev.yaml",
         }
     }
 }
@@ -350,6 +374,8 @@ pub fn crd_of(kind: Kind) -> CustomResourceDefinition {
     let mut crd = match kind {
         Kind::DeviceIsolation => DeviceIsolation::crd(),
         Kind::DeviceIsolationSet => DeviceIsolationSet::crd(),
+        Kind::MdeConnection => MdeConnection::crd(),
+        Kind::ClusterMdeConnection => ClusterMdeConnection::crd(),
     };
     for version in &mut crd.spec.versions {
         let Some(root) = version
@@ -537,6 +563,7 @@ mod tests {
                 drift_policy: DriftPolicy::Report,
                 release_at: None,
                 require_approval: false,
+                connection_ref: None,
             },
         );
         assert_eq!(di.comment(), None);

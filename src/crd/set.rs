@@ -80,6 +80,8 @@ pub const PREVIEW_LEN: usize = 50;
 )]
 #[x_kube(validation = kube::core::Rule::new("!has(self.releaseAt) || self.isolated")
     .message("releaseAt ends an isolation: it needs isolated: true"))]
+#[x_kube(validation = kube::core::Rule::new("has(self.connectionRef) == has(oldSelf.connectionRef)")
+    .message("connectionRef is immutable: create a new DeviceIsolationSet to use another connection"))]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceIsolationSetSpec {
     /// Desired state of every selected device: true isolates, false releases.
@@ -121,6 +123,12 @@ pub struct DeviceIsolationSetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<String>", extend("format" = "date-time"))]
     pub release_at: Option<chrono::DateTime<chrono::Utc>>,
+
+    /// The MdeConnection (of this namespace) or ClusterMdeConnection to select and act through;
+    /// each child carries it. Without it, the operator's own connection. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("connectionRef is immutable"))]
+    pub connection_ref: Option<super::ConnectionRef>,
 }
 
 fn default_max_devices() -> u32 {

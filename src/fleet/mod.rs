@@ -251,6 +251,7 @@ pub fn child_for(set: &DeviceIsolationSet, machine_id: &str) -> DeviceIsolation 
             drift_policy: set.spec.drift_policy,
             release_at: set.spec.release_at,
             require_approval: false,
+            connection_ref: set.spec.connection_ref.clone(),
         },
     );
     child.metadata.namespace = set.namespace();

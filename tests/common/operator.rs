@@ -266,6 +266,7 @@ pub fn device_isolation(
             drift_policy: DriftPolicy::Report,
             release_at: None,
             require_approval: false,
+            connection_ref: None,
         },
     );
     if let Some(c) = comment {

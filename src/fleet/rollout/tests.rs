@@ -20,6 +20,7 @@ fn spec(paused: bool, canary: u32, max_failures: u32, max_devices: u32) -> Devic
             max_failures,
         },
         release_at: None,
+        connection_ref: None,
     }
 }
 

@@ -91,6 +91,7 @@ impl Case {
             drift_policy: self.drift,
             release_at: self.release_at,
             require_approval: self.require_approval,
+            connection_ref: None,
         };
         let timing = Timing::default();
         plan(&Input {
