@@ -53,6 +53,11 @@ pub struct RunArgs {
     #[arg(long, env = "MDE_ALL_NAMESPACES")]
     pub all_namespaces: bool,
 
+    /// Serve ClusterMdeConnections (cluster-scoped; needs a ClusterRole to read them and the
+    /// namespaces' labels). Their Secrets are read in the operator's namespace (POD_NAMESPACE).
+    #[arg(long, env = "MDE_CLUSTER_CONNECTIONS")]
+    pub cluster_connections: bool,
+
     /// Microsoft cloud whose MDE API and sign-in authority to use.
     #[arg(long, env = "MDE_CLOUD", value_enum, default_value = "commercial")]
     pub cloud: Cloud,

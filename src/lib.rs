@@ -16,6 +16,7 @@ pub mod audit;
 pub mod cache;
 pub mod conditions;
 pub mod config;
+pub mod connection;
 pub mod crd;
 pub mod events;
 pub mod fleet;

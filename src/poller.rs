@@ -134,6 +134,9 @@ pub fn initial_query() -> ListQuery {
 pub trait Wake: Send + Sync {
     /// Asks for `resource` to be reconciled soon.
     fn wake(&self, resource: &ResourceRef);
+    /// Asks for a DeviceIsolationSet to be reconciled soon (its connection changed).
+    fn wake_set(&self, _set: &kube::runtime::reflector::ObjectRef<crate::crd::DeviceIsolationSet>) {
+    }
 }
 
 /// The poller task.

@@ -18,11 +18,12 @@ use kube::api::Api;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{self, Stores};
 use crate::config::{CLIENT_SECRET_ENV, RunArgs};
+use crate::connection::{self, Connection, ConnectionKey, ConnectionWatches, Connections};
 use crate::crd::{DeviceIsolation, DeviceIsolationSet};
 use crate::events::EventPublisher;
 use crate::fleet::{self, SetStores};
@@ -32,11 +33,9 @@ use crate::mde::client::{MdeClient, MdeClientConfig};
 use crate::mde::cloud::resolve_endpoints;
 use crate::mde::token::{ClientSecret, CredentialError, CredentialSources, SecretString};
 use crate::metrics::Metrics;
-use crate::poller::{PollTiming, Poller, Wake};
+use crate::poller::{PollTiming, Wake};
 use crate::quota::{QuotaConfig, QuotaGate};
 use crate::reconcile::{self, Context, Memory, ResourceRef, Timing};
-use crate::resolver::DeviceResolver;
-use crate::view::ActionView;
 
 /// Why the operator could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -65,25 +64,63 @@ pub enum RunError {
     },
 }
 
+/// How often a connection's Secret is read again and its status refreshed (divided by the time
+/// scale, at least a second).
+const CONNECTION_RECHECK: Duration = Duration::from_secs(30);
+
 /// How long a set's reconcile waits for more changes of its children before it runs.
 const SET_DEBOUNCE: Duration = Duration::from_millis(500);
 
-/// Routes poller wake-ups to the controller that watches the resource's namespace.
+/// Routes wake-ups to the controller that watches the object's namespace.
 struct Router {
-    all: Option<mpsc::UnboundedSender<ResourceRef>>,
-    by_namespace: HashMap<String, mpsc::UnboundedSender<ResourceRef>>,
+    resources: Route<DeviceIsolation>,
+    sets: Route<DeviceIsolationSet>,
 }
 
-impl Wake for Router {
-    fn wake(&self, resource: &ResourceRef) {
+/// The trigger channels of one kind's controllers: one for every namespace, or one each.
+struct Route<K: kube::Resource<DynamicType = ()>> {
+    all: Option<mpsc::UnboundedSender<ObjectRef<K>>>,
+    by_namespace: HashMap<String, mpsc::UnboundedSender<ObjectRef<K>>>,
+}
+
+impl<K: kube::Resource<DynamicType = ()>> Default for Route<K> {
+    fn default() -> Self {
+        Route {
+            all: None,
+            by_namespace: HashMap::new(),
+        }
+    }
+}
+
+impl<K: kube::Resource<DynamicType = ()>> Route<K> {
+    fn add(&mut self, scope: &Option<String>, tx: mpsc::UnboundedSender<ObjectRef<K>>) {
+        match scope {
+            None => self.all = Some(tx),
+            Some(ns) => {
+                self.by_namespace.insert(ns.clone(), tx);
+            }
+        }
+    }
+
+    fn send(&self, object: &ObjectRef<K>) {
         let sender = self.all.as_ref().or_else(|| {
-            let namespace = resource.namespace.as_deref()?;
+            let namespace = object.namespace.as_deref()?;
             self.by_namespace.get(namespace)
         });
         if let Some(tx) = sender {
             // A closed channel means that controller is shutting down; nothing to wake.
-            let _ = tx.send(resource.clone());
+            let _ = tx.send(object.clone());
         }
+    }
+}
+
+impl Wake for Router {
+    fn wake(&self, resource: &ResourceRef) {
+        self.resources.send(resource);
+    }
+
+    fn wake_set(&self, set: &ObjectRef<DeviceIsolationSet>) {
+        self.sets.send(set);
     }
 }
 
@@ -149,7 +186,7 @@ async fn reconcile_set_when_leading(
 
 /// A controller of the objects `changes` brings (cached in `store`), that also reconciles what
 /// `triggers` names and, under leader election, everything cached again on becoming leader.
-fn controller<K, S>(
+pub(crate) fn controller<K, S>(
     changes: S,
     store: reflector::Store<K>,
     mut triggers: mpsc::UnboundedReceiver<ObjectRef<K>>,
@@ -180,13 +217,16 @@ where
     }
 }
 
-/// Says once when the DeviceIsolationSet CRD is not served (a chart upgrade whose new CRD was not
-/// applied yet; the watch keeps retrying with backoff) and once when it is: single resources are
-/// served either way, and a set is served as soon as its CRD is applied, without a restart.
-fn set_crd_notice(
+/// Says once when a CRD added after DeviceIsolation's is not served (a chart upgrade whose new
+/// CRD was not applied yet; the watch keeps retrying with backoff) and once when it is: single
+/// resources are served either way, and the kind is served as soon as its CRD is applied,
+/// without a restart.
+pub(crate) fn crd_notice<K: kube::Resource<DynamicType = ()>>(
     scope: Option<String>,
-) -> impl FnMut(&Result<watcher::Event<DeviceIsolationSet>, watcher::Error>) {
+) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) {
     let scope = scope.unwrap_or_else(|| "all namespaces".into());
+    let kind = K::kind(&()).to_string();
+    let file = format!("crds/{}.{}.yaml", K::plural(&()), K::group(&()));
     let mut missing = false;
     move |event| match event {
         Err(
@@ -196,15 +236,14 @@ fn set_crd_notice(
             missing = true;
             tracing::error!(
                 scope = %scope,
-                "the DeviceIsolationSet CRD is not installed: sets are not served until it is \
-                 (kubectl apply -f crds/deviceisolationsets.isolation.mde.dev.yaml); single \
-                 DeviceIsolations are served"
+                "the {kind} CRD is not installed: {kind}s are not served until it is \
+                 (kubectl apply -f {file}); single DeviceIsolations are served"
             );
         }
         // `Init` starts a list attempt; what follows it comes from the server.
         Ok(e) if missing && !matches!(e, watcher::Event::Init) => {
             missing = false;
-            tracing::info!(scope = %scope, "the DeviceIsolationSet CRD is installed: serving sets");
+            tracing::info!(scope = %scope, "the {kind} CRD is installed: serving {kind}s");
         }
         _ => {}
     }
@@ -316,8 +355,6 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
 
-    let view = Arc::new(ActionView::new());
-    let nudge = Arc::new(Notify::new());
     let timing = Timing {
         max_attempts: args.max_attempts,
         // Twice the request timeout, plus the second status times are truncated to.
@@ -338,6 +375,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         std::env::var("POD_NAME").ok(),
     );
 
+    let scope_names: Vec<Option<String>> = if args.all_namespaces {
+        vec![None]
+    } else {
+        args.namespaces.iter().cloned().map(Some).collect()
+    };
     let scopes: Vec<(Option<String>, Api<DeviceIsolation>)> = if args.all_namespaces {
         vec![(None, Api::all(kube.clone()))]
     } else {
@@ -358,7 +400,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             writer,
             watcher(api, watcher::Config::default()).modify(cache::slim),
         )
-        .inspect(set_crd_notice(namespace.clone()))
+        .inspect(crd_notice(namespace.clone()))
         .applied_objects()
         .boxed();
         let (tx, rx) = mpsc::unbounded_channel::<ObjectRef<DeviceIsolationSet>>();
@@ -366,20 +408,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     }
     let set_stores = SetStores::new(set_watches.iter().map(|w| w.0.clone()).collect());
     let mut router = Router {
-        all: None,
-        by_namespace: HashMap::new(),
+        resources: Route::default(),
+        sets: Route::default(),
     };
     // The watches first: the context holds their caches, the controllers their streams.
     let (gone_tx, mut gone_rx) = mpsc::unbounded_channel();
     let mut watches = Vec::new();
     for ((namespace, api), set_watch) in scopes.into_iter().zip(&set_watches) {
         let (tx, rx) = mpsc::unbounded_channel();
-        match &namespace {
-            None => router.all = Some(tx),
-            Some(ns) => {
-                router.by_namespace.insert(ns.clone(), tx);
-            }
-        }
+        router.resources.add(&namespace, tx);
+        router.sets.add(&namespace, set_watch.2.clone());
         let (store, changes) =
             cache::slim_watch(api, watcher::Config::default(), namespace, gone_tx.clone());
         // A child's change brings its set up to date (counts, the canary, the failure budget).
@@ -396,12 +434,30 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     }
     let stores: Vec<_> = watches.iter().map(|(store, ..)| store.clone()).collect();
     let waker = Arc::new(router);
+    // The connections: the operator's own (its flags), and those the connection controllers
+    // build from MdeConnections and ClusterMdeConnections, whose watches start here.
+    let shared = connection::Shared {
+        waker: waker.clone(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        poll: poll_timing,
+        // Names asked for within a hundredth of the transient retry delay share one call.
+        resolver_window: timing.transient_retry / 100,
+        leading: leading.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let default_gate = mde.gate().clone();
+    let default = Connection::start(ConnectionKey::Default, mde, &shared);
+    let connection_watches =
+        ConnectionWatches::start(&kube, &scope_names, args.cluster_connections, &shutdown);
+    let connections = Arc::new(Connections::new(
+        default,
+        connection_watches.namespace_labels.clone(),
+        connection_watches.loaded(),
+    ));
     let ctx = Arc::new(Context {
         kube: kube.clone(),
-        // Names asked for within a hundredth of the transient retry delay share one call.
-        resolver: DeviceResolver::new(mde.clone(), timing.transient_retry / 100),
-        mde: mde.clone(),
-        view: view.clone(),
+        connections: connections.clone(),
         stores: Stores::new(stores.clone()),
         sets: set_stores.clone(),
         selections: fleet::Selections::default(),
@@ -412,7 +468,6 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         metrics: metrics.clone(),
         timing,
         dry_run: args.dry_run,
-        poller_nudge: nudge.clone(),
         waker: waker.clone(),
     });
     tokio::spawn({
@@ -441,6 +496,20 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 .boxed_local(),
         );
     }
+    let deps = Arc::new(connection::controller::Deps {
+        ctx: ctx.clone(),
+        shared,
+        ca_file: args.ca_file.clone(),
+        request_timeout: Duration::from_secs(args.request_timeout_seconds),
+        time_scale: args.time_scale,
+        quota_key: args.quota_key,
+        federated_token_file: args.federated_token_file.clone(),
+        operator_namespace: std::env::var("POD_NAMESPACE").ok(),
+        recheck: CONNECTION_RECHECK
+            .div_f64(args.time_scale)
+            .max(Duration::from_secs(1)),
+    });
+    runs.extend(connection_watches.controllers(&deps, elected, &leading, &shutdown));
     for (store, changes, _, rx) in set_watches {
         // A burst of child changes becomes one reconcile of their set.
         let config = ControllerConfig::default().debounce(SET_DEBOUNCE);
@@ -479,29 +548,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         }
     });
 
-    let poller = Poller {
-        client: mde,
-        view,
-        waker,
-        metrics: metrics.clone(),
-        health: health.clone(),
-        timing: poll_timing,
-        nudge,
-    };
-    let poller_task = tokio::spawn({
-        let (leading, shutdown) = (leading.clone(), shutdown.clone());
-        async move {
-            let lead = tokio::select! {
-                led = leading.wait() => led,
-                _ = shutdown.cancelled() => false,
-            };
-            if lead {
-                poller.run(shutdown).await;
-            }
-        }
-    });
     tokio::spawn({
-        let (metrics, gate, shutdown) = (metrics.clone(), gate.clone(), shutdown.clone());
+        let (metrics, gate, shutdown) = (metrics.clone(), default_gate, shutdown.clone());
         let ctx = ctx.clone();
         async move {
             loop {
@@ -548,10 +596,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         tracing::error!("a controller stopped unexpectedly");
     }
     shutdown.cancel();
-    // Every reconcile has finished; the poller may be in the middle of a read: end it too, so
+    // Every reconcile has finished; a poller may be in the middle of a read: end them too, so
     // that nothing here calls MDE once the lease is released.
-    poller_task.abort();
-    let _ = poller_task.await;
+    for conn in connections.all() {
+        conn.stop().await;
+    }
     if let Some(election) = election {
         election.release().await;
     }

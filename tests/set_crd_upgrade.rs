@@ -20,7 +20,7 @@ use mde_isolation_operator::crd::DeviceIsolationSet;
 use serde_json::json;
 
 const MISSING: &str = "the DeviceIsolationSet CRD is not installed";
-const FOUND: &str = "the DeviceIsolationSet CRD is installed: serving sets";
+const FOUND: &str = "the DeviceIsolationSet CRD is installed: serving DeviceIsolationSets";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_set_crd_single_resources_work_and_sets_follow_once_it_is_applied() {

@@ -63,8 +63,12 @@ crate::conditions::reason_enum! {
     SelectionTooLarge => Stalled,
     /// The selector matches no device.
     NothingSelected => Stalled,
-    /// MDE refused the selection's reads (403, 401).
+    /// MDE refused the selection's reads (403, 401), or the connection's credential.
     SelectionFailed => Stalled,
+    /// spec.connectionRef names a connection that does not exist or is not verified.
+    ConnectionNotReady => Stalled,
+    /// spec.connectionRef names a ClusterMdeConnection that does not allow this namespace.
+    ConnectionNotAllowed => Stalled,
     /// More devices failed than rollout.maxFailures allows; nothing new is requested.
     FailureBudgetExceeded => Stalled,
     /// Nothing is pending and some children are stalled.
@@ -175,6 +179,11 @@ impl SetStores {
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<DeviceIsolationSet>> {
         let key = ObjectRef::new(name).within(namespace);
         self.0.iter().find_map(|s| s.get(&key))
+    }
+
+    /// Every cached set of every scope.
+    pub fn all(&self) -> impl Iterator<Item = Arc<DeviceIsolationSet>> + '_ {
+        self.0.iter().flat_map(|s| s.state())
     }
 
     /// Waits until every cache has its first list (a child asks its set before any request).
@@ -383,8 +392,15 @@ struct Wait {
 /// Resolves the selector against MDE (see [`select`]).
 async fn resolve(set: &DeviceIsolationSet, ctx: &Context) -> Result<Selection, Wait> {
     let selector = &set.spec.selector;
-    if selector.isolated_by.is_some() && !ctx.view.is_synced() {
-        ctx.poller_nudge.notify_one();
+    let conn = ctx
+        .connections
+        .of(
+            &set.namespace().unwrap_or_default(),
+            set.spec.connection_ref.as_ref(),
+        )
+        .map_err(|p| connection_wait(&p, &ctx.timing))?;
+    if selector.isolated_by.is_some() && !conn.view.is_synced() {
+        conn.nudge.notify_one();
         return Err(Wait {
             reason: SetReason::Resolving,
             message: "loading MDE's isolation actions to match isolatedBy".into(),
@@ -393,13 +409,13 @@ async fn resolve(set: &DeviceIsolationSet, ctx: &Context) -> Result<Selection, W
     }
     let mut read = Vec::new();
     for query in select::queries(selector) {
-        match ctx.mde.list_machines(&query, select::SELECTION_KEY).await {
+        match conn.mde.list_machines(&query, select::SELECTION_KEY).await {
             Ok(machines) => read.extend(machines),
             Err(e) => return Err(read_failure(failure_of(&e), &ctx.timing)),
         }
     }
     let picked = select::pick(&read, selector, &set.spec.exclude, |m| {
-        ctx.view.actions_for(m)
+        conn.view.actions_for(m)
     });
     let count = picked.machines.len() as u32;
     Ok(Selection {
@@ -415,6 +431,29 @@ async fn resolve(set: &DeviceIsolationSet, ctx: &Context) -> Result<Selection, W
         criteria: select::criteria(selector, &set.spec.exclude),
         refresh: set.refresh_request().map(str::to_string),
     })
+}
+
+/// A set whose connection cannot be used waits for it: the connection controller wakes it when
+/// that changes; the recheck is a fallback.
+fn connection_wait(p: &crate::connection::Problem, timing: &crate::reconcile::Timing) -> Wait {
+    use crate::connection::ProblemKind;
+    let reason = match p.kind {
+        ProblemKind::Pending => {
+            return Wait {
+                reason: SetReason::Resolving,
+                message: format!("waiting for the connection: {}", p.message),
+                after: timing.view_not_synced_retry,
+            };
+        }
+        ProblemKind::NotReady => SetReason::ConnectionNotReady,
+        ProblemKind::NotAllowed => SetReason::ConnectionNotAllowed,
+        ProblemKind::AuthenticationFailed | ProblemKind::Forbidden => SetReason::SelectionFailed,
+    };
+    Wait {
+        reason,
+        message: p.message.clone(),
+        after: timing.credential_recheck,
+    }
 }
 
 fn read_failure(failure: CallFailure, timing: &crate::reconcile::Timing) -> Wait {

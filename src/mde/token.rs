@@ -82,6 +82,30 @@ pub enum ClientSecret {
     /// A certificate credential: a client assertion signed with the certificate's private key,
     /// made fresh for every token request.
     Certificate(Arc<CertificateCredential>),
+    /// A credential its owner keeps current (an MdeConnection's, read from a Kubernetes Secret
+    /// by the connection controller): each token request uses what it holds then, so a rotated
+    /// Secret takes effect without a new client (its quota gate and view are kept).
+    Current(Arc<CurrentCredential>),
+}
+
+/// A credential that can be replaced while clients use it (see [`ClientSecret::Current`]).
+#[derive(Default)]
+pub struct CurrentCredential(std::sync::RwLock<Option<ClientSecret>>);
+
+impl CurrentCredential {
+    /// Holding `secret`.
+    pub fn new(secret: ClientSecret) -> Arc<Self> {
+        Arc::new(CurrentCredential(std::sync::RwLock::new(Some(secret))))
+    }
+
+    /// Replaces the credential; the next token request uses it.
+    pub fn set(&self, secret: ClientSecret) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(secret);
+    }
+
+    fn get(&self) -> Option<ClientSecret> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl fmt::Debug for ClientSecret {
@@ -213,6 +237,7 @@ impl ClientSecret {
             )),
             ClientSecret::FederatedTokenFile(path) => read_trimmed(path).ok().map(|t| sha(&t)),
             ClientSecret::Certificate(c) => Some(c.fingerprint()),
+            ClientSecret::Current(c) => c.get()?.fingerprint(),
         }
     }
 
@@ -255,6 +280,10 @@ impl ClientSecret {
                 c.assertion(client_id, audience)
                     .map_err(|e| MdeError::config(format!("client certificate: {e}")))?,
             ),
+            ClientSecret::Current(c) => c
+                .get()
+                .ok_or_else(|| MdeError::config("no credential yet"))?
+                .form_fields(client_id, audience)?,
         })
     }
 }

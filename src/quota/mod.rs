@@ -504,6 +504,8 @@ pub struct QuotaGate {
     state: Mutex<[ApiState; 5]>,
     /// Priority class per key; keys not listed are [`Priority::Normal`].
     priorities: Mutex<HashMap<String, Priority>>,
+    /// MDE's last 429: the API and when it was seen.
+    last_refused: Mutex<Option<(Api, Instant)>>,
 }
 
 impl QuotaGate {
@@ -528,6 +530,7 @@ impl QuotaGate {
             grace,
             state: Mutex::new(Default::default()),
             priorities: Mutex::new(HashMap::new()),
+            last_refused: Mutex::new(None),
         }
     }
 
@@ -637,6 +640,7 @@ impl QuotaGate {
         until: Instant,
         now: Instant,
     ) {
+        *self.last_refused.lock().unwrap_or_else(|e| e.into_inner()) = Some((api, now));
         let (base, rules) = (self.windows, self.rules);
         let (minute, hour) = (self.cfg.minute, self.cfg.hour);
         self.with_state(api, |st| {
@@ -758,6 +762,26 @@ impl QuotaGate {
             };
             (left(m), left(h))
         })
+    }
+
+    /// Calls admitted for `api` in the (minute, hour) windows ending at `now`. With
+    /// [`QuotaKey::App`] every API reports the app's one count.
+    pub fn used(&self, api: Api, now: Instant) -> (u32, u32) {
+        let [m, h] = self.windows;
+        self.with_state(api, |st| {
+            let used = |w: Window| u32::try_from(st.count_within(now, w.span)).unwrap_or(u32::MAX);
+            (used(m), used(h))
+        })
+    }
+
+    /// What MDE counts the budget against.
+    pub fn key(&self) -> QuotaKey {
+        self.key
+    }
+
+    /// MDE's last 429 seen through this gate: the API and when.
+    pub fn last_refused(&self) -> Option<(Api, Instant)> {
+        *self.last_refused.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Number of reservations waiting for `api` (for a gauge).

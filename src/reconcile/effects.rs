@@ -4,6 +4,7 @@
 //! into the planner's [`CallFailure`] ([`failure_of`], the only such mapping).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -13,6 +14,7 @@ use kube::{Resource, ResourceExt};
 use super::memory::MachineGuard;
 use super::vocab::*;
 use super::{Context, FIELD_MANAGER};
+use crate::connection::Connection;
 use crate::crd::{DeviceIsolation, DeviceIsolationStatus};
 use crate::events::EventKind;
 use crate::mde::error::{ErrorClass, MdeError};
@@ -41,6 +43,8 @@ pub trait Effects: Send + Sync {
     fn now(&self) -> DateTime<Utc>;
     /// Whether the resource still exists (in the watch cache, not being deleted).
     fn present(&self) -> bool;
+    /// Why the resource's MDE connection cannot be used now, if it cannot.
+    fn connection(&self) -> Option<ConnectionProblem>;
     /// Whether the shared view has loaded once, and why its first load fails while it does.
     fn view_state(&self) -> (bool, Option<CallFailure>);
     /// Known Isolate/Unisolate actions on `machine`.
@@ -84,6 +88,9 @@ pub trait Effects: Send + Sync {
 /// The real effects of one reconcile of `di`.
 pub struct Live<'a> {
     ctx: &'a Context,
+    /// The resource's MDE connection, or why it cannot be used (then the planner asks for no
+    /// call, and nothing here reaches MDE).
+    conn: Result<Arc<Connection>, ConnectionProblem>,
     di: &'a DeviceIsolation,
     resource: ResourceRef,
     key: String,
@@ -92,13 +99,18 @@ pub struct Live<'a> {
 }
 
 impl<'a> Live<'a> {
-    /// The effects of reconciling `di`.
-    pub fn new(ctx: &'a Context, di: &'a DeviceIsolation) -> Self {
+    /// The effects of reconciling `di` through `conn`, its connection (or why it has none).
+    pub fn new(
+        ctx: &'a Context,
+        conn: Result<Arc<Connection>, ConnectionProblem>,
+        di: &'a DeviceIsolation,
+    ) -> Self {
         let resource = ResourceRef::from_obj(di);
         Live {
             key: key_of(&resource),
             resource,
             ctx,
+            conn,
             di,
             machine_guard: Default::default(),
         }
@@ -107,25 +119,28 @@ impl<'a> Live<'a> {
     /// A wait at the quota gate, counted. While MDE itself holds the API back (a 429's pause, or
     /// its probe not answered yet) the resource says `RateLimited`, not only the one resource
     /// whose call drew the 429: everyone waiting then waits for MDE, not for the budget.
-    fn quota_failure(&self, api: QuotaApi, wait: Duration) -> CallFailure {
+    fn quota_failure(&self, conn: &Connection, api: QuotaApi, wait: Duration) -> CallFailure {
         self.ctx.metrics.quota_waited(api, wait);
-        if self
-            .ctx
-            .mde
-            .gate()
-            .throttled(api, tokio::time::Instant::now())
-        {
+        if conn.mde.gate().throttled(api, tokio::time::Instant::now()) {
             CallFailure::RateLimited(wait)
         } else {
             CallFailure::QuotaWait(wait)
         }
     }
 
-    fn failure(&self, api: QuotaApi, e: &MdeError) -> CallFailure {
+    fn failure(&self, conn: &Connection, api: QuotaApi, e: &MdeError) -> CallFailure {
         match failure_of(e) {
-            CallFailure::QuotaWait(wait) => self.quota_failure(api, wait),
+            CallFailure::QuotaWait(wait) => self.quota_failure(conn, api, wait),
             other => other,
         }
+    }
+
+    /// The live connection; `Err` is what a call answers without one (the planner stops at the
+    /// connection's problem before it asks for any call, so this is a second guard).
+    fn conn(&self) -> Result<&Connection, CallFailure> {
+        self.conn
+            .as_deref()
+            .map_err(|p| CallFailure::Transient(format!("no usable MDE connection: {}", p.message)))
     }
 }
 
@@ -139,12 +154,21 @@ impl Effects for Live<'_> {
             && self.ctx.stores.get(&self.resource).is_some()
     }
 
+    fn connection(&self) -> Option<ConnectionProblem> {
+        self.conn.as_ref().err().cloned()
+    }
+
     fn view_state(&self) -> (bool, Option<CallFailure>) {
-        (self.ctx.view.is_synced(), self.ctx.view.load_failure())
+        match self.conn() {
+            Ok(c) => (c.view.is_synced(), c.view.load_failure()),
+            Err(_) => (false, None),
+        }
     }
 
     fn actions_for(&self, machine: &str) -> Vec<ActionFact> {
-        self.ctx.view.actions_for(machine)
+        self.conn()
+            .map(|c| c.view.actions_for(machine))
+            .unwrap_or_default()
     }
 
     fn siblings(&self, machine: &str) -> Vec<Sibling> {
@@ -155,16 +179,21 @@ impl Effects for Live<'_> {
         // Registered first, checked second: the watch removes a deleted object from the cache
         // before it reports the deletion, so either this sees it gone or the deletion, reported
         // later, unregisters it.
-        self.ctx.view.watch(&self.resource, machine);
+        let Ok(conn) = self.conn() else {
+            return self.present();
+        };
+        conn.view.watch(&self.resource, machine);
         if !self.present() {
-            self.ctx.view.unwatch(&self.resource);
+            conn.view.unwatch(&self.resource);
             return false;
         }
         true
     }
 
     fn nudge_view(&self) {
-        self.ctx.poller_nudge.notify_one();
+        if let Ok(conn) = self.conn() {
+            conn.nudge.notify_one();
+        }
     }
 
     fn requester_verified(&self) -> bool {
@@ -176,7 +205,11 @@ impl Effects for Live<'_> {
     }
 
     async fn resolve(&self, name: &str) -> Resolution {
-        match self.ctx.resolver.resolve(name).await {
+        let conn = match self.conn() {
+            Ok(conn) => conn,
+            Err(failure) => return Resolution::Failed(failure),
+        };
+        match conn.resolver.resolve(name).await {
             Ok(found) => Resolution::Found(
                 found
                     .into_iter()
@@ -186,11 +219,15 @@ impl Effects for Live<'_> {
                     })
                     .collect(),
             ),
-            Err(e) => Resolution::Failed(self.failure(QuotaApi::MachinesRead, &e)),
+            Err(e) => Resolution::Failed(self.failure(conn, QuotaApi::MachinesRead, &e)),
         }
     }
 
     async fn lookup(&self, machine: &str, since: Option<DateTime<Utc>>) -> Lookup {
+        let conn = match self.conn() {
+            Ok(conn) => conn,
+            Err(failure) => return Lookup::Failed(failure),
+        };
         let mut filter =
             Filter::eq("machineId", machine).and(Filter::is_in("type", ["Isolate", "Unisolate"]));
         if let Some(since) = since {
@@ -205,25 +242,33 @@ impl Effects for Live<'_> {
             orderby: Some("creationDateTimeUtc desc".into()),
             ..ListQuery::default()
         };
-        match self.ctx.mde.list_actions(&query, &self.key).await {
+        match conn.mde.list_actions(&query, &self.key).await {
             Ok(actions) => {
-                self.ctx.view.upsert(actions.iter().filter_map(fact_of));
+                conn.view.upsert(actions.iter().filter_map(fact_of));
                 Lookup::Done
             }
-            Err(e) => Lookup::Failed(self.failure(QuotaApi::MachineActionsRead, &e)),
+            Err(e) => Lookup::Failed(self.failure(conn, QuotaApi::MachineActionsRead, &e)),
         }
     }
 
     fn hold(&self, request: &Request) -> Option<CallFailure> {
+        let conn = match self.conn() {
+            Ok(conn) => conn,
+            Err(failure) => return Some(failure),
+        };
         let api = QuotaApi::from(request.kind);
-        let gate = self.ctx.mde.gate();
+        let gate = conn.mde.gate();
         gate.set_priority(&self.key, request.priority);
         let now = tokio::time::Instant::now();
         let slot = gate.hold(api, &self.key, now)?;
-        Some(self.quota_failure(api, slot.saturating_duration_since(now)))
+        Some(self.quota_failure(conn, api, slot.saturating_duration_since(now)))
     }
 
     async fn post(&self, request: &Request) -> PostOutcome {
+        let conn = match self.conn() {
+            Ok(conn) => conn,
+            Err(failure) => return PostOutcome::Failed(failure),
+        };
         {
             let mut guard = self.machine_guard.lock().await;
             if guard.is_none() {
@@ -231,16 +276,8 @@ impl Effects for Live<'_> {
             }
         }
         let api = QuotaApi::from(request.kind);
-        self.ctx
-            .mde
-            .gate()
-            .set_priority(&self.key, request.priority);
-        let (mde, m, c, k) = (
-            &self.ctx.mde,
-            &request.machine_id,
-            &request.comment,
-            &self.key,
-        );
+        conn.mde.gate().set_priority(&self.key, request.priority);
+        let (mde, m, c, k) = (&conn.mde, &request.machine_id, &request.comment, &self.key);
         let result = match request.kind {
             ActionKind::Unisolate => mde.unisolate(m, c, k).await,
             ActionKind::Isolate => mde.isolate(m, c, request.isolation_type, k).await,
@@ -248,7 +285,7 @@ impl Effects for Live<'_> {
         match result {
             Ok(action) => {
                 let fact = fact_of(&action);
-                self.ctx.view.upsert(fact.clone());
+                conn.view.upsert(fact.clone());
                 self.nudge_view();
                 match fact {
                     Some((_, fact)) => PostOutcome::Action(fact),
@@ -257,7 +294,7 @@ impl Effects for Live<'_> {
                     )),
                 }
             }
-            Err(e) => PostOutcome::Failed(self.failure(api, &e)),
+            Err(e) => PostOutcome::Failed(self.failure(conn, api, &e)),
         }
     }
 
@@ -301,7 +338,8 @@ impl Effects for Live<'_> {
     }
 
     fn release_quota(&self) {
-        let gate = self.ctx.mde.gate();
+        let Ok(conn) = self.conn() else { return };
+        let gate = conn.mde.gate();
         for api in [
             QuotaApi::Isolate,
             QuotaApi::Unisolate,

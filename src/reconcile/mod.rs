@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::runtime::controller::Action;
-use tokio::sync::Notify;
 
 pub use effects::{Effects, Live, Request, failure_of};
 pub use memory::Memory;
@@ -30,13 +29,12 @@ pub use plan::plan;
 pub use vocab::*;
 
 use crate::cache::{Gone, Stores};
+use crate::connection::Connections;
 use crate::crd::{DeviceIsolation, DeviceIsolationStatus};
 use crate::events::EventPublisher;
-use crate::mde::client::MdeClient;
 use crate::metrics::Metrics;
 use crate::poller::Wake;
 use crate::quota::QuotaGate;
-use crate::resolver::DeviceResolver;
 use crate::view::ActionView;
 
 /// Field manager of the operator's status writes.
@@ -58,10 +56,9 @@ pub enum Error {
 pub struct Context {
     /// Kubernetes client (status writes).
     pub kube: kube::Client,
-    /// MDE client (through the quota gate).
-    pub mde: MdeClient,
-    /// Shared view of isolation actions.
-    pub view: Arc<ActionView>,
+    /// The MDE connections: each with its client (token cache, quota gate), view, poller and
+    /// resolver.
+    pub connections: Arc<Connections>,
     /// Watch caches of every watched scope.
     pub stores: Stores,
     /// Watch caches of the DeviceIsolationSets of every watched scope.
@@ -82,20 +79,28 @@ pub struct Context {
     pub timing: Timing,
     /// Plan only.
     pub dry_run: bool,
-    /// Wakes the batch poller early after a new action.
-    pub poller_nudge: Arc<Notify>,
     /// Wakes resources (those sharing a machine with a deleted one).
     pub waker: Arc<dyn Wake>,
-    /// Batches spec.deviceName lookups.
-    pub resolver: Arc<DeviceResolver>,
 }
 
 /// Reconciles one DeviceIsolation.
 pub async fn reconcile(di: Arc<DeviceIsolation>, ctx: Arc<Context>) -> Result<Action, Error> {
     let resource = ResourceRef::from_obj(&*di);
+    let conn = ctx.connections.of(
+        resource.namespace.as_deref().unwrap_or_default(),
+        di.spec.connection_ref.as_ref(),
+    );
+    // A connection being read or verified: wait for it (it wakes its resources when it is
+    // decided) without a status write in between.
+    if let Err(p) = &conn
+        && p.kind == crate::connection::ProblemKind::Pending
+    {
+        return Ok(Action::requeue(ctx.timing.view_not_synced_retry));
+    }
+    let conn = conn.map_err(|p| ConnectionProblem::of(&p));
     let result = drive(
         &di,
-        &Live::new(&ctx, &di),
+        &Live::new(&ctx, conn, &di),
         &ctx.memory,
         &ctx.timing,
         ctx.dry_run,
@@ -209,6 +214,7 @@ impl Pass {
                 view_failure,
                 set_hold: fx.set_hold(),
                 requester_verified: fx.requester_verified(),
+                connection: fx.connection(),
                 actions: machine
                     .as_deref()
                     .map(|m| fx.actions_for(m))
@@ -335,10 +341,10 @@ impl Pass {
 pub struct Owners<'a> {
     /// Per-resource memory.
     pub memory: &'a Memory,
-    /// Interest in machines.
-    pub view: &'a ActionView,
-    /// Quota reservations and priority classes.
-    pub gate: &'a QuotaGate,
+    /// Each connection's interest in machines and quota reservations and priority classes (a
+    /// resource holds them in its own connection's only, but which one is not known once it is
+    /// deleted).
+    pub connections: &'a [(&'a ActionView, &'a QuotaGate)],
     /// Wakes other resources.
     pub waker: &'a dyn Wake,
 }
@@ -349,14 +355,16 @@ impl Owners<'_> {
     /// may proceed now.
     pub fn forget(&self, resource: &ResourceRef, machine: Option<&str>) {
         self.memory.forget(resource);
-        let watched = self.view.unwatch(resource);
-        self.gate.forget(&key_of(resource));
-        let machines: HashSet<String> = watched
-            .into_iter()
-            .chain(machine.map(String::from))
-            .collect();
-        for other in self.view.watchers_of(machines.iter()) {
-            self.waker.wake(&other);
+        for (view, gate) in self.connections {
+            let watched = view.unwatch(resource);
+            gate.forget(&key_of(resource));
+            let machines: HashSet<String> = watched
+                .into_iter()
+                .chain(machine.map(String::from))
+                .collect();
+            for other in view.watchers_of(machines.iter()) {
+                self.waker.wake(&other);
+            }
         }
     }
 
@@ -373,30 +381,42 @@ impl Owners<'_> {
     pub fn tracked(&self) -> [(&'static str, usize); 3] {
         [
             ("memory", self.memory.len()),
-            ("view", self.view.watched()),
-            ("quota", self.gate.keys(is_resource_key)),
+            (
+                "view",
+                self.connections.iter().map(|(v, _)| v.watched()).sum(),
+            ),
+            (
+                "quota",
+                self.connections
+                    .iter()
+                    .map(|(_, g)| g.keys(is_resource_key))
+                    .sum(),
+            ),
         ]
     }
 }
 
 impl Context {
-    fn owners(&self) -> Owners<'_> {
+    /// Resources each per-resource owner still holds state for.
+    pub fn tracked(&self) -> [(&'static str, usize); 3] {
+        let live = self.connections.all();
+        let parts: Vec<_> = live.iter().map(|c| (&*c.view, &**c.mde.gate())).collect();
+        self.owners(&parts).tracked()
+    }
+
+    fn owners<'a>(&'a self, connections: &'a [(&'a ActionView, &'a QuotaGate)]) -> Owners<'a> {
         Owners {
             memory: &self.memory,
-            view: &self.view,
-            gate: self.mde.gate(),
+            connections,
             waker: &*self.waker,
         }
     }
 
-    /// Resources each per-resource owner still holds state for.
-    pub fn tracked(&self) -> [(&'static str, usize); 3] {
-        self.owners().tracked()
-    }
-
     /// Frees what the watches report gone (the gauges follow on the next 5 s tick).
     pub fn gone(&self, gone: Gone) {
-        let owners = self.owners();
+        let live = self.connections.all();
+        let parts: Vec<_> = live.iter().map(|c| (&*c.view, &**c.mde.gate())).collect();
+        let owners = self.owners(&parts);
         match gone {
             Gone::Deleted { resource, machine } => owners.forget(&resource, machine.as_deref()),
             Gone::Relisted { scope, present } => owners.relisted(scope.as_deref(), &present),

@@ -63,6 +63,8 @@ struct Fake {
     siblings: Mutex<Vec<Sibling>>,
     /// Why the resource's set holds it.
     set_hold: Mutex<Option<String>>,
+    /// Why the resource's connection cannot be used.
+    connection: Mutex<Option<ConnectionProblem>>,
     /// Answers of `hold`, in order; none left means "go now".
     holds: Mutex<VecDeque<CallFailure>>,
     /// Answers of `post`, in order; none left means MDE creates a Pending action.
@@ -82,6 +84,7 @@ impl Fake {
             mde: Mutex::default(),
             siblings: Mutex::default(),
             set_hold: Mutex::default(),
+            connection: Mutex::default(),
             holds: Mutex::default(),
             posts: Mutex::default(),
             calls: Mutex::default(),
@@ -127,6 +130,9 @@ impl Effects for Fake {
     }
     fn present(&self) -> bool {
         self.present.load(Ordering::SeqCst)
+    }
+    fn connection(&self) -> Option<ConnectionProblem> {
+        self.connection.lock().unwrap().clone()
     }
     fn view_state(&self) -> (bool, Option<CallFailure>) {
         (self.synced.load(Ordering::SeqCst), None)
@@ -349,6 +355,38 @@ async fn a_device_name_is_not_resolved_again_from_a_stale_cache_only_on_a_retry_
             .count(),
         1
     );
+}
+
+#[tokio::test]
+async fn a_resource_whose_connection_is_refused_calls_nothing_and_goes_on_when_it_is_fixed() {
+    let (fake, memory) = (Fake::new(), Memory::default());
+    *fake.connection.lock().unwrap() = Some(ConnectionProblem {
+        reason: Reason::AuthenticationFailed,
+        message: "MdeConnection secops/tenant-a: AADSTS7000215".into(),
+    });
+    let action = run(&fake, &resource("a", false, None), &memory).await;
+    let calls = fake.calls();
+    assert!(
+        calls
+            .iter()
+            .all(|c| !matches!(c, Call::Post(_) | Call::Lookup | Call::Hold)),
+        "{calls:?}"
+    );
+    assert_eq!(action, Action::requeue(timing().credential_recheck));
+    let stalled = fake.written.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        reason_of(&stalled, STALLED).as_deref(),
+        Some("AuthenticationFailed")
+    );
+    assert_eq!(
+        stalled.next_attempt_at, None,
+        "the connection, not a timer, ends the stall"
+    );
+
+    // The Secret was fixed: the connection wakes its resources, which go on at once.
+    *fake.connection.lock().unwrap() = None;
+    run(&fake, &fake.cached("a", false), &memory).await;
+    assert_eq!(Fake::posts_made(&fake.calls()), 1);
 }
 
 #[tokio::test]
@@ -591,8 +629,7 @@ fn forgetting_a_deleted_resource_frees_every_owner_and_wakes_its_partners() {
     let gate = QuotaGate::new(QuotaConfig::from_budget(1.0, 1.0));
     let owners = Owners {
         memory: &memory,
-        view: &view,
-        gate: &gate,
+        connections: &[(&view, &gate)],
         waker: &woken,
     };
     let (a, b) = (
@@ -627,8 +664,7 @@ fn a_relist_frees_what_it_no_longer_holds_in_its_own_scope_only() {
     let gate = QuotaGate::new(crate::quota::QuotaConfig::from_budget(1.0, 1.0));
     let owners = Owners {
         memory: &memory,
-        view: &view,
-        gate: &gate,
+        connections: &[(&view, &gate)],
         waker: &woken,
     };
     let kept = ResourceRef::new("kept").within("secops");

@@ -236,6 +236,35 @@ pub struct Facts {
     /// Whether the API server vouches for the requested-by annotation (the accountability
     /// admission policy is installed and enforced).
     pub requester_verified: bool,
+    /// Why the resource's MDE connection cannot be used, if it cannot: nothing is called.
+    pub connection: Option<ConnectionProblem>,
+}
+
+/// Why a resource's MDE connection (spec.connectionRef) cannot be used now, as its condition
+/// says it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectionProblem {
+    /// ConnectionNotReady, ConnectionNotAllowed, AuthenticationFailed or Forbidden.
+    pub reason: Reason,
+    /// What to tell the person.
+    pub message: String,
+}
+
+impl ConnectionProblem {
+    /// The resource's words for the registry's problem.
+    pub fn of(p: &crate::connection::Problem) -> ConnectionProblem {
+        use crate::connection::ProblemKind;
+        let reason = match p.kind {
+            ProblemKind::NotReady | ProblemKind::Pending => Reason::ConnectionNotReady,
+            ProblemKind::NotAllowed => Reason::ConnectionNotAllowed,
+            ProblemKind::AuthenticationFailed => Reason::AuthenticationFailed,
+            ProblemKind::Forbidden => Reason::Forbidden,
+        };
+        ConnectionProblem {
+            reason,
+            message: p.message.clone(),
+        }
+    }
 }
 
 /// A device that carries the name being resolved.
@@ -480,6 +509,10 @@ crate::conditions::reason_enum! {
     ActionCancelled => Stalled,
     /// `--max-attempts` actions ended Failed or TimeOut.
     RetriesExhausted => Stalled,
+    /// spec.connectionRef names a connection that does not exist or is not verified.
+    ConnectionNotReady => Stalled,
+    /// spec.connectionRef names a ClusterMdeConnection that does not allow this namespace.
+    ConnectionNotAllowed => Stalled,
     /// Someone changed the device outside the operator.
     Drifted => Stalled,
     /// An open action of the desired type was adopted (event).

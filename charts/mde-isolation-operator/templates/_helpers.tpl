@@ -112,6 +112,13 @@ Rules on DeviceIsolations and events: shared by the per-namespace Roles and the 
   # OwnerReferencesPermissionEnforcement admission plugin is on.
   resources: ["deviceisolationsets/finalizers"]
   verbs: ["update"]
+- apiGroups: ["isolation.mde.dev"]
+  # MdeConnections of the watched namespaces (their Secrets: connections.enabled).
+  resources: ["mdeconnections"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["isolation.mde.dev"]
+  resources: ["mdeconnections/status"]
+  verbs: ["get", "patch", "update"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create"]

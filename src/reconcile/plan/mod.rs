@@ -105,6 +105,9 @@ impl<'a> Planner<'a> {
     }
 
     pub(super) fn decide(&mut self) -> Decision {
+        if let Some(d) = self.connection_unusable() {
+            return d;
+        }
         let retry_now = self.take_retry_request();
 
         if !retry_now && let Some(d) = self.sticky_stall() {
@@ -126,6 +129,25 @@ impl<'a> Planner<'a> {
             return d;
         }
         self.new_action()
+    }
+
+    /// Rule 0: without a usable connection nothing is called, and the resource says why. The
+    /// controller wakes it when the connection changes; until then it looks again after the
+    /// credential recheck. A credential stall of its own ends with the connection's (its recheck
+    /// time is dropped), so a fixed Secret heals every resource of the connection at once.
+    fn connection_unusable(&mut self) -> Option<Decision> {
+        let problem = self.facts().connection.as_ref()?;
+        let stalled_on_credential = conditions::find(&self.status.conditions, STALLED)
+            .and_then(|c| Reason::parse(&c.reason))
+            .is_some_and(Reason::is_rechecked);
+        if stalled_on_credential {
+            self.status.next_attempt_at = None;
+        }
+        Some(stalled_until(
+            problem.reason,
+            problem.message.clone(),
+            self.input.timing.credential_recheck,
+        ))
     }
 
     /// The machine id; only called once it is known.

@@ -1,0 +1,479 @@
+//! MdeConnection and ClusterMdeConnection end to end, against the real kube-apiserver and
+//! `mde-sim`: a connection is verified before its resources use it; a wrong Secret stalls its
+//! resources (`AuthenticationFailed`) while the operator's own connection serves the others, and
+//! fixing the Secret heals them without a restart; a missing connection is `ConnectionNotReady`;
+//! a ClusterMdeConnection refuses a namespace outside its selector (`ConnectionNotAllowed`, no
+//! call); the API server refuses a second credential and a changed connectionRef.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::cluster;
+use common::operator::{
+    Operator, OperatorConfig, SIM_SECRET, SeedMachine, condition, create, device_isolation,
+    machine_id, seed_file, wait_for,
+};
+use common::poll::eventually;
+use common::sim::Sim;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use mde_isolation_operator::crd::connection::ConnectionStatus;
+use mde_isolation_operator::crd::{
+    ClusterMdeConnection, ConnectionKind, ConnectionRef, DeviceIsolation, MdeConnection,
+};
+use serde_json::{Value, json};
+
+const SCALE: f64 = 60.0;
+const WITHIN: Duration = Duration::from_secs(60);
+
+/// The Secret `name` holding `client-secret`.
+async fn put_secret(client: &kube::Client, ns: &str, name: &str, value: &str) {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name},
+        "stringData": {"client-secret": value},
+    });
+    api.patch(
+        name,
+        &PatchParams::apply("e2e-test").force(),
+        &Patch::Apply(&secret),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("secret {name}: {e}"));
+}
+
+/// A connection's spec to `sim` with the credential in Secret `secret`.
+fn connection_spec(sim: &Sim, tenant: &str, secret: &str) -> Value {
+    json!({
+        "tenantId": tenant,
+        "clientId": "mde-sim-client",
+        "apiUrl": format!("{}/", sim.base_url),
+        "authority": format!("{}/", sim.base_url),
+        "credential": {"clientSecret": {"name": secret, "key": "client-secret"}},
+    })
+}
+
+fn with_connection(mut di: DeviceIsolation, kind: ConnectionKind, name: &str) -> DeviceIsolation {
+    di.spec.connection_ref = Some(ConnectionRef {
+        kind,
+        name: name.into(),
+    });
+    di
+}
+
+/// The Ready condition of connection `name` as (status, reason, message).
+async fn connection_ready<K>(api: &Api<K>, name: &str) -> Result<(String, String, String), String>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + serde::Serialize,
+{
+    let obj = api.get(name).await.map_err(|e| e.to_string())?;
+    let obj = serde_json::to_value(obj).map_err(|e| e.to_string())?;
+    let ready = obj["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+        .ok_or_else(|| format!("no Ready condition: {}", obj["status"]))?;
+    let s = |k: &str| ready[k].as_str().unwrap_or_default().to_string();
+    Ok((s("status"), s("reason"), s("message")))
+}
+
+/// Waits until connection `name`'s Ready condition passes `pred`.
+async fn wait_connection<K>(
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&(String, String, String)) -> bool,
+) -> (String, String, String)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + serde::Serialize,
+{
+    let pred = &pred;
+    eventually(WITHIN, what, || async move {
+        let ready = connection_ready(api, name).await?;
+        if pred(&ready) {
+            Ok(ready)
+        } else {
+            Err(format!("{ready:?}"))
+        }
+    })
+    .await
+}
+
+/// The isolate/unisolate calls on `machine`.
+async fn actions_on(sim: &Sim, machine: &str) -> usize {
+    sim.admin_calls()
+        .await
+        .iter()
+        .filter(|c| {
+            (c["api"] == "unisolate" || c["api"] == "isolate")
+                && c["path"].as_str().is_some_and(|p| p.contains(machine))
+        })
+        .count()
+}
+
+fn stalled_with(reason: &'static str) -> impl Fn(&DeviceIsolation) -> bool {
+    move |di| condition(di, "Stalled").is_some_and(|c| c.0 == "True" && c.1 == reason)
+}
+
+fn released(di: &DeviceIsolation) -> bool {
+    condition(di, "Ready").is_some_and(|c| c.0 == "True" && c.1 == "Released")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_verified_a_wrong_secret_stalls_only_its_resources_and_a_fix_heals_them() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("connections").await;
+    let client = c.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (via_conn, via_flags, via_missing) =
+        (machine_id(0xc01), machine_id(0xc02), machine_id(0xc03));
+    let seeds: Vec<SeedMachine> = [&via_conn, &via_flags, &via_missing]
+        .iter()
+        .map(|id| SeedMachine {
+            id,
+            name: "dev",
+            behaviour: "online",
+            isolated: true,
+        })
+        .collect();
+    let seed = seed_file(dir.path(), &seeds);
+    let sim = Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", "60"]);
+    let mut cfg = OperatorConfig::new(&c.kubeconfig, &ns);
+    cfg.time_scale = SCALE;
+    let op = Operator::start(&sim, cfg);
+
+    // A wrong secret first.
+    const WRONG: &str = "not-the-secret-7f3a9c";
+    put_secret(&client, &ns, "tenant-a-credential", WRONG).await;
+    let conns: Api<MdeConnection> = Api::namespaced(client.clone(), &ns);
+    let conn: MdeConnection = serde_json::from_value(json!({
+        "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "MdeConnection",
+        "metadata": {"name": "tenant-a"},
+        "spec": connection_spec(&sim, "tenant-a", "tenant-a-credential"),
+    }))
+    .unwrap();
+    conns.create(&PostParams::default(), &conn).await.unwrap();
+    let comment = Some("INC-9 false positive");
+    let mk = |name: &str, id: &str| device_isolation(name, id, false, comment);
+    create(
+        &client,
+        &ns,
+        &with_connection(
+            mk("via-conn", &via_conn),
+            ConnectionKind::MdeConnection,
+            "tenant-a",
+        ),
+    )
+    .await;
+    create(&client, &ns, &mk("via-flags", &via_flags)).await;
+    create(
+        &client,
+        &ns,
+        &with_connection(
+            mk("via-missing", &via_missing),
+            ConnectionKind::MdeConnection,
+            "nobody",
+        ),
+    )
+    .await;
+
+    let refused = wait_connection(&conns, "tenant-a", "the connection refused", |r| {
+        r.1 == "AuthenticationFailed"
+    })
+    .await;
+    assert_eq!(refused.0, "False");
+    wait_for(
+        &client,
+        &ns,
+        "via-conn",
+        WITHIN,
+        &op,
+        "AuthenticationFailed",
+        stalled_with("AuthenticationFailed"),
+    )
+    .await;
+    let missing = wait_for(
+        &client,
+        &ns,
+        "via-missing",
+        WITHIN,
+        &op,
+        "ConnectionNotReady",
+        stalled_with("ConnectionNotReady"),
+    )
+    .await;
+    assert!(
+        condition(&missing, "Stalled")
+            .unwrap()
+            .2
+            .contains("MdeConnection"),
+        "{:?}",
+        condition(&missing, "Stalled")
+    );
+    // The operator's own connection serves resources without a reference meanwhile.
+    wait_for(&client, &ns, "via-flags", WITHIN, &op, "Released", released).await;
+    assert_eq!(
+        actions_on(&sim, &via_conn).await,
+        0,
+        "no call through a refused connection"
+    );
+    assert_eq!(
+        actions_on(&sim, &via_missing).await,
+        0,
+        "no call without a connection"
+    );
+
+    // The Secret is fixed: no restart; the connection is verified and its resource goes on.
+    put_secret(&client, &ns, "tenant-a-credential", SIM_SECRET).await;
+    let ready = wait_connection(&conns, "tenant-a", "the connection Ready", |r| {
+        r.0 == "True"
+    })
+    .await;
+    assert_eq!(ready.1, "Connected");
+    wait_for(&client, &ns, "via-conn", WITHIN, &op, "Released", released).await;
+    assert_eq!(actions_on(&sim, &via_conn).await, 1, "exactly one action");
+
+    // Its status counts its calls and shows the limits; kubectl prints tenant and readiness.
+    let status = eventually(
+        WITHIN,
+        "the connection's status to count its calls",
+        || async {
+            let status = conns
+                .get("tenant-a")
+                .await
+                .map_err(|e| e.to_string())?
+                .status;
+            // Written every recheck: wait for one written after the Unisolate.
+            let unisolates = |s: &ConnectionStatus| {
+                s.quota
+                    .iter()
+                    .find(|q| q.api == "unisolate")
+                    .map_or(0, |q| q.calls_last_hour)
+            };
+            match status {
+                Some(s) if unisolates(&s) >= 2 => Ok(s),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let unisolate = status
+        .quota
+        .iter()
+        .find(|q| q.api == "unisolate")
+        .expect("unisolate quota");
+    // Its own Unisolate, and the operator's own connection's: one simulated tenant and app here,
+    // so the connection's first load recalled that call from MDE's record into its ledger.
+    assert_eq!(
+        (unisolate.calls_last_hour, unisolate.limit_per_hour),
+        (2, 1500)
+    );
+    assert!(status.calls_last_hour >= Some(3), "{status:?}");
+    let out = c
+        .kubectl()
+        .args(["get", "mdeconnections", "-n", &ns])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("TENANT") && table.contains("CALLS-1H"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("tenant-a") && l.contains("tenant-a") && l.contains("True")),
+        "{table}"
+    );
+
+    // The missing connection appears: its resource goes on by itself.
+    put_secret(&client, &ns, "nobody-credential", SIM_SECRET).await;
+    let nobody: MdeConnection = serde_json::from_value(json!({
+        "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "MdeConnection",
+        "metadata": {"name": "nobody"},
+        "spec": connection_spec(&sim, "tenant-a", "nobody-credential"),
+    }))
+    .unwrap();
+    conns.create(&PostParams::default(), &nobody).await.unwrap();
+    wait_for(
+        &client,
+        &ns,
+        "via-missing",
+        WITHIN,
+        &op,
+        "Released",
+        released,
+    )
+    .await;
+
+    // Neither secret value appears in the operator's output.
+    let log = op.output();
+    assert!(
+        !log.contains(WRONG),
+        "the wrong secret leaked into the operator's output"
+    );
+    assert!(
+        !log.contains(SIM_SECRET),
+        "the secret leaked into the operator's output"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_connection_refuses_a_namespace_outside_its_selector() {
+    let c = cluster();
+    c.install_crds().await;
+    let (home, allowed, other) = (
+        c.namespace("conn-home").await,
+        c.namespace("conn-allowed").await,
+        c.namespace("conn-other").await,
+    );
+    let client = c.client().await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .patch(
+            &allowed,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"mde.dev/team": "secops"}}})),
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (inside, outside) = (machine_id(0xc11), machine_id(0xc12));
+    let seeds: Vec<SeedMachine> = [&inside, &outside]
+        .iter()
+        .map(|id| SeedMachine {
+            id,
+            name: "dev",
+            behaviour: "online",
+            isolated: true,
+        })
+        .collect();
+    let seed = seed_file(dir.path(), &seeds);
+    let sim = Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", "60"]);
+    let mut cfg = OperatorConfig::new(&c.kubeconfig, &allowed);
+    cfg.namespaces.push(other.clone());
+    cfg.time_scale = SCALE;
+    cfg.extra = vec!["--cluster-connections".into()];
+    // ClusterMdeConnections' Secrets live in the operator's namespace.
+    let op = Operator::start_with_credential(
+        &sim,
+        cfg,
+        &[("MDE_CLIENT_SECRET", SIM_SECRET), ("POD_NAMESPACE", &home)],
+    );
+    put_secret(&client, &home, "shared-credential", SIM_SECRET).await;
+    let conns: Api<ClusterMdeConnection> = Api::all(client.clone());
+    let name = format!("shared-{home}");
+    let mut spec = connection_spec(&sim, "tenant-s", "shared-credential");
+    spec["namespaces"] = json!({"selector": {"matchLabels": {"mde.dev/team": "secops"}}});
+    let conn: ClusterMdeConnection = serde_json::from_value(json!({
+        "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "ClusterMdeConnection",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap();
+    conns.create(&PostParams::default(), &conn).await.unwrap();
+
+    let comment = Some("INC-10");
+    let kind = ConnectionKind::ClusterMdeConnection;
+    create(
+        &client,
+        &allowed,
+        &with_connection(device_isolation("in", &inside, false, comment), kind, &name),
+    )
+    .await;
+    create(
+        &client,
+        &other,
+        &with_connection(
+            device_isolation("out", &outside, false, comment),
+            kind,
+            &name,
+        ),
+    )
+    .await;
+    wait_for(&client, &allowed, "in", WITHIN, &op, "Released", released).await;
+    let refused = wait_for(
+        &client,
+        &other,
+        "out",
+        WITHIN,
+        &op,
+        "ConnectionNotAllowed",
+        stalled_with("ConnectionNotAllowed"),
+    )
+    .await;
+    assert!(condition(&refused, "Stalled").unwrap().2.contains(&other));
+    assert_eq!(
+        actions_on(&sim, &outside).await,
+        0,
+        "no call for a namespace not allowed"
+    );
+    assert_eq!(actions_on(&sim, &inside).await, 1);
+    let _ = conns.delete(&name, &Default::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_refuses_two_credentials_and_a_changed_connection_ref() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("conn-cel").await;
+    let client = c.client().await;
+    let conns: Api<MdeConnection> = Api::namespaced(client.clone(), &ns);
+    let two: MdeConnection = serde_json::from_value(json!({
+        "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "MdeConnection",
+        "metadata": {"name": "two"},
+        "spec": {
+            "tenantId": "t", "clientId": "c",
+            "credential": {
+                "clientSecret": {"name": "s", "key": "k"},
+                "workloadIdentity": {},
+            },
+        },
+    }))
+    .unwrap();
+    let err = conns
+        .create(&PostParams::default(), &two)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("exactly one of clientSecret, certificate and workloadIdentity"),
+        "{err}"
+    );
+
+    let di = with_connection(
+        device_isolation("pinned", &machine_id(0xc21), false, Some("x")),
+        ConnectionKind::MdeConnection,
+        "a",
+    );
+    create(&client, &ns, &di).await;
+    let api: Api<DeviceIsolation> = Api::namespaced(client.clone(), &ns);
+    let changed = api
+        .patch(
+            "pinned",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"connectionRef": {"kind": "MdeConnection", "name": "b"}}}),
+            ),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        changed.to_string().contains("connectionRef is immutable"),
+        "{changed}"
+    );
+    let dropped = api
+        .patch(
+            "pinned",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"connectionRef": null}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        dropped.to_string().contains("connectionRef is immutable"),
+        "{dropped}"
+    );
+}
