@@ -36,7 +36,7 @@ use crate::clock::SimClock;
 use crate::config::Cli;
 use crate::faults::FaultSettings;
 use crate::lifecycle::Delays;
-use crate::state::{Settings, SimState};
+use crate::state::{Settings, SimState, Tenant, TenantKey};
 use crate::tenant::{App, SeedFile};
 
 fn build_state(cli: &Cli) -> Result<SimState, String> {
@@ -62,8 +62,14 @@ fn build_state(cli: &Cli) -> Result<SimState, String> {
         cli.machines,
         cli.offline_ratio,
         cli.failing_ratio,
+        tenant::DEFAULT_DOMAIN,
         now,
     ));
+    let base = cli
+        .seed
+        .as_deref()
+        .and_then(std::path::Path::parent)
+        .unwrap_or(std::path::Path::new("."));
     let apps: Vec<App> = if seed.apps.is_empty() {
         vec![App {
             client_id: cli.client_id.clone(),
@@ -76,11 +82,6 @@ fn build_state(cli: &Cli) -> Result<SimState, String> {
             federated: Vec::new(),
         }]
     } else {
-        let base = cli
-            .seed
-            .as_deref()
-            .and_then(std::path::Path::parent)
-            .unwrap_or(std::path::Path::new("."));
         seed.apps
             .into_iter()
             .map(|a| a.into_app(base))
@@ -112,16 +113,24 @@ fn build_state(cli: &Cli) -> Result<SimState, String> {
         apis: None,
         one_shot: Vec::new(),
     };
-    SimState::new(
-        clock,
-        settings,
-        faults,
-        cli.foreign_load.clone().unwrap_or_default().0,
+    let default = Tenant::new(
+        None,
         apps,
         machines,
+        cli.foreign_load.clone().unwrap_or_default().0,
         cli.machines + 1,
         cli.rng_seed,
-    )
+        now,
+    )?;
+    let mut state = SimState::new(clock, settings, faults, default, cli.rng_seed);
+    for t in seed.tenants {
+        let id = t.tenant_id.clone();
+        if state.resolve(&id) != TenantKey::Default {
+            return Err(format!("tenant {id} appears twice in the seed file"));
+        }
+        state.put_tenant(Tenant::from_seed(t, base, cli.rng_seed, now)?);
+    }
+    Ok(state)
 }
 
 #[tokio::main]
@@ -181,7 +190,8 @@ async fn main() -> ExitCode {
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(
         %addr,
-        machines = state.machines().len(),
+        machines = state.default_tenant().machines().len(),
+        tenants = state.tenants.len(),
         time_scale = cli.time_scale,
         duplicate_mode = ?cli.duplicate_mode,
         "mde-sim ready"
@@ -268,7 +278,11 @@ machines:
     }
 
     fn action_ids(st: &SimState) -> Vec<String> {
-        st.actions().iter().map(|a| a.id.clone()).collect()
+        st.default_tenant()
+            .actions()
+            .iter()
+            .map(|a| a.id.clone())
+            .collect()
     }
 
     #[test]
@@ -276,6 +290,7 @@ machines:
         let mut st = state(SEED, "7").unwrap();
         let now = st.clock.now();
         let views: Vec<serde_json::Value> = st
+            .default_tenant()
             .actions()
             .iter()
             .map(|a| serde_json::to_value(a.view(now)).unwrap())
@@ -298,6 +313,7 @@ machines:
         assert_eq!(b["creationDateTimeUtc"], "2026-12-05T08:00:00.0000000Z");
 
         let g = st
+            .default_tenant()
             .ground_truth("1e5bc9d7e413ddd7902c2932e418702b84d0cc07", now)
             .unwrap();
         assert!(g.isolated);
@@ -307,20 +323,24 @@ machines:
             Some("2026-12-01T10:00:00.0000000Z")
         );
         let g = st
+            .default_tenant()
             .ground_truth("4e5bc9d7e413ddd7902c2932e418702b84d0cc07", now)
             .unwrap();
         assert!(!g.isolated && g.actions.is_empty());
         // Not a call, so no quota.
-        assert!(st.calls.is_empty());
+        assert!(st.default_tenant().calls.is_empty());
         let one = crate::quota::Limits {
             per_minute: 1,
             per_hour: 1,
             key: crate::config::QuotaKey::App,
         };
-        let app = st.apps[0].client_id.clone();
+        let mut tenant = st.tenants.remove(&TenantKey::Default).unwrap();
+        let app = tenant.apps[0].client_id.clone();
         for api in crate::calls::ApiName::ALL {
-            assert!(st.quota.check(&app, api, now, one).is_ok(), "{api:?}");
+            assert!(tenant.quota.check(&app, api, now, one).is_ok(), "{api:?}");
         }
+
+        st.tenants.insert(TenantKey::Default, tenant);
 
         // Ids follow --rng-seed and come back after a reset.
         let ids = action_ids(&st);
@@ -335,8 +355,8 @@ machines:
         let st = state(SEED, "1").unwrap();
         let gid = |i: usize| {
             (
-                st.machines()[i].rbac_group_name.clone(),
-                st.machines()[i].rbac_group_id,
+                st.default_tenant().machines()[i].rbac_group_name.clone(),
+                st.default_tenant().machines()[i].rbac_group_id,
             )
         };
         assert_eq!(gid(0), ("Servers".into(), 1));
