@@ -732,3 +732,292 @@ impl SimState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calls::ApiName;
+    use crate::config::{DuplicateMode, OverlapOrder, QuotaKey, RetryAfterMode};
+
+    fn settings() -> Settings {
+        Settings {
+            quota_per_minute: 1,
+            quota_per_hour: 0,
+            quota_key: QuotaKey::Endpoint,
+            retry_after: RetryAfterMode::Header,
+            duplicate_mode: DuplicateMode::Reject,
+            overlap_order: OverlapOrder::Reversed,
+            delays: Delays {
+                pending_delay: 10.0,
+                progress_delay: 50.0,
+                offline_timeout: 100.0,
+            },
+            token_lifetime: 3599,
+            page_size: 100,
+            audiences: vec!["https://api.securitycenter.microsoft.com".into()],
+            empty_filter_404: false,
+            v1_string_numbers: false,
+        }
+    }
+
+    fn app(id: &str) -> App {
+        App {
+            client_id: id.into(),
+            client_secret: Some("s".into()),
+            roles: vec![],
+            display_name: id.into(),
+            allow_assertion: false,
+            certificates: vec![],
+            federated: vec![],
+        }
+    }
+
+    fn tenant(id: Option<&str>, now: DateTime<Utc>) -> Tenant {
+        let seed = id.map_or(1, |id| tenant_rng_seed(1, id));
+        let mut rng = StdRng::seed_from_u64(seed);
+        let machines = generate_machines(&mut rng, 1, 2, 0.0, 0.0, DEFAULT_DOMAIN, now);
+        Tenant::new(
+            id.map(String::from),
+            vec![app("op")],
+            machines,
+            vec![],
+            3,
+            seed,
+            now,
+        )
+        .unwrap()
+    }
+
+    fn token(tenant: TenantKey) -> TokenInfo {
+        TokenInfo {
+            tid: "x".into(),
+            tenant,
+            client_id: "op".into(),
+            display_name: "op".into(),
+            roles: vec![],
+            audience: "a".into(),
+            expires_at: Utc::now(),
+        }
+    }
+
+    fn record(api: ApiName, at: DateTime<Utc>) -> CallRecord {
+        CallRecord {
+            seq: 0,
+            sim_time: fmt7(at),
+            real_time: String::new(),
+            tenant: None,
+            app: None,
+            method: "GET".into(),
+            path: "/".into(),
+            query: None,
+            status: 200,
+            api,
+            counted: false,
+            fault: None,
+            action_id: None,
+            credential: None,
+            sim_at: at,
+        }
+    }
+
+    fn state() -> SimState {
+        let clock = SimClock::new(Utc::now(), 0.0);
+        let now = clock.now();
+        let mut st = SimState::new(
+            clock,
+            settings(),
+            FaultSettings::default(),
+            tenant(None, now),
+            1,
+        );
+        assert!(!st.put_tenant(tenant(Some("Fabrikam.com"), now)));
+        st
+    }
+
+    #[test]
+    fn tenant_seeds_differ_per_tenant_whatever_the_case() {
+        assert_eq!(
+            tenant_rng_seed(1, "Fabrikam.com"),
+            tenant_rng_seed(1, "fabrikam.COM")
+        );
+        assert_ne!(
+            tenant_rng_seed(1, "fabrikam.com"),
+            tenant_rng_seed(1, "contoso.com")
+        );
+        assert_ne!(
+            tenant_rng_seed(1, "fabrikam.com"),
+            tenant_rng_seed(2, "fabrikam.com")
+        );
+    }
+
+    #[test]
+    fn a_tenant_id_selects_its_tenant_and_any_other_the_default() {
+        let st = state();
+        let fab = TenantKey::named("fabrikam.com");
+        assert_eq!(st.resolve("FABRIKAM.com"), fab);
+        assert_eq!(st.resolve("contoso.com"), TenantKey::Default);
+        assert_eq!(st.tenants[&fab].tid("ignored"), "Fabrikam.com");
+        assert_eq!(st.default_tenant().tid("contoso.com"), "contoso.com");
+        // Same generator seed for the default tenant as before tenants existed; another for each.
+        let ids = |k: &TenantKey| -> Vec<String> {
+            st.tenants[k]
+                .machines()
+                .iter()
+                .map(|m| m.id.clone())
+                .collect()
+        };
+        assert_ne!(ids(&fab), ids(&TenantKey::Default));
+    }
+
+    #[test]
+    fn actions_stay_in_their_tenant() {
+        let mut st = state();
+        let now = st.clock.now();
+        let fab = TenantKey::named("fabrikam.com");
+        let theirs = st.tenants[&fab].machines()[0].id.clone();
+        let settings = st.settings.clone();
+        let default = st.tenants.get_mut(&TenantKey::Default).unwrap();
+        assert!(
+            default
+                .create_action(
+                    &settings,
+                    &theirs,
+                    ActionType::Isolate,
+                    None,
+                    "op".into(),
+                    "c".into(),
+                    "PublicApi".into(),
+                    now
+                )
+                .is_none(),
+            "another tenant's machine is not found"
+        );
+        let ours = st.tenants[&fab].machines()[0].id.clone();
+        let fabrikam = st.tenants.get_mut(&fab).unwrap();
+        let id = fabrikam
+            .create_action(
+                &settings,
+                &ours,
+                ActionType::Isolate,
+                None,
+                "op".into(),
+                "c".into(),
+                "PublicApi".into(),
+                now,
+            )
+            .unwrap()
+            .id
+            .clone();
+        assert!(st.default_tenant().action(&id).is_none());
+        assert!(st.default_tenant().actions().is_empty());
+        assert_eq!(st.tenants[&fab].actions().len(), 1);
+    }
+
+    #[test]
+    fn quota_is_kept_per_tenant_and_app() {
+        let mut st = state();
+        let now = st.clock.now();
+        let limits = st.settings.limits();
+        let fab = TenantKey::named("fabrikam.com");
+        let t = st.tenants.get_mut(&fab).unwrap();
+        t.quota.consume("op", ApiName::MachinesList, now);
+        assert!(
+            t.quota
+                .check("op", ApiName::MachinesList, now, limits)
+                .is_err()
+        );
+        // The same client id in the default tenant has its own budget.
+        let d = st.tenants.get_mut(&TenantKey::Default).unwrap();
+        assert!(
+            d.quota
+                .check("op", ApiName::MachinesList, now, limits)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_call_log_is_one_sequence_across_tenants() {
+        let mut st = state();
+        let now = st.clock.now();
+        let fab = TenantKey::named("fabrikam.com");
+        st.log_call(&TenantKey::Default, record(ApiName::Token, now));
+        st.log_call(&fab, record(ApiName::Token, now));
+        st.log_call(&TenantKey::named("gone.com"), record(ApiName::Unknown, now));
+        fn seqs(st: &SimState, k: &TenantKey) -> Vec<u64> {
+            st.tenants[k].calls.iter().map(|c| c.seq).collect()
+        }
+        assert_eq!(
+            seqs(&st, &TenantKey::Default),
+            [1, 3],
+            "a vanished tenant's call goes to the default log"
+        );
+        assert_eq!(seqs(&st, &fab), [2]);
+        st.reset();
+        assert!(st.tenants.values().all(|t| t.calls.is_empty()));
+        st.log_call(&fab, record(ApiName::Token, now));
+        assert_eq!(seqs(&st, &fab), [1]);
+    }
+
+    #[test]
+    fn replacing_removing_and_resetting_a_tenant_revoke_only_its_tokens() {
+        let mut st = state();
+        let now = st.clock.now();
+        let fab = TenantKey::named("fabrikam.com");
+        let fill = |st: &mut SimState| {
+            st.tokens.insert("d".into(), token(TenantKey::Default));
+            st.tokens.insert("f".into(), token(fab.clone()));
+        };
+        let kept = |st: &SimState| -> Vec<String> {
+            let mut k: Vec<String> = st.tokens.keys().cloned().collect();
+            k.sort();
+            k
+        };
+        fill(&mut st);
+        assert!(
+            st.put_tenant(tenant(Some("FABRIKAM.com"), now)),
+            "same id in another case"
+        );
+        assert_eq!(kept(&st), ["d"]);
+        fill(&mut st);
+        assert!(st.reset_tenant(&fab));
+        assert_eq!(kept(&st), ["d"]);
+        fill(&mut st);
+        assert!(st.remove_tenant(&fab));
+        assert!(!st.remove_tenant(&fab));
+        assert!(
+            !st.remove_tenant(&TenantKey::Default),
+            "the default tenant stays"
+        );
+        assert_eq!(kept(&st), ["d"]);
+        assert!(!st.reset_tenant(&fab));
+    }
+
+    #[test]
+    fn a_full_reset_keeps_tenants_as_created() {
+        let mut st = state();
+        let now = st.clock.now();
+        let fab = TenantKey::named("fabrikam.com");
+        let before: Vec<String> = st.tenants[&fab]
+            .machines()
+            .iter()
+            .map(|m| m.id.clone())
+            .collect();
+        let t = st.tenants.get_mut(&fab).unwrap();
+        let mut rng = StdRng::seed_from_u64(9);
+        for m in generate_machines(&mut rng, 9, 1, 0.0, 0.0, "x.local", now) {
+            t.add_machine(m).unwrap();
+        }
+        st.tokens.insert("f".into(), token(fab.clone()));
+        st.reset();
+        assert!(st.tokens.is_empty());
+        let after: Vec<String> = st.tenants[&fab]
+            .machines()
+            .iter()
+            .map(|m| m.id.clone())
+            .collect();
+        assert_eq!(
+            before, after,
+            "machines added at run time are dropped, the tenant stays"
+        );
+    }
+}
