@@ -57,6 +57,7 @@ struct CallInfo {
     api: ApiName,
     /// Whose log it goes to: the default tenant's until attributed.
     key: TenantKey,
+    /// The record's `tenant`, `app` and `credential` (see `CallRecord`).
     tenant: Option<String>,
     app: Option<String>,
     credential: Option<String>,
@@ -80,6 +81,7 @@ impl CallInfo {
         action_id: Option<String>,
     ) {
         let record = CallRecord {
+            // Numbered by `log_call`.
             seq: 0,
             sim_time: sim_time_string(at),
             real_time: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
