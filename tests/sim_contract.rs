@@ -2951,3 +2951,698 @@ async fn machine_filters_for_fleet_selection() {
         "ODataError",
     );
 }
+
+// ---------------------------------------------------------------- tenants
+
+/// The default tenant answers for this id (any id that is not named).
+const CONTOSO: &str = "contoso.onmicrosoft.com";
+const FABRIKAM: &str = "fabrikam.onmicrosoft.com";
+const NORTHWIND: &str = "0b7c1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3";
+/// The default tenant's machine; fabrikam has a machine of the same name.
+const T_CONTOSO: &str = "c1000000000000000000000000000000000000c1";
+const T_FABRIKAM: &str = "f1000000000000000000000000000000000000f1";
+const T_NORTHWIND: &str = "a1000000000000000000000000000000000000a1";
+
+/// The default tenant (app `operator`), fabrikam (the same multi-tenant client id `operator`
+/// with its own secret, another app, a seeded machine named like the default tenant's and two
+/// generated ones) and northwind (its own app, one machine, a foreign load on its actions list).
+const TENANTS_SEED: &str = r#"
+machines:
+  - id: "c1000000000000000000000000000000000000c1"
+    computerDnsName: ws-001.contoso.local
+apps:
+  - {clientId: operator, clientSecret: contoso-secret, roles: [Machine.Isolate, Machine.Read.All]}
+tenants:
+  - tenantId: fabrikam.onmicrosoft.com
+    apps:
+      - {clientId: operator, clientSecret: fabrikam-secret, roles: [Machine.Isolate, Machine.Read.All]}
+      - {clientId: fabrikam-only, clientSecret: f, roles: [Machine.Read.All]}
+    machines:
+      - id: "f1000000000000000000000000000000000000f1"
+        computerDnsName: ws-001.contoso.local
+    generate: {count: 2, domain: fabrikam.local}
+  - tenantId: 0B7C1D2E-3F40-4A5B-8C6D-7E8F90A1B2C3
+    apps:
+      - {clientId: northwind-op, clientSecret: n, roles: [Machine.Isolate, Machine.Read.All]}
+    machines:
+      - id: "a1000000000000000000000000000000000000a1"
+        computerDnsName: nw-001.northwind.local
+    foreignLoad: [{api: machineactions-list, perMinute: 2, pattern: burst}]
+"#;
+
+/// A frozen simulator with the three tenants of `TENANTS_SEED`.
+fn three_tenants(args: &[&str]) -> (Sim, tempfile::NamedTempFile) {
+    let f = seed_file(TENANTS_SEED);
+    let path = f.path().to_str().expect("utf8 path").to_string();
+    let mut all = vec!["--seed", path.as_str()];
+    all.extend_from_slice(args);
+    (frozen(&all), f)
+}
+
+/// Tokens of the three tenants' operator apps: (contoso, fabrikam, northwind).
+async fn tenant_tokens(sim: &Sim) -> (String, String, String) {
+    (
+        sim.token_in(CONTOSO, "operator", "contoso-secret").await,
+        sim.token_in(FABRIKAM, "operator", "fabrikam-secret").await,
+        sim.token_in(NORTHWIND, "northwind-op", "n").await,
+    )
+}
+
+fn token_form<'a>(client_id: &'a str, secret: &'a str) -> [(&'a str, &'a str); 4] {
+    [
+        ("grant_type", "client_credentials"),
+        ("client_id", client_id),
+        ("client_secret", secret),
+        ("scope", SCOPE),
+    ]
+}
+
+#[tokio::test]
+async fn a_tenant_sees_and_changes_only_its_own_machines_and_actions() {
+    let (sim, _f) = three_tenants(&[]);
+    let (tc, tf, tn) = tenant_tokens(&sim).await;
+    let listed = |tok: String| {
+        let sim = &sim;
+        async move { ids(&sim.get("/api/machines", &tok).await) }
+    };
+    assert_eq!(listed(tc.clone()).await, set(&[T_CONTOSO]));
+    let fabrikam = listed(tf.clone()).await;
+    assert_eq!(fabrikam.len(), 3);
+    assert!(fabrikam.contains(T_FABRIKAM) && !fabrikam.contains(T_CONTOSO));
+    assert_eq!(listed(tn.clone()).await, set(&[T_NORTHWIND]));
+    // The same name in two tenants: each finds its own.
+    let by_name = format!(
+        "/api/machines?$filter={}",
+        enc("computerDnsName eq 'ws-001.contoso.local'")
+    );
+    assert_eq!(ids(&sim.get(&by_name, &tf).await), set(&[T_FABRIKAM]));
+    assert_eq!(ids(&sim.get(&by_name, &tc).await), set(&[T_CONTOSO]));
+
+    // Another tenant's machine is simply not found, and nothing happens to it.
+    assert_error(
+        &sim.get(&format!("/api/machines/{T_CONTOSO}"), &tf).await,
+        404,
+        "ResourceNotFound",
+    );
+    assert_error(
+        &isolate(&sim, &tf, T_CONTOSO).await,
+        404,
+        "ResourceNotFound",
+    );
+    assert_error(
+        &unisolate(&sim, &tn, T_FABRIKAM).await,
+        404,
+        "ResourceNotFound",
+    );
+    assert_eq!(sim.ground_truth(T_CONTOSO).await["actions"], json!([]));
+    assert_eq!(
+        sim.ground_truth_in(FABRIKAM, T_FABRIKAM).await["actions"],
+        json!([])
+    );
+
+    // An action is seen and cancelled only in its tenant.
+    let a = action_id(&isolate(&sim, &tc, T_CONTOSO).await);
+    assert_error(
+        &sim.get(&format!("/api/machineactions/{a}"), &tf).await,
+        404,
+        "ResourceNotFound",
+    );
+    let cancel = |tok: String| {
+        let (sim, a) = (&sim, a.clone());
+        async move {
+            sim.post(
+                &format!("/api/machineactions/{a}/cancel"),
+                &tok,
+                json!({"Comment": "not yours"}),
+            )
+            .await
+        }
+    };
+    assert_error(&cancel(tf.clone()).await, 404, "ResourceNotFound");
+    assert_eq!(ids(&sim.get("/api/machineactions", &tf).await), set(&[]));
+    assert_eq!(ids(&sim.get("/api/machineactions", &tc).await), set(&[&a]));
+    assert_eq!(action_status(&sim, &tc, &a).await, "Pending");
+    sim.advance(60.0).await;
+    assert_eq!(sim.ground_truth(T_CONTOSO).await["isolated"], true);
+    assert_eq!(
+        sim.ground_truth_in(FABRIKAM, "ws-001.contoso.local").await["isolated"],
+        false
+    );
+
+    // The admin API: ?tenant= (any case) addresses a named tenant, nothing the default one.
+    assert_eq!(
+        sim.machine_ids_in("FABRIKAM.onmicrosoft.com").await.len(),
+        3
+    );
+    assert_eq!(sim.machine_ids().await, [T_CONTOSO]);
+    let none = sim
+        .send(
+            "GET",
+            &format!("/sim/machines/{T_CONTOSO}?tenant={FABRIKAM}"),
+            None,
+            None,
+        )
+        .await;
+    assert_error(&none, 404, "ResourceNotFound");
+    let unknown = sim
+        .send("GET", "/sim/machines?tenant=nowhere.example", None, None)
+        .await;
+    assert_error(&unknown, 404, "ResourceNotFound");
+    assert!(message(&unknown).contains("no tenant nowhere.example"));
+    // A person isolates in fabrikam's portal: fabrikam's API shows it, the others do not.
+    let ext = sim
+        .admin_post_in(
+            FABRIKAM,
+            &format!("machines/{T_FABRIKAM}/isolate-external"),
+            json!({"immediate": true}),
+        )
+        .await;
+    let ext_id = ext["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        ids(&sim.get("/api/machineactions", &tf).await),
+        set(&[&ext_id])
+    );
+    assert_eq!(ids(&sim.get("/api/machineactions", &tc).await), set(&[&a]));
+    assert_eq!(
+        sim.admin_get_in(FABRIKAM, "actions").await["value"][0]["id"],
+        json!(ext_id)
+    );
+    assert_eq!(sim.admin_get("actions").await["value"][0]["id"], json!(a));
+    assert_eq!(
+        sim.ground_truth_in(FABRIKAM, T_FABRIKAM).await["isolated"],
+        true
+    );
+    let stranger = sim
+        .send(
+            "POST",
+            &format!("/sim/machines/{T_FABRIKAM}/isolate-external"),
+            None,
+            Some(json!({})),
+        )
+        .await;
+    assert_error(&stranger, 404, "ResourceNotFound");
+}
+
+#[tokio::test]
+async fn a_tenants_token_endpoint_signs_in_only_its_apps_and_its_tokens_carry_the_tenant() {
+    let (sim, _f) = three_tenants(&[]);
+    let not_found_in = |r: &Resp, client: &str, dir: &str| {
+        assert_eq!(
+            (r.status, r.body["error"].as_str()),
+            (400, Some("unauthorized_client")),
+            "{:?}",
+            r.body
+        );
+        assert_eq!(r.body["error_codes"], json!([700016]));
+        let d = r.body["error_description"].as_str().unwrap();
+        assert!(
+            d.starts_with(&format!(
+                "AADSTS700016: Application with identifier '{client}' was not found in the directory '{dir}'."
+            )),
+            "{d}"
+        );
+    };
+    // Another tenant's app, at a named tenant's URL and at the default tenant's.
+    let r = sim
+        .token_request(
+            &common::sim::token_path(FABRIKAM),
+            &token_form("northwind-op", "n"),
+        )
+        .await;
+    not_found_in(&r, "northwind-op", FABRIKAM);
+    let r = sim
+        .token_request(
+            &common::sim::token_path(CONTOSO),
+            &token_form("fabrikam-only", "f"),
+        )
+        .await;
+    not_found_in(&r, "fabrikam-only", CONTOSO);
+    // The default tenant's app is not in a named tenant either.
+    let r = sim
+        .token_request(
+            &common::sim::token_path(NORTHWIND),
+            &token_form("operator", "contoso-secret"),
+        )
+        .await;
+    not_found_in(&r, "operator", NORTHWIND);
+    // The same client id in two tenants: each tenant has its own secret.
+    let r = sim
+        .token_request(
+            &common::sim::token_path(FABRIKAM),
+            &token_form("operator", "contoso-secret"),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["error_codes"].clone()),
+        (401, json!([7000215]))
+    );
+
+    // A token says its tenant as Entra ID's do (`tid`, `iss`); a named tenant's id as configured
+    // whatever the case of the URL, the default tenant's the id it was asked for at.
+    let tf = sim
+        .token_in("Fabrikam.OnMicrosoft.com", "operator", "fabrikam-secret")
+        .await;
+    let claims = common::sim::jwt_claims(&tf);
+    assert_eq!(claims["tid"], FABRIKAM);
+    assert_eq!(
+        claims["iss"],
+        format!("https://sts.windows.net/{FABRIKAM}/")
+    );
+    assert_eq!(claims["appid"], "operator");
+    assert_eq!(claims["aud"], "https://api.securitycenter.microsoft.com");
+    assert_eq!(
+        claims["roles"],
+        json!(["Machine.Isolate", "Machine.Read.All"])
+    );
+    let tn = sim
+        .token_in(&NORTHWIND.to_uppercase(), "northwind-op", "n")
+        .await;
+    assert_eq!(
+        common::sim::jwt_claims(&tn)["tid"],
+        NORTHWIND.to_uppercase(),
+        "as configured in the seed"
+    );
+    let tc = sim.token_in(CONTOSO, "operator", "contoso-secret").await;
+    assert_eq!(common::sim::jwt_claims(&tc)["tid"], CONTOSO);
+    let elsewhere = sim
+        .token_in("any-other.example", "operator", "contoso-secret")
+        .await;
+    assert_eq!(
+        common::sim::jwt_claims(&elsewhere)["tid"],
+        "any-other.example"
+    );
+    assert_eq!(sim.get("/api/machines", &elsewhere).await.status, 200);
+    // v1 works per tenant too.
+    let r = sim
+        .token_request(
+            &format!("/{FABRIKAM}/oauth2/token"),
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", "fabrikam-only"),
+                ("client_secret", "f"),
+                ("resource", "https://api.securitycenter.microsoft.com"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let v1 = r.body["access_token"].as_str().unwrap();
+    assert_eq!(ids(&sim.get("/api/machines", v1).await).len(), 3);
+
+    // Token requests are logged in the tenant of their URL, with its id.
+    let tenants_of = |calls: &[Value]| -> Vec<(String, u64)> {
+        calls
+            .iter()
+            .filter(|c| c["api"] == "token")
+            .map(|c| {
+                (
+                    c["tenant"].as_str().unwrap().to_string(),
+                    c["status"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        tenants_of(&sim.admin_calls_in(FABRIKAM).await),
+        [
+            (FABRIKAM.to_string(), 400),
+            (FABRIKAM.into(), 401),
+            (FABRIKAM.into(), 200),
+            (FABRIKAM.into(), 200)
+        ]
+    );
+    let upper = NORTHWIND.to_uppercase();
+    assert_eq!(
+        tenants_of(&sim.admin_calls_in(NORTHWIND).await),
+        [(upper.clone(), 400), (upper, 200)]
+    );
+    assert_eq!(
+        tenants_of(&sim.admin_calls().await),
+        [
+            (CONTOSO.to_string(), 400),
+            (CONTOSO.into(), 200),
+            ("any-other.example".into(), 200)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn quota_is_counted_per_tenant_and_app() {
+    let (sim, _f) = three_tenants(&["--quota-per-minute", "2"]);
+    let (tc, tf, tn) = tenant_tokens(&sim).await;
+    for _ in 0..2 {
+        assert_eq!(sim.get("/api/machines", &tf).await.status, 200);
+    }
+    let r = sim.get("/api/machines", &tf).await;
+    assert_error(&r, 429, "TooManyRequests");
+    // The same client id in the default tenant, and another tenant's app: untouched budgets.
+    for tok in [&tc, &tc, &tn, &tn] {
+        assert_eq!(sim.get("/api/machines", tok).await.status, 200);
+    }
+    let throttled = |stats: Value| {
+        (
+            stats["apis"]["machines-list"]["calls"].as_u64().unwrap(),
+            stats["apis"]["machines-list"]["throttled"]
+                .as_u64()
+                .unwrap(),
+            stats["totalCalls"].as_u64().unwrap(),
+        )
+    };
+    // 3 list calls and 1 token request each.
+    assert_eq!(throttled(sim.admin_stats_in(FABRIKAM).await), (3, 1, 4));
+    assert_eq!(throttled(sim.admin_stats().await), (2, 0, 3));
+    assert_eq!(throttled(sim.admin_stats_in(NORTHWIND).await), (2, 0, 3));
+    // Fabrikam's other app has its own budget in fabrikam.
+    let other = sim.token_in(FABRIKAM, "fabrikam-only", "f").await;
+    assert_eq!(sim.get("/api/machines", &other).await.status, 200);
+    sim.advance(60.0).await;
+    assert_eq!(sim.get("/api/machines", &tf).await.status, 200);
+}
+
+#[tokio::test]
+async fn foreign_load_spends_only_its_tenants_quota() {
+    let (sim, _f) = three_tenants(&["--quota-per-minute", "2"]);
+    let (tc, tf, tn) = tenant_tokens(&sim).await;
+    // Northwind's seed load takes its whole actions-list budget at each minute's start.
+    assert_error(
+        &sim.get("/api/machineactions", &tn).await,
+        429,
+        "TooManyRequests",
+    );
+    assert_eq!(sim.get("/api/machineactions", &tc).await.status, 200);
+    assert_eq!(sim.get("/api/machineactions", &tf).await.status, 200);
+
+    // Fabrikam flooded at run time; the others keep their figures.
+    let set_load = sim
+        .admin_post_in(
+            FABRIKAM,
+            "foreign-load",
+            json!({"load": [{"api": "machines-list", "perMinute": 2, "pattern": "burst"}]}),
+        )
+        .await;
+    assert_eq!(set_load["load"][0]["api"], "machines-list");
+    assert_error(&sim.get("/api/machines", &tf).await, 429, "TooManyRequests");
+    assert_eq!(sim.get("/api/machines", &tc).await.status, 200);
+    assert_eq!(sim.get("/api/machines", &tn).await.status, 200);
+    assert_eq!(sim.admin_get("foreign-load").await["load"], json!([]));
+    assert_eq!(
+        sim.admin_get_in(NORTHWIND, "foreign-load").await["load"][0]["api"],
+        "machineactions-list"
+    );
+    let admitted = |stats: Value, api: &str| foreign(&stats, api);
+    // Both of fabrikam's apps get the load (2 admitted each).
+    assert_eq!(
+        admitted(sim.admin_stats_in(FABRIKAM).await, "machines-list"),
+        (4, 0)
+    );
+    assert_eq!(
+        admitted(sim.admin_stats_in(NORTHWIND).await, "machineactions-list"),
+        (2, 0)
+    );
+    assert_eq!(admitted(sim.admin_stats().await, "machines-list"), (0, 0));
+    // An app of another tenant cannot be the target of a tenant's load.
+    let r = sim
+        .send(
+            "POST",
+            &format!("/sim/foreign-load?tenant={FABRIKAM}"),
+            None,
+            Some(json!({"load": [{"api": "isolate", "perMinute": 1, "app": "northwind-op"}]})),
+        )
+        .await;
+    assert_error(&r, 400, "InvalidInput");
+}
+
+#[tokio::test]
+async fn every_call_record_names_the_tenant_of_its_token() {
+    let (sim, _f) = three_tenants(&["--token-lifetime", "60"]);
+    let (tc, tf, tn) = tenant_tokens(&sim).await;
+    let first = sim.admin_calls_in("*").await.last().unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(sim.get("/api/machines", &tc).await.status, 200);
+    assert_eq!(sim.get("/api/machines", &tf).await.status, 200);
+    // Fabrikam's token on a default-tenant machine: a call of fabrikam, 404.
+    assert_eq!(
+        sim.get(&format!("/api/machines/{T_CONTOSO}"), &tf)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(isolate(&sim, &tn, T_NORTHWIND).await.status, 201);
+    // Calls no token attributes go to the default tenant's log, with tenant null.
+    assert_eq!(sim.get("/api/machines", "made-up").await.status, 401);
+    assert_eq!(sim.send("GET", "/nowhere", None, None).await.status, 404);
+    sim.advance(60.0).await;
+    // An expired token is still recognised: its tenant's 401.
+    assert_eq!(sim.get("/api/machines", &tf).await.status, 401);
+
+    let view = |calls: Vec<Value>| -> Vec<(Value, Value, String, u64)> {
+        calls
+            .into_iter()
+            .filter(|c| c["seq"].as_u64().unwrap() > first)
+            .map(|c| {
+                (
+                    c["tenant"].clone(),
+                    c["app"].clone(),
+                    c["path"].as_str().unwrap().to_string(),
+                    c["status"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        view(sim.admin_calls_in(FABRIKAM).await),
+        [
+            (
+                json!(FABRIKAM),
+                json!("operator"),
+                "/api/machines".into(),
+                200
+            ),
+            (
+                json!(FABRIKAM),
+                json!("operator"),
+                format!("/api/machines/{T_CONTOSO}"),
+                404
+            ),
+            (
+                json!(FABRIKAM),
+                json!("operator"),
+                "/api/machines".into(),
+                401
+            ),
+        ]
+    );
+    assert_eq!(
+        view(sim.admin_calls_in(NORTHWIND).await),
+        [(
+            json!(NORTHWIND.to_uppercase()),
+            json!("northwind-op"),
+            format!("/api/machines/{T_NORTHWIND}/isolate"),
+            201
+        )]
+    );
+    assert_eq!(
+        view(sim.admin_calls().await),
+        [
+            (
+                json!(CONTOSO),
+                json!("operator"),
+                "/api/machines".into(),
+                200
+            ),
+            (Value::Null, Value::Null, "/api/machines".into(), 401),
+            (Value::Null, Value::Null, "/nowhere".into(), 404),
+        ]
+    );
+    // `*`: every tenant's calls in arrival order, one sequence.
+    let all = sim.admin_calls_in("*").await;
+    let seqs: Vec<u64> = all.iter().map(|c| c["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(
+        view(all).iter().map(|c| c.2.clone()).collect::<Vec<_>>(),
+        [
+            "/api/machines".to_string(),
+            "/api/machines".into(),
+            format!("/api/machines/{T_CONTOSO}"),
+            format!("/api/machines/{T_NORTHWIND}/isolate"),
+            "/api/machines".into(),
+            "/nowhere".into(),
+            "/api/machines".into(),
+        ]
+    );
+    // `since` and `api` combine with `tenant`.
+    let since = sim
+        .admin_get_in(FABRIKAM, &format!("calls?since={}&api=machines-get", first))
+        .await;
+    assert_eq!(since["calls"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn tenants_are_created_replaced_reset_and_deleted_at_run_time() {
+    let sim = frozen(&["--machines", "1"]);
+    const TAILSPIN: &str = "tailspin.example";
+    let tenant = json!({
+        "tenantId": TAILSPIN,
+        "apps": [{"clientId": "tailspin-op", "clientSecret": "t",
+                  "roles": ["Machine.Isolate", "Machine.Read.All"]}],
+        "generate": {"count": 300, "offlineRatio": 0.1},
+    });
+    let r = sim
+        .send("POST", "/sim/tenants", None, Some(tenant.clone()))
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["tenantId"], TAILSPIN);
+    assert_eq!(r.body["machines"], 300);
+    assert_eq!(r.body["apps"][0]["clientId"], "tailspin-op");
+    assert!(r.body["apps"][0].get("clientSecret").is_none());
+    let list = sim.admin_get("tenants").await["tenants"].clone();
+    assert_eq!(list[0]["tenantId"], Value::Null, "the default tenant first");
+    assert_eq!(list[0]["apps"][0]["clientId"], CLIENT_ID);
+    assert_eq!(list[1]["tenantId"], TAILSPIN);
+    assert_eq!(
+        sim.admin_get(&format!("tenants/{TAILSPIN}")).await["machines"],
+        300
+    );
+
+    let tok = sim.token_in(TAILSPIN, "tailspin-op", "t").await;
+    let machines = sim.machine_ids_in(TAILSPIN).await;
+    assert_eq!(machines.len(), 300);
+    let r = sim.get("/api/machines?$count=true", &tok).await;
+    assert_eq!(r.body["@odata.count"], 300);
+    let truth = sim.admin_get_in(TAILSPIN, "machines").await;
+    let offline = truth["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["behaviour"] == "offline")
+        .count();
+    assert!((10..60).contains(&offline), "{offline} offline of 300");
+    action_id(&isolate(&sim, &tok, &machines[0]).await);
+    let default_tok = sim.token().await;
+    let default_machine = sim.machine_ids().await[0].clone();
+    action_id(&isolate(&sim, &default_tok, &default_machine).await);
+
+    // Machines added at run time get the tenant's generated names.
+    let added = sim
+        .admin_post_in(TAILSPIN, "machines", json!({"count": 1}))
+        .await;
+    assert_eq!(
+        added["added"][0]["computerDnsName"],
+        "host-0301.contoso.local"
+    );
+
+    // Resetting one tenant leaves the others alone; its tokens are revoked.
+    sim.admin_post_in(TAILSPIN, "reset", json!({})).await;
+    assert_eq!(
+        sim.admin_get_in(TAILSPIN, "actions").await["value"],
+        json!([])
+    );
+    assert_eq!(sim.machine_ids_in(TAILSPIN).await, machines);
+    assert_eq!(sim.admin_calls_in(TAILSPIN).await, Vec::<Value>::new());
+    assert_error(&sim.get("/api/machines", &tok).await, 401, "Unauthorized");
+    assert_eq!(
+        sim.admin_get("actions").await["value"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // A full reset keeps the tenant, as created.
+    let tok = sim.token_in(TAILSPIN, "tailspin-op", "t").await;
+    action_id(&isolate(&sim, &tok, &machines[1]).await);
+    sim.admin_post("reset", json!({})).await;
+    assert_eq!(sim.machine_ids_in(TAILSPIN).await, machines);
+    assert_eq!(
+        sim.admin_get_in(TAILSPIN, "actions").await["value"],
+        json!([])
+    );
+    assert_eq!(sim.admin_get("actions").await["value"], json!([]));
+
+    // Replacing starts it fresh: new apps, machines, and earlier tokens revoked.
+    let tok = sim.token_in(TAILSPIN, "tailspin-op", "t").await;
+    let replaced = json!({
+        "tenantId": "TAILSPIN.example",
+        "apps": [{"clientId": "tailspin-op", "clientSecret": "rotated", "roles": ["Machine.Read.All"]}],
+        "machines": [{"computerDnsName": "only.tailspin.example"}],
+    });
+    let r = sim.send("POST", "/sim/tenants", None, Some(replaced)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["machines"], 1);
+    assert_error(&sim.get("/api/machines", &tok).await, 401, "Unauthorized");
+    let r = sim
+        .token_request(
+            &common::sim::token_path(TAILSPIN),
+            &token_form("tailspin-op", "t"),
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    let tok = sim.token_in(TAILSPIN, "tailspin-op", "rotated").await;
+    assert_eq!(
+        sim.ground_truth_in(TAILSPIN, "only.tailspin.example").await["computerDnsName"],
+        "only.tailspin.example"
+    );
+
+    // Deleted: its URL is the default tenant's again, its tokens are revoked.
+    let r = sim
+        .send("DELETE", &format!("/sim/tenants/{TAILSPIN}"), None, None)
+        .await;
+    assert_eq!(
+        (r.status, r.body["deleted"].clone()),
+        (200, json!(TAILSPIN))
+    );
+    assert_error(&sim.get("/api/machines", &tok).await, 401, "Unauthorized");
+    let r = sim
+        .token_request(
+            &common::sim::token_path(TAILSPIN),
+            &token_form("tailspin-op", "rotated"),
+        )
+        .await;
+    assert_eq!(r.body["error_codes"], json!([700016]));
+    let r = sim
+        .send(
+            "GET",
+            &format!("/sim/machines?tenant={TAILSPIN}"),
+            None,
+            None,
+        )
+        .await;
+    assert_error(&r, 404, "ResourceNotFound");
+    let r = sim
+        .send("DELETE", &format!("/sim/tenants/{TAILSPIN}"), None, None)
+        .await;
+    assert_error(&r, 404, "ResourceNotFound");
+
+    // Bad tenants are refused with the reason.
+    for (body, says) in [
+        (
+            json!({"tenantId": "x.example", "apps": []}),
+            "needs at least one app",
+        ),
+        (json!({"tenantId": "x.example"}), "missing field `apps`"),
+        (
+            json!({"tenantId": "x/y", "apps": [{"clientId": "a"}]}),
+            "is not a GUID or domain name",
+        ),
+        (
+            json!({"tenantId": "x.example", "apps": [{"clientId": "a"}], "count": 3}),
+            "unknown field `count`",
+        ),
+        (
+            json!({"tenantId": "x.example", "apps": [{"clientId": "a"}], "generate": {"count": 100001}}),
+            "generate.count must be 0..=100000",
+        ),
+    ] {
+        let r = sim
+            .send("POST", "/sim/tenants", None, Some(body.clone()))
+            .await;
+        assert_error(&r, 400, "InvalidInput");
+        assert!(message(&r).contains(says), "{body}: {}", message(&r));
+    }
+    assert_eq!(
+        sim.admin_get("tenants").await["tenants"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}

@@ -1,11 +1,13 @@
 //! The admin API under `/sim/` (no auth): ground truth, call log, statistics, clock, settings,
-//! faults, reset, and actions by "people" (portal isolation, manual cancel). Shapes are
-//! documented in docs/mde-sim.md.
+//! faults, tenants, reset, and actions by "people" (portal isolation, manual cancel). What
+//! belongs to a tenant is addressed with `?tenant=<id>` (the default tenant without it). Shapes
+//! are documented in docs/mde-sim.md.
 
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{Method, Response, StatusCode};
 use axum::response::IntoResponse;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
@@ -16,8 +18,10 @@ use crate::clock::fmt7;
 use crate::errors::{ApiError, PLAIN_JSON, json_response};
 use crate::foreign::{self, LoadEntry};
 use crate::lifecycle::{ActionType, IsolationType};
-use crate::state::SimState;
-use crate::tenant::{Behaviour, PORTAL_SOURCE, SeedMachine, generate_machines, machine_from_seed};
+use crate::state::{Settings, SimState, Tenant, TenantKey};
+use crate::tenant::{
+    Behaviour, PORTAL_SOURCE, SeedMachine, SeedTenant, generate_machines, machine_from_seed,
+};
 
 type AdminResult = Result<(StatusCode, Value), ApiError>;
 
@@ -89,6 +93,26 @@ fn query_param(query: &str, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// The tenant an admin request addresses: `?tenant=<id>` (a named tenant; 404 when there is
+/// none), or the default tenant without it.
+fn tenant_key(st: &SimState, query: &str) -> Result<TenantKey, ApiError> {
+    match query_param(query, "tenant") {
+        None => Ok(TenantKey::Default),
+        Some(id) => {
+            let key = TenantKey::named(&id);
+            if st.tenants.contains_key(&key) {
+                Ok(key)
+            } else {
+                Err(no_tenant(&id))
+            }
+        }
+    }
+}
+
+fn no_tenant(id: &str) -> ApiError {
+    not_found(format!("no tenant {id}"))
+}
+
 fn route(
     st: &mut SimState,
     method: &Method,
@@ -115,8 +139,7 @@ fn route(
         ["settings"] if get => settings(st),
         ["settings"] if post => {
             // Foreign calls until now were made under the settings in force until now.
-            let now = st.clock.now();
-            st.play_foreign(now);
+            st.play_all_foreign();
             let mut patch = object(body)?;
             let scale = patch.remove("timeScale");
             let new = merge(&st.settings, patch)?;
@@ -138,10 +161,30 @@ fn route(
             st.faults.settings = new;
             ok(&st.faults.settings)
         }
-        ["foreign-load"] if get => ok(st.foreign.describe()),
-        ["foreign-load"] if post => set_foreign_load(st, object(body)?),
+        ["tenants"] if get => {
+            let list: Vec<Value> = st.tenants.values().map(Tenant::describe).collect();
+            ok(json!({"tenants": list}))
+        }
+        ["tenants"] if post => put_tenant(st, body),
+        ["tenants", id] if get => st
+            .tenants
+            .get(&TenantKey::named(id))
+            .map(|t| (StatusCode::OK, t.describe()))
+            .ok_or_else(|| no_tenant(id)),
+        ["tenants", id] if *method == Method::DELETE => {
+            if st.remove_tenant(&TenantKey::named(id)) {
+                ok(json!({"deleted": id}))
+            } else {
+                Err(no_tenant(id))
+            }
+        }
         ["reset"] if post => {
-            st.reset();
+            if query_param(query, "tenant").is_some() {
+                let key = tenant_key(st, query)?;
+                st.reset_tenant(&key);
+            } else {
+                st.reset();
+            }
             time(st)
         }
         ["calls"] if get => {
@@ -149,35 +192,66 @@ fn route(
             let since: u64 = query_param(query, "since")
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0);
-            let calls: Vec<_> = st
-                .calls
-                .iter()
+            let logs: Vec<&Tenant> = if query_param(query, "tenant").as_deref() == Some("*") {
+                st.tenants.values().collect()
+            } else {
+                vec![&st.tenants[&tenant_key(st, query)?]]
+            };
+            let mut calls: Vec<_> = logs
+                .into_iter()
+                .flat_map(|t| &t.calls)
                 .filter(|c| c.seq > since && api.as_deref().is_none_or(|a| c.api.as_str() == a))
                 .collect();
+            calls.sort_by_key(|c| c.seq);
             ok(json!({"calls": calls}))
         }
-        ["stats"] if get => {
+        _ => {
+            let key = tenant_key(st, query)?;
             let now = st.clock.now();
-            st.play_foreign(now);
-            let mut apis = stats(&st.calls);
+            let t = st
+                .tenants
+                .get_mut(&key)
+                .ok_or_else(|| not_found("tenant vanished"))?;
+            in_tenant(t, &st.settings, now, method, rest, query, body)
+        }
+    }
+}
+
+/// The admin endpoints on one tenant's state.
+fn in_tenant(
+    t: &mut Tenant,
+    settings: &Settings,
+    now: DateTime<Utc>,
+    method: &Method,
+    rest: &[&str],
+    query: &str,
+    body: &[u8],
+) -> AdminResult {
+    let get = *method == Method::GET;
+    let post = *method == Method::POST;
+    match rest {
+        ["foreign-load"] if get => ok(t.foreign.describe()),
+        ["foreign-load"] if post => set_foreign_load(t, settings, now, object(body)?),
+        ["stats"] if get => {
+            t.play_foreign(now, settings.limits());
+            let mut apis = stats(&t.calls);
             for a in ApiName::ALL {
                 apis.entry(a.as_str()).or_default();
             }
-            let s = &st.settings;
+            let s = settings;
             ok(json!({
                 "now": fmt7(now),
-                "totalCalls": st.calls.len(),
+                "totalCalls": t.calls.len(),
                 "limits": {"perMinute": s.quota_per_minute, "perHour": s.quota_per_hour, "key": s.quota_key},
                 "apis": apis,
-                "foreign": st.foreign.report(),
+                "foreign": t.foreign.report(),
             }))
         }
         ["machines"] if get => {
-            let now = st.clock.now();
-            let list: Vec<Value> = st
+            let list: Vec<Value> = t
                 .machines()
                 .iter()
-                .filter_map(|m| st.ground_truth(&m.id, now))
+                .filter_map(|m| t.ground_truth(&m.id, now))
                 .map(|mut g| {
                     g.actions.clear();
                     let mut v = json!(g);
@@ -189,17 +263,16 @@ fn route(
                 .collect();
             ok(json!({"machines": list}))
         }
-        ["machines"] if post => add_machines(st, object(body)?),
+        ["machines"] if post => add_machines(t, now, object(body)?),
         ["machines", id] if get => {
-            let now = st.clock.now();
-            let m = st
+            let m = t
                 .find_machine(id)
                 .ok_or_else(|| not_found(format!("no machine {id}")))?;
             let id = m.id.clone();
-            ok(st.ground_truth(&id, now))
+            ok(t.ground_truth(&id, now))
         }
         ["machines", id] if *method == Method::PATCH || post => {
-            patch_machine(st, id, object(body)?)
+            patch_machine(t, settings, now, id, object(body)?)
         }
         [
             "machines",
@@ -211,12 +284,11 @@ fn route(
             } else {
                 ActionType::Unisolate
             };
-            external_action(st, id, kind, object(body)?)
+            external_action(t, settings, now, id, kind, object(body)?)
         }
         ["actions"] if get => {
-            let now = st.clock.now();
             let machine = query_param(query, "machineId");
-            let mut list: Vec<&crate::lifecycle::Action> = st
+            let mut list: Vec<&crate::lifecycle::Action> = t
                 .actions()
                 .iter()
                 .filter(|a| machine.as_deref().is_none_or(|m| a.machine_id == m))
@@ -226,8 +298,7 @@ fn route(
             ok(json!({"value": list}))
         }
         ["actions", id] if get => {
-            let now = st.clock.now();
-            let a = st
+            let a = t
                 .action(id)
                 .ok_or_else(|| not_found(format!("no action {id}")))?;
             let mut v = json!(a.view(now));
@@ -244,8 +315,7 @@ fn route(
                 str_field(&b, "requestor")?.unwrap_or_else(|| "soc-analyst@contoso.com".into());
             let comment =
                 str_field(&b, "comment")?.unwrap_or_else(|| "Cancelled in the portal".into());
-            let now = st.clock.now();
-            match st.cancel(id, requestor, comment, now) {
+            match t.cancel(id, requestor, comment, now) {
                 Ok(a) => ok(a.view(now)),
                 Err(None) => Err(not_found(format!("no action {id}"))),
                 Err(Some(s)) => Err(ApiError::bad_request(
@@ -260,6 +330,22 @@ fn route(
             format!("no admin endpoint {method} /sim/{}", rest.join("/")),
         )),
     }
+}
+
+/// A named tenant (the seed file's shape of a `tenants` entry) created, or replaced fresh: 201
+/// when new, 200 when it replaced one (whose tokens are revoked).
+fn put_tenant(st: &mut SimState, body: &[u8]) -> AdminResult {
+    let seed: SeedTenant = parse(Value::Object(object(body)?))?;
+    let now = st.clock.now();
+    let tenant =
+        Tenant::from_seed(seed, std::path::Path::new("."), st.rng_seed(), now).map_err(bad)?;
+    let v = tenant.describe();
+    let status = if st.put_tenant(tenant) {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, v))
 }
 
 fn str_field(b: &Map<String, Value>, k: &str) -> Result<Option<String>, ApiError> {
@@ -286,7 +372,12 @@ fn settings(st: &SimState) -> AdminResult {
 
 /// `{"load": [{"api", "perMinute", "pattern", "app"}, ...]}` replaces the foreign load from now
 /// on (an empty list stops it); the calls due until now are played under the old one.
-fn set_foreign_load(st: &mut SimState, mut b: Map<String, Value>) -> AdminResult {
+fn set_foreign_load(
+    t: &mut Tenant,
+    settings: &Settings,
+    now: DateTime<Utc>,
+    mut b: Map<String, Value>,
+) -> AdminResult {
     let load = b
         .remove("load")
         .ok_or_else(|| bad("need {\"load\": [...]}"))?;
@@ -294,16 +385,14 @@ fn set_foreign_load(st: &mut SimState, mut b: Map<String, Value>) -> AdminResult
         return Err(bad(format!("unknown field {k:?}")));
     }
     let entries: Vec<LoadEntry> = parse(load)?;
-    foreign::validate(&entries, &st.apps).map_err(bad)?;
-    let now = st.clock.now();
-    st.play_foreign(now);
-    st.foreign.set(entries, now);
-    ok(st.foreign.describe())
+    foreign::validate(&entries, &t.apps).map_err(bad)?;
+    t.play_foreign(now, settings.limits());
+    t.foreign.set(entries, now);
+    ok(t.foreign.describe())
 }
 
 /// `{"machines": [seed machines]}` and/or `{"count": N, "behaviour": "..."}`.
-fn add_machines(st: &mut SimState, b: Map<String, Value>) -> AdminResult {
-    let now = st.clock.now();
+fn add_machines(st: &mut Tenant, now: DateTime<Utc>, b: Map<String, Value>) -> AdminResult {
     let mut new = Vec::new();
     if let Some(list) = b.get("machines") {
         let seeds: Vec<SeedMachine> = parse(list.clone())?;
@@ -317,8 +406,15 @@ fn add_machines(st: &mut SimState, b: Map<String, Value>) -> AdminResult {
             .filter(|c| *c <= 100_000)
             .ok_or_else(|| bad("count must be 0..=100000"))? as usize;
         let behaviour: Behaviour = parse(b.get("behaviour").cloned().unwrap_or(json!("online")))?;
-        let mut generated =
-            generate_machines(&mut st.machine_rng, st.next_number, count, 0.0, 0.0, now);
+        let mut generated = generate_machines(
+            &mut st.machine_rng,
+            st.next_number,
+            count,
+            0.0,
+            0.0,
+            &st.domain,
+            now,
+        );
         st.next_number += count;
         for m in &mut generated {
             m.behaviour = behaviour;
@@ -344,8 +440,13 @@ fn add_machines(st: &mut SimState, b: Map<String, Value>) -> AdminResult {
 }
 
 /// Changes behaviour (re-planning Pending actions), health, tags, name or OS of a machine.
-fn patch_machine(st: &mut SimState, id: &str, b: Map<String, Value>) -> AdminResult {
-    let now = st.clock.now();
+fn patch_machine(
+    st: &mut Tenant,
+    settings: &Settings,
+    now: DateTime<Utc>,
+    id: &str,
+    b: Map<String, Value>,
+) -> AdminResult {
     let id = st
         .find_machine(id)
         .map(|m| m.id.clone())
@@ -354,7 +455,7 @@ fn patch_machine(st: &mut SimState, id: &str, b: Map<String, Value>) -> AdminRes
         match k.as_str() {
             "behaviour" | "behavior" => {
                 let beh: Behaviour = parse(v)?;
-                st.set_behaviour(&id, beh, now);
+                st.set_behaviour(&id, beh, now, settings.delays);
             }
             "healthStatus" | "computerDnsName" | "osPlatform" => {
                 let s: String = parse(v)?;
@@ -389,12 +490,13 @@ fn patch_machine(st: &mut SimState, id: &str, b: Map<String, Value>) -> AdminRes
 /// a UPN as requestor, bypassing quota and the duplicate check. `immediate: true` makes it
 /// Succeed at once (drift tests).
 fn external_action(
-    st: &mut SimState,
+    st: &mut Tenant,
+    settings: &Settings,
+    now: DateTime<Utc>,
     id: &str,
     kind: ActionType,
     b: Map<String, Value>,
 ) -> AdminResult {
-    let now = st.clock.now();
     let m = st
         .find_machine(id)
         .ok_or_else(|| not_found(format!("no machine {id}")))?;
@@ -429,7 +531,7 @@ fn external_action(
         return Err(bad(format!("unknown field {k:?}")));
     }
     let action_id = st
-        .create_action(&id, kind, iso, requestor, comment, source, now)
+        .create_action(settings, &id, kind, iso, requestor, comment, source, now)
         .map(|a| a.id.clone())
         .ok_or_else(|| not_found("machine vanished"))?;
     let a = st

@@ -9,13 +9,13 @@ use axum::http::{HeaderMap, Method, Response, StatusCode, header};
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
 
-use crate::auth::{self, Endpoint};
+use crate::auth::{self, Endpoint, TokenInfo};
 use crate::calls::{ApiName, CallRecord, sim_time_string};
 use crate::errors::{ApiError, PLAIN_JSON, json_response, odata_raw};
 use crate::faults::FaultKind;
 use crate::handlers::{self, Ctx, NoRoute};
 use crate::server::ConnAbort;
-use crate::state::SimState;
+use crate::state::{SimState, TenantKey};
 
 /// Largest request body read.
 const MAX_BODY: usize = 1 << 20;
@@ -48,33 +48,45 @@ impl Shared {
     }
 }
 
-/// Everything logged about a call besides the outcome.
+/// Everything logged about a call besides the outcome: the request, and whom it is
+/// attributed to once known (the tenant and app of its token, or the tenant of a token URL).
 struct CallInfo {
     method: String,
     path: String,
     query: Option<String>,
     api: ApiName,
+    /// Whose log it goes to: the default tenant's until attributed.
+    key: TenantKey,
+    /// The record's `tenant`, `app` and `credential` (see `CallRecord`).
+    tenant: Option<String>,
+    app: Option<String>,
+    credential: Option<String>,
 }
 
 impl CallInfo {
-    // One flat log record; grouping the outcome fields would only add ceremony at call sites.
-    #[allow(clippy::too_many_arguments)]
+    /// Attributes the call to the tenant and app of a recognised token.
+    fn by_token(&mut self, token: &TokenInfo) {
+        self.key = token.tenant.clone();
+        self.tenant = Some(token.tid.clone());
+        self.app = Some(token.client_id.clone());
+    }
+
     fn log(
         self,
         st: &mut SimState,
         at: DateTime<Utc>,
-        app: Option<String>,
         status: u16,
         counted: bool,
         fault: Option<FaultKind>,
         action_id: Option<String>,
     ) {
-        let seq = st.calls.len() as u64 + 1;
-        st.calls.push(CallRecord {
-            seq,
+        let record = CallRecord {
+            // Numbered by `log_call`.
+            seq: 0,
             sim_time: sim_time_string(at),
             real_time: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            app,
+            tenant: self.tenant,
+            app: self.app,
             method: self.method,
             path: self.path,
             query: self.query,
@@ -83,9 +95,10 @@ impl CallInfo {
             counted,
             fault: fault.map(FaultKind::as_str),
             action_id,
-            credential: None,
+            credential: self.credential,
             sim_at: at,
-        });
+        };
+        st.log_call(&self.key, record);
     }
 }
 
@@ -126,7 +139,7 @@ async fn route(shared: &Arc<Shared>, req: Request) -> Response<Body> {
             );
             let mut st = shared.lock();
             let now = st.clock.now();
-            call_info(&req, ApiName::Unknown).log(&mut st, now, None, 404, false, None, None);
+            call_info(&req, ApiName::Unknown).log(&mut st, now, 404, false, None, None);
             resp.into_response()
         }
     }
@@ -138,6 +151,10 @@ fn call_info(req: &Request, api: ApiName) -> CallInfo {
         path: req.uri().path().to_string(),
         query: req.uri().query().map(str::to_string),
         api,
+        key: TenantKey::Default,
+        tenant: None,
+        app: None,
+        credential: None,
     }
 }
 
@@ -180,7 +197,6 @@ async fn api_call(shared: &Shared, req: Request, segs: &[String]) -> Response<Bo
             call_info(&req, ApiName::Unknown).log(
                 &mut st,
                 now,
-                None,
                 err.status.as_u16(),
                 false,
                 None,
@@ -197,7 +213,7 @@ async fn api_call(shared: &Shared, req: Request, segs: &[String]) -> Response<Bo
         Err(e) => {
             let mut st = shared.lock();
             let now = st.clock.now();
-            info.log(&mut st, now, None, e.status.as_u16(), false, None, None);
+            info.log(&mut st, now, e.status.as_u16(), false, None, None);
             return e.into_response();
         }
     };
@@ -222,40 +238,25 @@ async fn finish(resp: Response<Body>, cut: bool, abort: Option<ConnAbort>) -> Re
 fn process_api(
     shared: &Shared,
     route: &handlers::Route,
-    info: CallInfo,
+    mut info: CallInfo,
     parts: &axum::http::request::Parts,
     body: &[u8],
     base: &str,
 ) -> (Response<Body>, bool) {
-    let api = route.api();
-    let mut st = shared.lock();
+    let mut guard = shared.lock();
+    let st = &mut *guard;
     let now = st.clock.now();
-    let token = match auth::authorize(&st, &parts.headers, now, route.need()) {
+    let token = match auth::authorize(st, &parts.headers, now, route.need()) {
         Ok(t) => t,
-        Err((e, app)) => {
-            info.log(&mut st, now, app, e.status.as_u16(), false, None, None);
+        Err((e, known)) => {
+            if let Some(t) = known {
+                info.by_token(t);
+            }
+            info.log(st, now, e.status.as_u16(), false, None, None);
             return (e.into_response(), false);
         }
     };
-    let app = Some(token.client_id.clone());
-    st.play_foreign(now);
-    let limits = st.settings.limits();
-    if let Err(throttle) = st.quota.check(&token.client_id, api, now, limits) {
-        let e = throttle.error(st.settings.retry_after);
-        info.log(&mut st, now, app, 429, false, None, None);
-        return (e.into_response(), false);
-    }
-    let fault = st.faults.draw(api);
-    if fault == Some(FaultKind::Drop) {
-        // Nothing applied, no quota used.
-        info.log(&mut st, now, app, 0, false, fault, None);
-        return (ApiError::internal().into_response(), true);
-    }
-    st.quota.consume(&token.client_id, api, now);
-    if fault == Some(FaultKind::ServerError) {
-        info.log(&mut st, now, app, 500, true, fault, None);
-        return (ApiError::internal().into_response(), false);
-    }
+    info.by_token(&token);
     let ctx = Ctx {
         now,
         token: &token,
@@ -264,12 +265,78 @@ fn process_api(
         query: parts.uri.query(),
         body,
     };
-    let (resp, status, action_id) = match handlers::handle(&mut st, route, &ctx) {
-        Ok(o) => (odata_raw(o.status, o.body), o.status, o.action_id),
-        Err(e) => (e.clone().into_response(), e.status, None),
+    let served = serve_api(st, route, &ctx);
+    info.log(
+        st,
+        now,
+        served.status,
+        served.counted,
+        served.fault,
+        served.action_id,
+    );
+    let cut = matches!(
+        served.fault,
+        Some(FaultKind::Drop | FaultKind::LostResponse)
+    );
+    (served.response, cut)
+}
+
+/// What an authorized API call got, and what its log record says about it.
+struct Served {
+    response: Response<Body>,
+    status: u16,
+    counted: bool,
+    fault: Option<FaultKind>,
+    action_id: Option<String>,
+}
+
+impl Served {
+    fn error(e: ApiError, counted: bool, fault: Option<FaultKind>) -> Self {
+        Served {
+            status: e.status.as_u16(),
+            response: e.into_response(),
+            counted,
+            fault,
+            action_id: None,
+        }
+    }
+}
+
+/// Quota, faults and the endpoint for an authorized call, in the tenant of its token.
+fn serve_api(st: &mut SimState, route: &handlers::Route, ctx: &Ctx<'_>) -> Served {
+    let api = route.api();
+    let (now, app) = (ctx.now, ctx.token.client_id.as_str());
+    let limits = st.settings.limits();
+    let Some(tenant) = st.tenants.get_mut(&ctx.token.tenant) else {
+        // Tokens of a removed tenant are revoked with it; this is only a safety net.
+        let e = ApiError::unauthorized("The access token is invalid.");
+        return Served::error(e, false, None);
     };
-    info.log(&mut st, now, app, status.as_u16(), true, fault, action_id);
-    (resp, fault == Some(FaultKind::LostResponse))
+    tenant.play_foreign(now, limits);
+    if let Err(throttle) = tenant.quota.check(app, api, now, limits) {
+        return Served::error(throttle.error(st.settings.retry_after), false, None);
+    }
+    let fault = st.faults.draw(api);
+    if fault == Some(FaultKind::Drop) {
+        // Nothing applied, no quota used; the connection is cut, so the response is not sent.
+        let mut served = Served::error(ApiError::internal(), false, fault);
+        served.status = 0;
+        return served;
+    }
+    tenant.quota.consume(app, api, now);
+    if fault == Some(FaultKind::ServerError) {
+        return Served::error(ApiError::internal(), true, fault);
+    }
+    match handlers::handle(tenant, &st.settings, route, ctx) {
+        Ok(o) => Served {
+            response: odata_raw(o.status, o.body),
+            status: o.status.as_u16(),
+            counted: true,
+            fault,
+            action_id: o.action_id,
+        },
+        Err(e) => Served::error(e, true, fault),
+    }
 }
 
 async fn token_call(
@@ -288,7 +355,7 @@ async fn token_call(
         );
         let mut st = shared.lock();
         let now = st.clock.now();
-        info.log(&mut st, now, None, 405, false, None, None);
+        info.log(&mut st, now, 405, false, None, None);
         return e.into_response();
     }
     let query = req.uri().query().map(str::to_string);
@@ -315,7 +382,7 @@ async fn token_call(
 
 fn process_token(
     shared: &Shared,
-    info: CallInfo,
+    mut info: CallInfo,
     tenant: &str,
     form: &[(String, String)],
     endpoint: Endpoint,
@@ -323,34 +390,43 @@ fn process_token(
 ) -> (Response<Body>, bool) {
     let mut st = shared.lock();
     let now = st.clock.now();
+    // A token request belongs to the tenant of its URL.
+    info.key = st.resolve(tenant);
+    info.tenant = Some(
+        st.tenants
+            .get(&info.key)
+            .map_or_else(|| tenant.to_string(), |t| t.tid(tenant)),
+    );
     let fault = st.faults.draw(ApiName::Token);
     match fault {
         Some(FaultKind::Drop) => {
-            info.log(&mut st, now, None, 0, false, fault, None);
+            info.log(&mut st, now, 0, false, fault, None);
             return (ApiError::internal().into_response(), true);
         }
         Some(FaultKind::ServerError) => {
-            info.log(&mut st, now, None, 500, false, fault, None);
+            info.log(&mut st, now, 500, false, fault, None);
             return (ApiError::internal().into_response(), false);
         }
         _ => {}
     }
-    let issued = auth::issue(&mut st, tenant, form, endpoint, token_url, now, Utc::now());
+    let key = info.key.clone();
+    let issued = auth::issue(
+        &mut st,
+        tenant,
+        &key,
+        form,
+        endpoint,
+        token_url,
+        now,
+        Utc::now(),
+    );
     let resp = match issued.result {
         Ok(v) => json_response(StatusCode::OK, &v, PLAIN_JSON),
         Err(e) => e.into_response(),
     };
-    info.log(
-        &mut st,
-        now,
-        issued.client_id,
-        resp.status().as_u16(),
-        false,
-        fault,
-        None,
-    );
-    if let Some(record) = st.calls.last_mut() {
-        record.credential = issued.credential;
-    }
+    info.app = issued.client_id;
+    info.credential = issued.credential;
+    let status = resp.status().as_u16();
+    info.log(&mut st, now, status, false, fault, None);
     (resp, fault == Some(FaultKind::LostResponse))
 }

@@ -1,17 +1,19 @@
 //! Entra ID client-credentials token issuance (v1 and v2 endpoints) with a client secret, a
 //! certificate assertion or a federated token (workload identity), and bearer-token checks on
 //! the API: 401 for a missing, unknown or expired token, 403 for a wrong audience or a missing
-//! role.
+//! role. The token URL's tenant id selects the tenant whose apps may sign in; the token then
+//! belongs to that tenant.
 
 use axum::http::HeaderMap;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use rand::Rng;
-use rand::distr::Alphanumeric;
 use serde_json::{Value, json};
 
 use crate::clock::add_seconds;
 use crate::errors::{AadError, ApiError};
-use crate::state::SimState;
+use crate::state::{SimState, TenantKey};
 use crate::tenant::App;
 
 /// Clock skew tolerated on assertion times (`nbf`, `exp`), as Entra ID's validation does.
@@ -20,6 +22,11 @@ const CLOCK_SKEW_SECS: i64 = 300;
 /// An issued access token.
 #[derive(Debug, Clone)]
 pub struct TokenInfo {
+    /// The tenant it was issued in: API calls with it see and change only that tenant.
+    pub tenant: TenantKey,
+    /// Its `tid` claim: the tenant's id (for the default tenant, the id the token was asked
+    /// for at).
+    pub tid: String,
     /// The app it was issued to.
     pub client_id: String,
     /// The app's display name (the `requestor` of its actions).
@@ -67,12 +74,15 @@ pub struct Issued {
     pub result: Result<Value, AadError>,
 }
 
-/// Handles a token request; `form` is the decoded form body and `token_url` the URL the client
-/// posted to (the audience certificate assertions must name). Assertion times are checked
-/// against `real_now`: clients sign with the real clock, not the simulated one.
+/// Handles a token request at the token URL of tenant id `tenant` (which selects the tenant:
+/// only its apps can sign in); `form` is the decoded form body and `token_url` the URL the
+/// client posted to (the audience certificate assertions must name). Assertion times are
+/// checked against `real_now`: clients sign with the real clock, not the simulated one.
+#[allow(clippy::too_many_arguments)]
 pub fn issue(
     st: &mut SimState,
     tenant: &str,
+    key: &TenantKey,
     form: &[(String, String)],
     endpoint: Endpoint,
     token_url: &str,
@@ -112,7 +122,9 @@ pub fn issue(
                 .ok_or_else(|| AadError::missing("resource"))?
                 .to_string(),
         };
-        let app = st.apps.iter().find(|a| a.client_id == client_id).cloned().ok_or_else(|| {
+        let directory = st.tenants.get(key);
+        let tid = directory.map_or_else(|| tenant.to_string(), |d| d.tid(tenant));
+        let app = directory.and_then(|d| d.apps.iter().find(|a| a.client_id == client_id)).cloned().ok_or_else(|| {
             AadError::bad_request(
                 "unauthorized_client",
                 700016,
@@ -149,21 +161,17 @@ pub fn issue(
             ));
         }
         let lifetime = st.settings.token_lifetime;
-        let token: String = rand::rng()
-            .sample_iter(&Alphanumeric)
-            .take(96)
-            .map(char::from)
-            .collect();
-        st.tokens.insert(
-            token.clone(),
-            TokenInfo {
-                client_id: app.client_id.clone(),
-                display_name: app.display_name.clone(),
-                roles: app.roles.clone(),
-                audience: audience.clone(),
-                expires_at: add_seconds(now, lifetime as f64),
-            },
-        );
+        let info = TokenInfo {
+            tenant: key.clone(),
+            tid,
+            client_id: app.client_id.clone(),
+            display_name: app.display_name.clone(),
+            roles: app.roles.clone(),
+            audience: audience.clone(),
+            expires_at: add_seconds(now, lifetime as f64),
+        };
+        let token = access_token(&info, now);
+        st.tokens.insert(token.clone(), info);
         Ok(match endpoint {
             Endpoint::V2 => json!({
                 "token_type": "Bearer",
@@ -197,6 +205,35 @@ pub fn issue(
         credential,
         result,
     }
+}
+
+/// An access token shaped like Entra ID's: a JWT whose claims say the tenant (`tid`, `iss`),
+/// the app (`appid`), its roles, the audience and the (simulated) times. Its signature is random
+/// bytes: the simulator knows its tokens by value, and a client must treat a token for an API as
+/// opaque anyway.
+fn access_token(info: &TokenInfo, now: DateTime<Utc>) -> String {
+    let b64 = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
+    let header = json!({"typ": "JWT", "alg": "RS256", "kid": "mde-sim"});
+    let claims = json!({
+        "aud": info.audience,
+        "iss": format!("https://sts.windows.net/{}/", info.tid),
+        "iat": now.timestamp(),
+        "nbf": now.timestamp(),
+        "exp": info.expires_at.timestamp(),
+        "appid": info.client_id,
+        "appidacr": "1",
+        "idtyp": "app",
+        "roles": info.roles,
+        "tid": info.tid,
+        "ver": "1.0",
+    });
+    let signature: [u8; 64] = rand::rng().random();
+    format!(
+        "{}.{}.{}",
+        b64(&header),
+        b64(&claims),
+        URL_SAFE_NO_PAD.encode(signature)
+    )
 }
 
 /// A decoded JWT: header, claims, the signed part and the signature.
@@ -448,14 +485,14 @@ pub fn base64url_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Checks the bearer token of an API call. On failure also returns the client id when the
-/// token was recognised, for the call log.
-pub fn authorize(
-    st: &SimState,
+/// Checks the bearer token of an API call. On failure also returns the token when it was
+/// recognised, for the call log.
+pub fn authorize<'a>(
+    st: &'a SimState,
     headers: &HeaderMap,
     now: DateTime<Utc>,
     need: Need,
-) -> Result<TokenInfo, (ApiError, Option<String>)> {
+) -> Result<TokenInfo, (ApiError, Option<&'a TokenInfo>)> {
     let header = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -474,7 +511,7 @@ pub fn authorize(
     let Some(info) = st.tokens.get(token) else {
         return Err((ApiError::unauthorized("The access token is invalid."), None));
     };
-    let app = Some(info.client_id.clone());
+    let app = Some(info);
     if info.expires_at <= now {
         return Err((ApiError::unauthorized("The access token has expired."), app));
     }

@@ -89,6 +89,9 @@ pub struct CallRecord {
     pub sim_time: String,
     /// Real wall-clock time.
     pub real_time: String,
+    /// The tenant id of its token (`tid`), once the token was recognised; of token requests,
+    /// the tenant id of the URL (a named tenant's id as configured).
+    pub tenant: Option<String>,
     /// Client id, once the token was recognised.
     pub app: Option<String>,
     /// HTTP method.

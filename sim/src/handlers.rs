@@ -12,7 +12,7 @@ use crate::config::DuplicateMode;
 use crate::errors::ApiError;
 use crate::lifecycle::{Action, ActionType, IsolationType, Status};
 use crate::odata::{self, Entity, Kind, Query, Schema, Value as OValue};
-use crate::state::SimState;
+use crate::state::{Settings, Tenant};
 use crate::tenant::{Behaviour, DEVICE_VALUE, EXPOSURE_LEVEL, Machine, RISK_SCORE, os_version};
 
 /// A recognised API endpoint.
@@ -131,17 +131,18 @@ pub struct Outcome {
 /// The result of an endpoint.
 pub type ApiResult = Result<Outcome, ApiError>;
 
-/// Runs an endpoint.
-pub fn handle(st: &mut SimState, route: &Route, ctx: &Ctx<'_>) -> ApiResult {
+/// Runs an endpoint in the tenant of the caller's token: it sees and changes only that
+/// tenant's machines and actions (another tenant's are not found).
+pub fn handle(t: &mut Tenant, settings: &Settings, route: &Route, ctx: &Ctx<'_>) -> ApiResult {
     match route {
-        Route::MachinesList => machines_list(st, ctx),
-        Route::MachinesFindByTag => find_by_tag(st, ctx),
-        Route::MachinesGet(id) => machines_get(st, ctx, id),
-        Route::Isolate(id) => isolate(st, ctx, id, ActionType::Isolate),
-        Route::Unisolate(id) => isolate(st, ctx, id, ActionType::Unisolate),
-        Route::ActionsList => actions_list(st, ctx),
-        Route::ActionsGet(id) => actions_get(st, ctx, id),
-        Route::Cancel(id) => cancel(st, ctx, id),
+        Route::MachinesList => machines_list(t, settings, ctx),
+        Route::MachinesFindByTag => find_by_tag(t, ctx),
+        Route::MachinesGet(id) => machines_get(t, ctx, id),
+        Route::Isolate(id) => isolate(t, settings, ctx, id, ActionType::Isolate),
+        Route::Unisolate(id) => isolate(t, settings, ctx, id, ActionType::Unisolate),
+        Route::ActionsList => actions_list(t, settings, ctx),
+        Route::ActionsGet(id) => actions_get(t, ctx, id),
+        Route::Cancel(id) => cancel(t, ctx, id),
     }
 }
 
@@ -343,16 +344,14 @@ fn next_link(ctx: &Ctx<'_>, skip: usize, top: Option<usize>) -> String {
     format!("{}{}?{}", ctx.base, ctx.path, ser.finish())
 }
 
-fn machines_list(st: &mut SimState, ctx: &Ctx<'_>) -> ApiResult {
+fn machines_list(st: &Tenant, settings: &Settings, ctx: &Ctx<'_>) -> ApiResult {
     let q = odata::parse_query(ctx.query, &MACHINE_SCHEMA).map_err(ApiError::odata)?;
     if st.machines().is_empty() {
         return Err(ApiError::not_found("No machines found"));
     }
     let items: Vec<&Machine> = st.machines().iter().collect();
-    let body = list_body(items, &q, st.settings.page_size, ctx, "Machines", |m| {
-        m.view()
-    });
-    if body.value.is_empty() && st.settings.empty_filter_404 && q.filter.is_some() {
+    let body = list_body(items, &q, settings.page_size, ctx, "Machines", |m| m.view());
+    if body.value.is_empty() && settings.empty_filter_404 && q.filter.is_some() {
         return Err(ApiError::not_found("No machines found"));
     }
     ok(to_bytes(&body))
@@ -364,7 +363,7 @@ impl Entity for &Machine {
     }
 }
 
-fn find_by_tag(st: &mut SimState, ctx: &Ctx<'_>) -> ApiResult {
+fn find_by_tag(st: &Tenant, ctx: &Ctx<'_>) -> ApiResult {
     let tag = url::form_urlencoded::parse(ctx.query.unwrap_or("").as_bytes())
         .find(|(k, _)| k == "tag")
         .map(|(_, v)| v.into_owned())
@@ -384,7 +383,7 @@ fn find_by_tag(st: &mut SimState, ctx: &Ctx<'_>) -> ApiResult {
     }))
 }
 
-fn machines_get(st: &mut SimState, ctx: &Ctx<'_>, id: &str) -> ApiResult {
+fn machines_get(st: &Tenant, ctx: &Ctx<'_>, id: &str) -> ApiResult {
     let m = st
         .machine(id)
         .ok_or_else(|| ApiError::not_found(format!("Machine {id} was not found")))?;
@@ -427,7 +426,13 @@ fn comment(obj: &Map<String, Value>) -> Result<String, ApiError> {
     }
 }
 
-fn isolate(st: &mut SimState, ctx: &Ctx<'_>, id: &str, kind: ActionType) -> ApiResult {
+fn isolate(
+    st: &mut Tenant,
+    settings: &Settings,
+    ctx: &Ctx<'_>,
+    id: &str,
+    kind: ActionType,
+) -> ApiResult {
     let obj = body_object(ctx.body)?;
     let comment = comment(&obj)?;
     let isolation_type = match kind {
@@ -463,7 +468,7 @@ fn isolate(st: &mut SimState, ctx: &Ctx<'_>, id: &str, kind: ActionType) -> ApiR
                 "Action is already in progress",
             )
         };
-        match st.settings.duplicate_mode {
+        match settings.duplicate_mode {
             DuplicateMode::Reject => return Err(in_progress()),
             DuplicateMode::ReturnExisting => {
                 let same = open
@@ -482,6 +487,7 @@ fn isolate(st: &mut SimState, ctx: &Ctx<'_>, id: &str, kind: ActionType) -> ApiR
     let requestor = ctx.token.display_name.clone();
     let a = st
         .create_action(
+            settings,
             id,
             kind,
             isolation_type,
@@ -498,7 +504,7 @@ fn isolate(st: &mut SimState, ctx: &Ctx<'_>, id: &str, kind: ActionType) -> ApiR
     })
 }
 
-fn actions_list(st: &mut SimState, ctx: &Ctx<'_>) -> ApiResult {
+fn actions_list(st: &Tenant, settings: &Settings, ctx: &Ctx<'_>) -> ApiResult {
     let q = odata::parse_query(ctx.query, &ACTION_SCHEMA).map_err(ApiError::odata)?;
     let now = ctx.now;
     let mut items: Vec<ActionAt<'_>> = st
@@ -514,21 +520,21 @@ fn actions_list(st: &mut SimState, ctx: &Ctx<'_>) -> ApiResult {
     ok(to_bytes(&list_body(
         items,
         &q,
-        st.settings.page_size,
+        settings.page_size,
         ctx,
         "MachineActions",
         |a| a.action.view(now),
     )))
 }
 
-fn actions_get(st: &mut SimState, ctx: &Ctx<'_>, id: &str) -> ApiResult {
+fn actions_get(st: &Tenant, ctx: &Ctx<'_>, id: &str) -> ApiResult {
     let a = st
         .action(id)
         .ok_or_else(|| ApiError::not_found(format!("Machine action {id} was not found")))?;
     ok(entity(ctx, "MachineActions", a.view(ctx.now)))
 }
 
-fn cancel(st: &mut SimState, ctx: &Ctx<'_>, id: &str) -> ApiResult {
+fn cancel(st: &mut Tenant, ctx: &Ctx<'_>, id: &str) -> ApiResult {
     let obj = body_object(ctx.body)?;
     let comment = comment(&obj)?;
     match st.cancel(id, ctx.token.display_name.clone(), comment, ctx.now) {

@@ -36,7 +36,7 @@ use crate::clock::SimClock;
 use crate::config::Cli;
 use crate::faults::FaultSettings;
 use crate::lifecycle::Delays;
-use crate::state::{Settings, SimState};
+use crate::state::{Settings, SimState, Tenant, TenantKey};
 use crate::tenant::{App, SeedFile};
 
 fn build_state(cli: &Cli) -> Result<SimState, String> {
@@ -62,8 +62,14 @@ fn build_state(cli: &Cli) -> Result<SimState, String> {
         cli.machines,
         cli.offline_ratio,
         cli.failing_ratio,
+        tenant::DEFAULT_DOMAIN,
         now,
     ));
+    let base = cli
+        .seed
+        .as_deref()
+        .and_then(std::path::Path::parent)
+        .unwrap_or(std::path::Path::new("."));
     let apps: Vec<App> = if seed.apps.is_empty() {
         vec![App {
             client_id: cli.client_id.clone(),
@@ -76,11 +82,6 @@ fn build_state(cli: &Cli) -> Result<SimState, String> {
             federated: Vec::new(),
         }]
     } else {
-        let base = cli
-            .seed
-            .as_deref()
-            .and_then(std::path::Path::parent)
-            .unwrap_or(std::path::Path::new("."));
         seed.apps
             .into_iter()
             .map(|a| a.into_app(base))
@@ -112,16 +113,24 @@ fn build_state(cli: &Cli) -> Result<SimState, String> {
         apis: None,
         one_shot: Vec::new(),
     };
-    SimState::new(
-        clock,
-        settings,
-        faults,
-        cli.foreign_load.clone().unwrap_or_default().0,
+    let default = Tenant::new(
+        None,
         apps,
         machines,
+        cli.foreign_load.clone().unwrap_or_default().0,
         cli.machines + 1,
         cli.rng_seed,
-    )
+        now,
+    )?;
+    let mut state = SimState::new(clock, settings, faults, default, cli.rng_seed);
+    for t in seed.tenants {
+        let id = t.tenant_id.clone();
+        if state.resolve(&id) != TenantKey::Default {
+            return Err(format!("tenant {id} appears twice in the seed file"));
+        }
+        state.put_tenant(Tenant::from_seed(t, base, cli.rng_seed, now)?);
+    }
+    Ok(state)
 }
 
 #[tokio::main]
@@ -181,7 +190,8 @@ async fn main() -> ExitCode {
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(
         %addr,
-        machines = state.machines().len(),
+        machines = state.default_tenant().machines().len(),
+        tenants = state.tenants.len(),
         time_scale = cli.time_scale,
         duplicate_mode = ?cli.duplicate_mode,
         "mde-sim ready"
@@ -268,7 +278,11 @@ machines:
     }
 
     fn action_ids(st: &SimState) -> Vec<String> {
-        st.actions().iter().map(|a| a.id.clone()).collect()
+        st.default_tenant()
+            .actions()
+            .iter()
+            .map(|a| a.id.clone())
+            .collect()
     }
 
     #[test]
@@ -276,6 +290,7 @@ machines:
         let mut st = state(SEED, "7").unwrap();
         let now = st.clock.now();
         let views: Vec<serde_json::Value> = st
+            .default_tenant()
             .actions()
             .iter()
             .map(|a| serde_json::to_value(a.view(now)).unwrap())
@@ -298,6 +313,7 @@ machines:
         assert_eq!(b["creationDateTimeUtc"], "2026-12-05T08:00:00.0000000Z");
 
         let g = st
+            .default_tenant()
             .ground_truth("1e5bc9d7e413ddd7902c2932e418702b84d0cc07", now)
             .unwrap();
         assert!(g.isolated);
@@ -307,20 +323,24 @@ machines:
             Some("2026-12-01T10:00:00.0000000Z")
         );
         let g = st
+            .default_tenant()
             .ground_truth("4e5bc9d7e413ddd7902c2932e418702b84d0cc07", now)
             .unwrap();
         assert!(!g.isolated && g.actions.is_empty());
         // Not a call, so no quota.
-        assert!(st.calls.is_empty());
+        assert!(st.default_tenant().calls.is_empty());
         let one = crate::quota::Limits {
             per_minute: 1,
             per_hour: 1,
             key: crate::config::QuotaKey::App,
         };
-        let app = st.apps[0].client_id.clone();
+        let mut tenant = st.tenants.remove(&TenantKey::Default).unwrap();
+        let app = tenant.apps[0].client_id.clone();
         for api in crate::calls::ApiName::ALL {
-            assert!(st.quota.check(&app, api, now, one).is_ok(), "{api:?}");
+            assert!(tenant.quota.check(&app, api, now, one).is_ok(), "{api:?}");
         }
+
+        st.tenants.insert(TenantKey::Default, tenant);
 
         // Ids follow --rng-seed and come back after a reset.
         let ids = action_ids(&st);
@@ -335,8 +355,8 @@ machines:
         let st = state(SEED, "1").unwrap();
         let gid = |i: usize| {
             (
-                st.machines()[i].rbac_group_name.clone(),
-                st.machines()[i].rbac_group_id,
+                st.default_tenant().machines()[i].rbac_group_name.clone(),
+                st.default_tenant().machines()[i].rbac_group_id,
             )
         };
         assert_eq!(gid(0), ("Servers".into(), 1));
@@ -361,5 +381,120 @@ machines:
         .err()
         .unwrap();
         assert!(e.contains("unknown field `by`"), "{e}");
+    }
+
+    const TENANTS: &str = r#"
+tenants:
+  - tenantId: Fabrikam.onmicrosoft.com
+    apps: [{clientId: operator, clientSecret: f, roles: [Machine.Read.All]}]
+    machines:
+      - computerDnsName: dc-01.fabrikam.local
+        isolatedBy: {requestor: soc@fabrikam.com}
+    generate: {count: 3, domain: fabrikam.local}
+    foreignLoad: [{api: unisolate, perMinute: 5}]
+  - tenantId: 0b7c1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3
+    apps: [{clientId: operator, clientSecret: n}]
+    generate: {count: 2}
+"#;
+
+    fn named(st: &SimState, id: &str) -> Vec<(String, String)> {
+        st.tenants[&TenantKey::named(id)]
+            .machines()
+            .iter()
+            .map(|m| (m.id.clone(), m.computer_dns_name.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn seed_tenants_have_their_own_machines_apps_and_load() {
+        let st = state(&format!("{SEED}{TENANTS}"), "7").unwrap();
+        assert_eq!(st.tenants.len(), 3);
+        // The default tenant is exactly what it was without named tenants.
+        let alone = state(SEED, "7").unwrap();
+        assert_eq!(
+            action_ids(&st),
+            action_ids(&alone),
+            "named tenants must not shift the default tenant's ids"
+        );
+        assert_eq!(st.default_tenant().machines().len(), 4);
+        assert_eq!(st.default_tenant().apps[0].client_id, "mde-sim-client");
+
+        let f = st.resolve("fabrikam.ONMICROSOFT.com");
+        let fab = &st.tenants[&f];
+        assert_eq!(fab.id.as_deref(), Some("Fabrikam.onmicrosoft.com"));
+        let names: Vec<String> = named(&st, "fabrikam.onmicrosoft.com")
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "dc-01.fabrikam.local",
+                "host-0001.fabrikam.local",
+                "host-0002.fabrikam.local",
+                "host-0003.fabrikam.local"
+            ]
+        );
+        assert_eq!(fab.actions().len(), 1, "the isolatedBy of dc-01");
+        assert_eq!(fab.next_number, 4);
+        assert_eq!(fab.foreign.describe()["load"][0]["perMinute"], 5);
+        assert_eq!(fab.apps[0].client_secret.as_deref(), Some("f"));
+
+        let n = &st.tenants[&st.resolve("0B7C1D2E-3F40-4A5B-8C6D-7E8F90A1B2C3")];
+        assert_eq!(n.apps[0].client_secret.as_deref(), Some("n"));
+        assert_eq!(n.machines()[1].computer_dns_name, "host-0002.contoso.local");
+        // Same names as the default tenant's generated machines would have, other ids.
+        let other = named(&st, "0b7c1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3");
+        let tenants_only = state(TENANTS, "7").unwrap();
+        assert_eq!(
+            other,
+            named(&tenants_only, "0b7c1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3"),
+            "a tenant's machines follow --rng-seed and its id"
+        );
+        let reseeded = state(TENANTS, "8").unwrap();
+        assert_ne!(
+            other,
+            named(&reseeded, "0b7c1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3")
+        );
+        // Any other tenant id is the default tenant.
+        assert_eq!(st.resolve("contoso.onmicrosoft.com"), TenantKey::Default);
+    }
+
+    #[test]
+    fn bad_seed_tenants_refuse_to_start() {
+        for (yaml, says) in [
+            (
+                "tenants: [{tenantId: a.com, apps: [{clientId: x}]}, {tenantId: A.COM, apps: [{clientId: y}]}]",
+                "tenant A.COM appears twice",
+            ),
+            (
+                "tenants: [{tenantId: a.com, apps: []}]",
+                "tenant a.com: needs at least one app",
+            ),
+            ("tenants: [{tenantId: a.com}]", "missing field `apps`"),
+            (
+                "tenants: [{tenantId: a/b, apps: [{clientId: x}]}]",
+                "is not a GUID or domain name",
+            ),
+            (
+                "tenants: [{tenantId: a.com, apps: [{clientId: x}], machine: []}]",
+                "unknown field `machine`",
+            ),
+            (
+                "tenants: [{tenantId: a.com, apps: [{clientId: x}], generate: {count: 1, offlineRatio: 2}}]",
+                "offlineRatio and failingRatio must be 0..1",
+            ),
+            (
+                "tenants: [{tenantId: a.com, apps: [{clientId: x}], foreignLoad: [{api: isolate, perMinute: 1, app: y}]}]",
+                "tenant a.com: foreign load names an unknown app \"y\"",
+            ),
+            (
+                "tenants: [{tenantId: a.com, apps: [{clientId: x}], machines: [{id: \"1e5bc9d7e413ddd7902c2932e418702b84d0cc07\", computerDnsName: a}, {id: \"1e5bc9d7e413ddd7902c2932e418702b84d0cc07\", computerDnsName: b}]}]",
+                "tenant a.com: machine id 1e5bc9d7e413ddd7902c2932e418702b84d0cc07 already exists",
+            ),
+        ] {
+            let e = state(yaml, "1").expect_err(yaml);
+            assert!(e.contains(says), "{yaml}: {e}");
+        }
     }
 }

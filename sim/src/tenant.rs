@@ -1,5 +1,6 @@
-//! The simulated tenant: machines (with the behaviour that drives their actions) and the
-//! registered apps, built from the seed file and/or generated deterministically.
+//! What a simulated tenant holds: machines (with the behaviour that drives their actions) and
+//! the registered apps, built from the seed file and/or generated deterministically, and the
+//! seed shapes of named tenants.
 
 use std::path::Path;
 
@@ -10,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{add_seconds, fmt7, truncate};
 use crate::credentials::{FederatedCredential, RegisteredCertificate, TOKEN_EXCHANGE_AUDIENCE};
+use crate::foreign::LoadEntry;
 use crate::lifecycle::IsolationType;
 
 /// `requestSource` of actions made outside the public API when nothing else is named: a person
@@ -18,6 +20,9 @@ pub const PORTAL_SOURCE: &str = "Portal";
 
 /// The device group of machines in no group (its `rbacGroupId` is 0).
 pub const UNASSIGNED_GROUP: &str = "UnassignedGroup";
+
+/// Domain of generated machine names unless a tenant names another.
+pub const DEFAULT_DOMAIN: &str = "contoso.local";
 
 /// How a machine reacts to isolation actions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -207,6 +212,77 @@ pub struct SeedFile {
     /// Apps; when empty the default app of the command line is used.
     #[serde(default)]
     pub apps: Vec<SeedApp>,
+    /// Named tenants besides the default one (the top level).
+    #[serde(default)]
+    pub tenants: Vec<SeedTenant>,
+}
+
+/// A named tenant in the seed file (or the body of `POST /sim/tenants`): its token URL's tenant
+/// id selects it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SeedTenant {
+    /// A GUID or domain name, compared case-insensitively.
+    pub tenant_id: String,
+    /// Its apps (at least one): a named tenant has no default app.
+    pub apps: Vec<SeedApp>,
+    /// Machines, in listing order (before the generated ones).
+    #[serde(default)]
+    pub machines: Vec<SeedMachine>,
+    /// Machines generated as `--machines` does for the default tenant.
+    #[serde(default)]
+    pub generate: Option<SeedGenerate>,
+    /// Foreign load on its apps' quota, as `--foreign-load` for the default tenant.
+    #[serde(default)]
+    pub foreign_load: Vec<LoadEntry>,
+}
+
+/// `generate` of a named tenant.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SeedGenerate {
+    /// How many (`host-0001.<domain>`, ...).
+    pub count: usize,
+    /// Share of them that is offline.
+    #[serde(default)]
+    pub offline_ratio: f64,
+    /// Share of them that fails actions.
+    #[serde(default)]
+    pub failing_ratio: f64,
+    /// Domain of their names; default `contoso.local`.
+    pub domain: Option<String>,
+}
+
+impl SeedGenerate {
+    /// Rejects what the simulator cannot generate.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.count > 100_000 {
+            return Err("generate.count must be 0..=100000".into());
+        }
+        let ratio = |r: f64| r.is_finite() && (0.0..=1.0).contains(&r);
+        if !ratio(self.offline_ratio)
+            || !ratio(self.failing_ratio)
+            || self.offline_ratio + self.failing_ratio > 1.0
+        {
+            return Err(
+                "generate: offlineRatio and failingRatio must be 0..1, their sum at most 1".into(),
+            );
+        }
+        if self.domain.as_deref().is_some_and(|d| !is_tenant_id(d)) {
+            return Err("generate.domain must be a domain name".into());
+        }
+        Ok(())
+    }
+}
+
+/// Whether `id` can be a tenant id in a token URL: a GUID or a domain name.
+pub fn is_tenant_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 253
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// A machine in the seed file (or in POST /sim/machines).
@@ -475,7 +551,7 @@ const PLATFORMS: [&str; 5] = [
     "Linux",
 ];
 
-/// Generates `count` machines numbered from `first_number` (`host-0001.contoso.local`, ...);
+/// Generates `count` machines numbered from `first_number` (`host-0001.<domain>`, ...);
 /// behaviours follow the ratios, drawn from the seeded generator.
 pub fn generate_machines(
     rng: &mut StdRng,
@@ -483,6 +559,7 @@ pub fn generate_machines(
     count: usize,
     offline_ratio: f64,
     failing_ratio: f64,
+    domain: &str,
     now: DateTime<Utc>,
 ) -> Vec<Machine> {
     (0..count)
@@ -498,7 +575,7 @@ pub fn generate_machines(
             };
             let seed = SeedMachine {
                 id: None,
-                computer_dns_name: format!("host-{n:04}.contoso.local"),
+                computer_dns_name: format!("host-{n:04}.{domain}"),
                 os_platform: Some(PLATFORMS[n % PLATFORMS.len()].into()),
                 health_status: None,
                 machine_tags: Vec::new(),

@@ -302,6 +302,78 @@ impl Sim {
             .to_string()
     }
 
+    /// A v2 token (default scope) for an app of the tenant whose token URL has tenant id
+    /// `tenant`: a named tenant of the simulator, or any other id for the default tenant.
+    pub async fn token_in(&self, tenant: &str, client_id: &str, secret: &str) -> String {
+        let r = self
+            .token_request(
+                &token_path(tenant),
+                &[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", client_id),
+                    ("client_secret", secret),
+                    ("scope", SCOPE),
+                ],
+            )
+            .await;
+        assert_eq!(
+            r.status, 200,
+            "token request at tenant {tenant} failed: {:?}",
+            r.body
+        );
+        r.body["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_string()
+    }
+
+    /// GET on the admin API about one tenant (`?tenant=`; must answer 2xx).
+    pub async fn admin_get_in(&self, tenant: &str, path: &str) -> Value {
+        self.admin_get(&in_tenant(path, tenant)).await
+    }
+
+    /// POST on the admin API about one tenant (`?tenant=`; must answer 2xx).
+    pub async fn admin_post_in(&self, tenant: &str, path: &str, body: Value) -> Value {
+        self.admin_post(&in_tenant(path, tenant), body).await
+    }
+
+    /// The calls of one tenant (its tokens' calls and the token requests at its URL); `"*"`:
+    /// every tenant's, in arrival order.
+    pub async fn admin_calls_in(&self, tenant: &str) -> Vec<Value> {
+        self.admin_get_in(tenant, "calls").await["calls"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Statistics of one tenant's calls, quota and foreign load.
+    pub async fn admin_stats_in(&self, tenant: &str) -> Value {
+        self.admin_get_in(tenant, "stats").await
+    }
+
+    /// Ground truth of a machine (by id or name) of one tenant.
+    pub async fn ground_truth_in(&self, tenant: &str, machine: &str) -> Value {
+        self.admin_get_in(tenant, &format!("machines/{machine}"))
+            .await
+    }
+
+    /// Ids of all machines of one tenant, in listing order.
+    pub async fn machine_ids_in(&self, tenant: &str) -> Vec<String> {
+        self.admin_get_in(tenant, "machines").await["machines"]
+            .as_array()
+            .expect("machines")
+            .iter()
+            .map(|m| m["id"].as_str().expect("id").to_string())
+            .collect()
+    }
+
+    /// Creates (or replaces, fresh) a named tenant: `{"tenantId", "apps": [...], "machines"?:
+    /// [...], "generate"?: {"count", "offlineRatio", "failingRatio", "domain"},
+    /// "foreignLoad"?: [...]}`; answers its description.
+    pub async fn put_tenant(&self, tenant: Value) -> Value {
+        self.admin_post("tenants", tenant).await
+    }
+
     /// Polls `f` every 50 ms until it returns `Some`, failing after `deadline` real seconds.
     pub async fn wait_until<T, F, Fut>(&self, deadline_secs: u64, what: &str, mut f: F) -> T
     where
@@ -317,6 +389,28 @@ impl Sim {
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
     }
+}
+
+/// The v2 token endpoint path of a tenant id.
+pub fn token_path(tenant: &str) -> String {
+    format!("/{tenant}/oauth2/v2.0/token")
+}
+
+/// An admin path with `tenant=<id>` added to its query.
+pub fn in_tenant(path: &str, tenant: &str) -> String {
+    let sep = if path.contains('?') { '&' } else { '?' };
+    format!("{path}{sep}tenant={tenant}")
+}
+
+/// The claims of a JWT (an access token of the simulator carries `tid`, `appid`, `roles`,
+/// `aud`, ...), without checking its signature.
+pub fn jwt_claims(token: &str) -> Value {
+    use base64::Engine;
+    let part = token.split('.').nth(1).expect("a JWT has three parts");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .expect("base64url claims");
+    serde_json::from_slice(&bytes).expect("JSON claims")
 }
 
 /// The simulator's binary. It is a workspace member of its own (`sim/`), built beside the
