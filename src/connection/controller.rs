@@ -29,6 +29,7 @@ use crate::crd::connection::{
     AllowedNamespaces, ApiQuota, ConnectionSettings, ConnectionStatus, Throttled,
 };
 use crate::crd::{ClusterMdeConnection, MdeConnection};
+use crate::mde::assertion::{AssertionAlgorithm, CertificateCredential};
 use crate::mde::client::{MdeClient, MdeClientConfig};
 use crate::mde::cloud::{Endpoints, regional_api_url, resolve_endpoints};
 use crate::mde::error::ErrorClass;
@@ -315,12 +316,28 @@ async fn read_credential<K: ConnectionObject>(obj: &K, deps: &Deps) -> Result<Cr
             secret: ClientSecret::Value(SecretString::new(value)),
         });
     }
-    if credential.certificate.is_some() {
-        return Err(Refusal::new(
-            ConnectionReason::InvalidSettings,
-            "certificate credentials in a Secret are not served yet: use clientSecret or \
-             workloadIdentity",
-        ));
+    if let Some(c) = &credential.certificate {
+        let (name, cert_key, key_key) = (&c.secret_name, &c.certificate_key, &c.private_key_key);
+        let cert = secret_key(deps, &namespace, name, cert_key)
+            .await
+            .map_err(missing)?;
+        let key = secret_key(deps, &namespace, name, key_key)
+            .await
+            .map_err(missing)?;
+        let label = |k: &str| format!("Secret {namespace}/{name} key {k}");
+        let loaded = CertificateCredential::from_pem(
+            &label(cert_key),
+            &cert,
+            &label(key_key),
+            &key,
+            AssertionAlgorithm::default(),
+        )
+        .map_err(|e| missing(e.to_string()))?;
+        let digest = sha256(&[&cert[..], b"\0key\0", &key[..]].concat());
+        return Ok(Credential {
+            secret: ClientSecret::Certificate(Arc::new(loaded)),
+            digest,
+        });
     }
     Err(Refusal::new(
         ConnectionReason::InvalidSettings,

@@ -111,8 +111,11 @@ struct Loaded {
 
 /// The app's certificate credential: signs client assertions.
 pub struct CertificateCredential {
+    /// The certificate's file (or, for one given as PEM, what names it in errors).
     cert_path: PathBuf,
     key_path: Option<PathBuf>,
+    /// Read from files, again before each assertion; `false`: given as PEM, fixed.
+    from_files: bool,
     algorithm: AssertionAlgorithm,
     current: Mutex<Arc<Loaded>>,
     rng: SystemRandom,
@@ -202,6 +205,29 @@ impl CertificateCredential {
         Ok(CertificateCredential {
             cert_path,
             key_path,
+            from_files: true,
+            algorithm,
+            current: Mutex::new(Arc::new(loaded)),
+            rng: SystemRandom::new(),
+        })
+    }
+
+    /// A certificate and its RSA private key given as PEM (e.g. a Kubernetes Secret's keys, read
+    /// by an MdeConnection's controller, which makes a new credential when they change);
+    /// `cert_label` and `key_label` name them in errors.
+    pub fn from_pem(
+        cert_label: &str,
+        cert: &[u8],
+        key_label: &str,
+        key: &[u8],
+        algorithm: AssertionAlgorithm,
+    ) -> Result<Self, CertificateError> {
+        let (cert_path, key_path) = (PathBuf::from(cert_label), PathBuf::from(key_label));
+        let loaded = parse_pair(&cert_path, cert, Some((&key_path, key)))?;
+        Ok(CertificateCredential {
+            cert_path,
+            key_path: Some(key_path),
+            from_files: false,
             algorithm,
             current: Mutex::new(Arc::new(loaded)),
             rng: SystemRandom::new(),
@@ -231,6 +257,9 @@ impl CertificateCredential {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        if !self.from_files {
+            return current;
+        }
         let digest = match files_digest(&self.cert_path, self.key_path.as_deref()) {
             Ok(d) => d,
             Err(e) => {
@@ -323,20 +352,35 @@ fn digest_of(cert: &[u8], key: Option<&[u8]>) -> [u8; 32] {
 
 fn load_pair(cert_path: &Path, key_path: Option<&Path>) -> Result<Loaded, CertificateError> {
     let cert_bytes = read(cert_path)?;
-    let key_bytes = match key_path {
-        Some(p) => Some(read(p)?),
+    let key = match key_path {
+        Some(p) => Some((p, read(p)?)),
         None => None,
     };
-    let cert_der: CertificateDer<'static> = pem_items(cert_path, &cert_bytes)?
+    parse_pair(
+        cert_path,
+        &cert_bytes,
+        key.as_ref().map(|(p, b)| (*p, &b[..])),
+    )
+}
+
+/// A certificate (the first one in `cert_bytes`) and its RSA private key (from `key`, or from
+/// the certificate's bytes), checked to belong together.
+fn parse_pair(
+    cert_path: &Path,
+    cert_bytes: &[u8],
+    key: Option<(&Path, &[u8])>,
+) -> Result<Loaded, CertificateError> {
+    let key_bytes = key.map(|(_, b)| b);
+    let cert_der: CertificateDer<'static> = pem_items(cert_path, cert_bytes)?
         .into_iter()
         .find_map(|i| match i {
             Item::X509Certificate(c) => Some(c),
             _ => None,
         })
         .ok_or_else(|| invalid(cert_path, "no PEM \"BEGIN CERTIFICATE\" block"))?;
-    let (key_file, key) = match (&key_bytes, key_path) {
-        (Some(bytes), Some(path)) => (path, parse_key(path, bytes)?),
-        _ => (cert_path, parse_key(cert_path, &cert_bytes)?),
+    let (key_file, key) = match key {
+        Some((path, bytes)) => (path, parse_key(path, bytes)?),
+        None => (cert_path, parse_key(cert_path, cert_bytes)?),
     };
     let cert = webpki::EndEntityCert::try_from(&cert_der)
         .map_err(|e| invalid(cert_path, format!("the certificate does not parse ({e:?})")))?;
@@ -358,7 +402,7 @@ fn load_pair(cert_path: &Path, key_path: Option<&Path>) -> Result<Loaded, Certif
 
     let sha1 = digest(&SHA1_FOR_LEGACY_USE_ONLY, cert_der.as_ref());
     Ok(Loaded {
-        source_digest: digest_of(&cert_bytes, key_bytes.as_deref()),
+        source_digest: digest_of(cert_bytes, key_bytes),
         key,
         x5t_s256: b64(digest(&SHA256, cert_der.as_ref()).as_ref()),
         x5t: b64(sha1.as_ref()),
