@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::cluster;
+use common::cluster::{CHART_REQUIRED_VALUES, SA_NAME, SA_NAMESPACE, cluster};
 use common::operator::{
     Operator, OperatorConfig, SIM_SECRET, SeedMachine, condition, create, device_isolation,
     machine_id, seed_file, wait_for,
@@ -476,4 +476,228 @@ async fn the_api_server_refuses_two_credentials_and_a_changed_connection_ref() {
         dropped.to_string().contains("connectionRef is immutable"),
         "{dropped}"
     );
+}
+
+/// `kubectl auth can-i` as the chart's ServiceAccount.
+fn sa_can(args: &[&str]) -> bool {
+    let user = format!("--as=system:serviceaccount:{SA_NAMESPACE}:{SA_NAME}");
+    let out = cluster()
+        .kubectl()
+        .args(["auth", "can-i"])
+        .args(args)
+        .arg(&user)
+        .output()
+        .unwrap();
+    match (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim(),
+    ) {
+        (Some(0), "yes") => true,
+        (Some(1), "no") => false,
+        other => panic!(
+            "can-i {args:?}: {other:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// The chart with connections (and ClusterMdeConnections) enabled grants what the operator needs
+/// to serve both kinds, running as its ServiceAccount, and no Secret beyond `get` in the
+/// namespaces named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_rbac_serves_connections_under_its_service_account() {
+    let c = cluster();
+    c.install_crds().await;
+    let client = c.client().await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SA_NAMESPACE}});
+    namespaces
+        .patch(
+            SA_NAMESPACE,
+            &PatchParams::apply("e2e-test"),
+            &Patch::Apply(&ns),
+        )
+        .await
+        .unwrap();
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/mde-isolation-operator");
+    let sa_value = format!("serviceAccount.name={SA_NAME}");
+    let out = c
+        .helm()
+        .args([
+            "template",
+            "mde-isolation-operator",
+            chart,
+            "-n",
+            SA_NAMESPACE,
+        ])
+        .args(["--set", &sa_value])
+        .args(CHART_REQUIRED_VALUES)
+        .args(["--set", "connections.enabled=true"])
+        .args(["--set", "connections.cluster.enabled=true"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8(out.stdout).unwrap();
+    let mut identity = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&rendered) {
+        let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
+        let kind = value["kind"].as_str().unwrap_or_default();
+        if matches!(
+            kind,
+            "ServiceAccount" | "Role" | "RoleBinding" | "ClusterRole" | "ClusterRoleBinding"
+        ) {
+            identity.push(serde_yaml::to_string(&value).unwrap());
+        }
+        if kind == "Deployment" {
+            let env = &value["spec"]["template"]["spec"]["containers"][0]["env"];
+            let names: Vec<&str> = env
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .filter_map(|e| e["name"].as_str())
+                .collect();
+            assert!(names.contains(&"MDE_CLUSTER_CONNECTIONS"), "{names:?}");
+        }
+    }
+    let mut apply = c.kubectl();
+    apply
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = apply.spawn().unwrap();
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(identity.join("---\n").as_bytes())
+            .unwrap();
+    }
+    let applied = child.wait_with_output().unwrap();
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+
+    // What the chart grants, and what it does not.
+    let other = c.namespace("conn-rbac-other").await;
+    assert!(sa_can(&["get", "secrets", "-n", SA_NAMESPACE]));
+    assert!(!sa_can(&["list", "secrets", "-n", SA_NAMESPACE]));
+    assert!(!sa_can(&["watch", "secrets", "-n", SA_NAMESPACE]));
+    assert!(!sa_can(&["get", "secrets", "-n", &other]));
+    assert!(sa_can(&[
+        "watch",
+        "mdeconnections.isolation.mde.dev",
+        "-n",
+        SA_NAMESPACE
+    ]));
+    assert!(sa_can(&[
+        "patch",
+        "mdeconnections.isolation.mde.dev",
+        "-n",
+        SA_NAMESPACE,
+        "--subresource",
+        "status"
+    ]));
+    assert!(!sa_can(&[
+        "patch",
+        "mdeconnections.isolation.mde.dev",
+        "-n",
+        SA_NAMESPACE
+    ]));
+    assert!(sa_can(&[
+        "watch",
+        "clustermdeconnections.isolation.mde.dev"
+    ]));
+    assert!(sa_can(&["list", "namespaces"]));
+
+    // Both kinds serve a resource, the operator running as the ServiceAccount.
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (machine_id(0xc31), machine_id(0xc32));
+    let seeds: Vec<SeedMachine> = [&one, &two]
+        .iter()
+        .map(|id| SeedMachine {
+            id,
+            name: "dev",
+            behaviour: "online",
+            isolated: true,
+        })
+        .collect();
+    let seed = seed_file(dir.path(), &seeds);
+    let sim = Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", "60"]);
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    put_secret(&client, SA_NAMESPACE, "mde-conn", SIM_SECRET).await;
+    let conns: Api<MdeConnection> = Api::namespaced(client.clone(), SA_NAMESPACE);
+    let conn: MdeConnection = serde_json::from_value(json!({
+        "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "MdeConnection",
+        "metadata": {"name": format!("own-{suffix}")},
+        "spec": connection_spec(&sim, "tenant-o", "mde-conn"),
+    }))
+    .unwrap();
+    conns.create(&PostParams::default(), &conn).await.unwrap();
+    let cluster_conns: Api<ClusterMdeConnection> = Api::all(client.clone());
+    let mut spec = connection_spec(&sim, "tenant-c", "mde-conn");
+    spec["namespaces"] = json!({"names": [SA_NAMESPACE]});
+    let shared: ClusterMdeConnection = serde_json::from_value(json!({
+        "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "ClusterMdeConnection",
+        "metadata": {"name": format!("shared-{suffix}")},
+        "spec": spec,
+    }))
+    .unwrap();
+    cluster_conns
+        .create(&PostParams::default(), &shared)
+        .await
+        .unwrap();
+    let sa_kubeconfig = c.service_account_kubeconfig(SA_NAMESPACE, SA_NAME);
+    let mut cfg = OperatorConfig::new(&sa_kubeconfig, SA_NAMESPACE);
+    cfg.time_scale = SCALE;
+    cfg.extra = vec!["--cluster-connections".into()];
+    let op = Operator::start_with_credential(
+        &sim,
+        cfg,
+        &[
+            ("MDE_CLIENT_SECRET", SIM_SECRET),
+            ("POD_NAMESPACE", SA_NAMESPACE),
+        ],
+    );
+    let comment = Some("INC-11");
+    let (a, b) = (format!("via-own-{suffix}"), format!("via-shared-{suffix}"));
+    create(
+        &client,
+        SA_NAMESPACE,
+        &with_connection(
+            device_isolation(&a, &one, false, comment),
+            ConnectionKind::MdeConnection,
+            &format!("own-{suffix}"),
+        ),
+    )
+    .await;
+    create(
+        &client,
+        SA_NAMESPACE,
+        &with_connection(
+            device_isolation(&b, &two, false, comment),
+            ConnectionKind::ClusterMdeConnection,
+            &format!("shared-{suffix}"),
+        ),
+    )
+    .await;
+    wait_for(&client, SA_NAMESPACE, &a, WITHIN, &op, "Released", released).await;
+    wait_for(&client, SA_NAMESPACE, &b, WITHIN, &op, "Released", released).await;
+    let log = op.output();
+    assert!(
+        !log.contains("403"),
+        "a request was forbidden:\n{}",
+        op.tail()
+    );
+    let _ = cluster_conns
+        .delete(&format!("shared-{suffix}"), &Default::default())
+        .await;
 }
