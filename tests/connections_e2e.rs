@@ -476,6 +476,27 @@ async fn the_api_server_refuses_two_credentials_and_a_changed_connection_ref() {
         dropped.to_string().contains("connectionRef is immutable"),
         "{dropped}"
     );
+
+    // The examples are accepted as they are.
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/connections");
+    let out = c
+        .kubectl()
+        .args(["apply", "--dry-run=server", "-n", &ns, "-f", examples])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let applied = String::from_utf8_lossy(&out.stdout);
+    for object in [
+        "mdeconnection.isolation.mde.dev/fabrikam",
+        "deviceisolation.isolation.mde.dev/fabrikam-laptop-17",
+        "clustermdeconnection.isolation.mde.dev/contoso",
+    ] {
+        assert!(applied.contains(object), "{applied}");
+    }
 }
 
 /// `kubectl auth can-i` as the chart's ServiceAccount.
