@@ -29,7 +29,7 @@ use common::http::{serve_loopback, split};
 use common::operator::{SeedMachine, condition, create, device_isolation, machine_id, seed_file};
 use common::sim::Sim;
 use kube::api::{Api, ListParams};
-use mde_isolation_operator::crd::DeviceIsolation;
+use mde_isolation_operator::crd::{ConnectionKind, ConnectionRef, DeviceIsolation, MdeConnection};
 use serde_json::Value;
 
 /// How the operator gets its secret in one run.
@@ -493,4 +493,151 @@ async fn tokens_stay_out_of_the_logs_even_with_every_crate_at_trace() {
         expect_auth_stall: false,
     })
     .await;
+}
+
+/// An MdeConnection's Secret: first a wrong value (Entra's refusal reaches the connection's and
+/// its resource's conditions), then the right one (a release, refreshed tokens). Neither value,
+/// nor any token issued for the connection's tenant, appears in the operator's output at trace
+/// level, the resources' or the connection's status, the events, or `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_secret_never_appears_in_logs_events_status_or_metrics() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("secrets-connection").await;
+    let client = c.client().await;
+    let secret = format!("Cn7-{}-hygiene", uuid::Uuid::new_v4().simple());
+    let wrong = format!("Wr0ngCn-{}-hygiene", uuid::Uuid::new_v4().simple());
+    let machine = machine_id(0x5ec9);
+    let sim = Sim::start(&["--time-scale", "60", "--token-lifetime", "120"]);
+    sim.put_tenant(serde_json::json!({
+        "tenantId": "hygiene.example",
+        "apps": [{"clientId": "app-hygiene", "clientSecret": secret,
+                  "roles": ["Machine.Isolate", "Machine.Read.All"]}],
+        "machines": [{"id": machine, "computerDnsName": "h.contoso.local",
+                      "behaviour": "online", "isolated": true}],
+    }))
+    .await;
+    let proxy = TokenProxy::start(&sim.base_url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("operator.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    // The operator's own connection (flags) is the simulator's default app; the connection's
+    // credential is the distinctive one.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mde-isolation-operator"));
+    cmd.env_clear()
+        .env("KUBECONFIG", &c.kubeconfig)
+        .env("RUST_LOG", "info,mde_isolation_operator=trace")
+        .env("MDE_CLIENT_SECRET", common::operator::SIM_SECRET)
+        .args(["run", "--namespace", &ns, "--tenant-id", "test-tenant"])
+        .args(["--client-id", "mde-sim-client", "--time-scale", "60"])
+        .args(["--http-addr", "127.0.0.1:0"])
+        .arg("--api-url")
+        .arg(format!("{}/", sim.base_url))
+        .arg("--authority")
+        .arg(format!("{}/", sim.base_url));
+    let op = OperatorProcess {
+        child: cmd
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn the operator"),
+        log,
+    };
+    let put_secret = |value: String| {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, &ns);
+            let body = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "conn"}, "stringData": {"client-secret": value}});
+            api.patch(
+                "conn",
+                &kube::api::PatchParams::apply("e2e").force(),
+                &kube::api::Patch::Apply(&body),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    put_secret(wrong.clone()).await;
+    let conns: Api<MdeConnection> = Api::namespaced(client.clone(), &ns);
+    let conn: MdeConnection = serde_json::from_value(serde_json::json!({
+        "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "MdeConnection",
+        "metadata": {"name": "hygiene"},
+        "spec": {
+            "tenantId": "hygiene.example", "clientId": "app-hygiene",
+            "apiUrl": format!("{}/", sim.base_url), "authority": format!("{}/", proxy.base),
+            "credential": {"clientSecret": {"name": "conn", "key": "client-secret"}},
+        },
+    }))
+    .unwrap();
+    conns
+        .create(&kube::api::PostParams::default(), &conn)
+        .await
+        .unwrap();
+    let mut di = device_isolation("via-connection", &machine, false, Some("release it"));
+    di.spec.connection_ref = Some(ConnectionRef {
+        kind: ConnectionKind::MdeConnection,
+        name: "hygiene".into(),
+    });
+    create(&client, &ns, &di).await;
+    let api: Api<DeviceIsolation> = Api::namespaced(client.clone(), &ns);
+    let outcome: Result<(), String> = async {
+        wait_until(
+            &api,
+            "via-connection",
+            "Stalled",
+            is("Stalled", "AuthenticationFailed"),
+        )
+        .await?;
+        put_secret(secret.clone()).await;
+        wait_until(&api, "via-connection", "Ready", is("Ready", "Released")).await?;
+        // A few token lifetimes, so that refreshed tokens are in use too.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        Ok(())
+    }
+    .await;
+
+    let tokens = proxy.tokens();
+    let mut places = observable(&client, &ns, &op).await;
+    let connections = conns
+        .list(&ListParams::default())
+        .await
+        .map(|l| serde_json::to_string(&l.items).unwrap())
+        .unwrap_or_default();
+    assert!(
+        connections.contains("Connected"),
+        "the connection's status is scanned"
+    );
+    places.push(("connections and their status", connections));
+    let mut found = Vec::new();
+    for (place, text) in &places {
+        for (what, value) in [("the secret", &secret), ("the wrong secret", &wrong)] {
+            if leaks(text, value) {
+                found.push(format!("{what} in {place}"));
+            }
+        }
+        for (i, t) in tokens.iter().enumerate() {
+            if leaks(text, t) {
+                found.push(format!("access token #{i} in {place}"));
+            }
+        }
+    }
+    assert!(found.is_empty(), "secrets leaked: {found:?}");
+    if let Err(e) = outcome {
+        panic!(
+            "connection: scenario failed: {e}\noperator log tail:\n{}",
+            op.tail()
+        );
+    }
+    assert!(
+        tokens.len() >= 2,
+        "expected refreshed tokens, saw {}",
+        tokens.len()
+    );
+    assert!(
+        op.output().contains("DEBUG"),
+        "no debug output: the check proves little"
+    );
 }
