@@ -308,6 +308,46 @@ async fn a_connection_is_verified_a_wrong_secret_stalls_only_its_resources_and_a
     )
     .await;
 
+    // Deleting a connection: its resources say so (a released device stays released).
+    conns.delete("nobody", &Default::default()).await.unwrap();
+    wait_for(
+        &client,
+        &ns,
+        "via-missing",
+        WITHIN,
+        &op,
+        "ConnectionNotReady after the delete",
+        stalled_with("ConnectionNotReady"),
+    )
+    .await;
+
+    // The connection's transitions are events: refused, then connected.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let reasons = eventually(WITHIN, "the connection's events", || async {
+        let list = events
+            .list(&Default::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let reasons: Vec<String> = list
+            .items
+            .iter()
+            .filter(|e| {
+                e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("MdeConnection")
+            })
+            .filter_map(|e| e.reason.clone())
+            .collect();
+        if reasons.iter().any(|r| r == "Connected") {
+            Ok(reasons)
+        } else {
+            Err(format!("{reasons:?}"))
+        }
+    })
+    .await;
+    assert!(
+        reasons.iter().any(|r| r == "AuthenticationFailed"),
+        "{reasons:?}"
+    );
+
     // Neither secret value appears in the operator's output.
     let log = op.output();
     assert!(

@@ -104,6 +104,9 @@ pub trait ConnectionObject:
     fn secret_namespace(&self, deps: &Deps) -> Option<String>;
     /// Its status as last written.
     fn status(&self) -> Option<&ConnectionStatus>;
+    /// Whether `key` is one of this kind's in `scope` (a namespace; `None`: all), i.e. what a
+    /// complete list of that scope would hold if it still existed.
+    fn covers(key: &ConnectionKey, scope: Option<&str>) -> bool;
 }
 
 impl ConnectionObject for MdeConnection {
@@ -128,6 +131,10 @@ impl ConnectionObject for MdeConnection {
     fn status(&self) -> Option<&ConnectionStatus> {
         self.status.as_ref()
     }
+    fn covers(key: &ConnectionKey, scope: Option<&str>) -> bool {
+        matches!(key, ConnectionKey::Namespaced { namespace, .. }
+            if scope.is_none_or(|s| s == namespace))
+    }
 }
 
 impl ConnectionObject for ClusterMdeConnection {
@@ -150,6 +157,9 @@ impl ConnectionObject for ClusterMdeConnection {
     }
     fn status(&self) -> Option<&ConnectionStatus> {
         self.status.as_ref()
+    }
+    fn covers(key: &ConnectionKey, _: Option<&str>) -> bool {
+        matches!(key, ConnectionKey::Cluster { .. })
     }
 }
 
@@ -212,6 +222,7 @@ pub async fn reconcile<K: ConnectionObject>(obj: Arc<K>, deps: Arc<Deps>) -> Res
             message: r.message.clone(),
         },
     };
+    announce(&*obj, &deps, &phase).await;
     write_status(&*obj, &deps, &phase, conn.as_deref()).await?;
     // While verifying, look again soon: the poller's first load takes a read or two.
     let verifying = matches!(&outcome, Err(r) if r.reason == ConnectionReason::Verifying);
@@ -483,6 +494,40 @@ fn wake_users(ctx: &Context, key: &ConnectionKey) {
                 .wake_set(&kube::runtime::reflector::ObjectRef::from_obj(&*set));
         }
     }
+}
+
+/// An event when the connection's Ready reason changes to one worth telling: `Connected`
+/// (Normal) or a stall (Warning). `Verifying` passes silently. Only for an MdeConnection: Events
+/// are namespaced, and a ClusterMdeConnection's would need a grant in some other namespace (its
+/// status says the same).
+async fn announce<K: ConnectionObject>(obj: &K, deps: &Deps, phase: &Phase<ConnectionReason>) {
+    if obj.meta().namespace.is_none() {
+        return;
+    }
+    let reason = phase.reason();
+    let previous = obj
+        .status()
+        .and_then(|s| conditions::find(&s.conditions, conditions::READY))
+        .map(|c| c.reason.as_str());
+    if previous == Some(reason.as_str()) || reason == ConnectionReason::Verifying {
+        return;
+    }
+    let (kind, message) = match phase {
+        Phase::Stalled { message, .. } => (crate::events::EventKind::Warning, message),
+        Phase::Ready { message, .. } | Phase::Reconciling { message, .. } => {
+            (crate::events::EventKind::Normal, message)
+        }
+    };
+    deps.ctx
+        .events
+        .publish_logged(
+            &obj.object_ref(&()),
+            kind,
+            reason.as_str(),
+            message,
+            "Connect",
+        )
+        .await;
 }
 
 /// Step 5: the status: the condition and what the gate counts.

@@ -178,6 +178,12 @@ impl Connections {
         named.remove(key).and_then(|e| e.conn)
     }
 
+    /// Every named connection registered.
+    pub fn keys(&self) -> Vec<ConnectionKey> {
+        let named = self.named.read().unwrap_or_else(|e| e.into_inner());
+        named.keys().cloned().collect()
+    }
+
     /// What the controller last decided about `key`.
     pub fn entry(&self, key: &ConnectionKey) -> Option<Entry> {
         let named = self.named.read().unwrap_or_else(|e| e.into_inner());
@@ -212,5 +218,170 @@ pub fn key_of(namespace: &str, r: &ConnectionRef) -> ConnectionKey {
         ConnectionKind::ClusterMdeConnection => ConnectionKey::Cluster {
             name: r.name.clone(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::connection::Shared;
+    use crate::mde::client::{MdeClient, MdeClientConfig};
+    use crate::mde::cloud::{Cloud, resolve_endpoints};
+    use crate::mde::token::ClientSecret;
+    use crate::quota::{QuotaConfig, QuotaGate};
+
+    struct NoWake;
+    impl crate::poller::Wake for NoWake {
+        fn wake(&self, _: &crate::reconcile::ResourceRef) {}
+    }
+
+    /// A connection whose poller never starts (this replica never leads).
+    fn connection(key: ConnectionKey) -> Arc<Connection> {
+        let (_, leading) = crate::leader::leading(false);
+        let shared = Shared {
+            waker: Arc::new(NoWake),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            health: Arc::new(crate::http::Health::new(
+                Duration::from_secs(60),
+                leading.clone(),
+            )),
+            poll: crate::poller::PollTiming::scaled(1.0, Duration::from_secs(360)),
+            resolver_window: Duration::from_millis(10),
+            leading,
+            shutdown: tokio_util::sync::CancellationToken::new(),
+        };
+        let mde = MdeClient::new(
+            MdeClientConfig {
+                endpoints: resolve_endpoints(Cloud::Commercial, None, None, None),
+                tenant_id: "contoso.onmicrosoft.com".into(),
+                client_id: "app".into(),
+                secret: ClientSecret::from_value("s".into()),
+                ca_file: None,
+                request_timeout: Duration::from_secs(1),
+                time_scale: 1.0,
+                observer: None,
+            },
+            Arc::new(QuotaGate::new(QuotaConfig::from_budget(1.0, 1.0))),
+        )
+        .unwrap();
+        Connection::start(key, mde, &shared)
+    }
+
+    fn named(ns: &str, name: &str) -> ConnectionKey {
+        ConnectionKey::Namespaced {
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    fn reference(kind: ConnectionKind, name: &str) -> ConnectionRef {
+        ConnectionRef {
+            kind,
+            name: name.into(),
+        }
+    }
+
+    fn usable(conn: &Arc<Connection>, allowed: Option<AllowedNamespaces>) -> Entry {
+        Entry {
+            conn: Some(conn.clone()),
+            problem: None,
+            allowed,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resource_gets_its_own_connection_the_default_or_why_not() {
+        let (loaded_tx, loaded) = tokio::sync::watch::channel(false);
+        let default = connection(ConnectionKey::Default);
+        let registry = Connections::new(default.clone(), None, loaded);
+        let own = reference(ConnectionKind::MdeConnection, "a");
+
+        let got = registry.of("secops", None).unwrap();
+        assert!(
+            Arc::ptr_eq(&got, &default),
+            "no reference: the operator's own"
+        );
+        // Before the caches are loaded an unknown connection may only not be read yet.
+        assert_eq!(
+            registry.of("secops", Some(&own)).unwrap_err().kind,
+            ProblemKind::Pending
+        );
+        loaded_tx.send(true).unwrap();
+        let missing = registry.of("secops", Some(&own)).unwrap_err();
+        assert_eq!(missing.kind, ProblemKind::NotReady);
+        assert!(
+            missing.message.contains("MdeConnection secops/a"),
+            "{}",
+            missing.message
+        );
+
+        let a = connection(named("secops", "a"));
+        assert!(registry.apply(named("secops", "a"), usable(&a, None)));
+        assert!(Arc::ptr_eq(&registry.of("secops", Some(&own)).unwrap(), &a));
+        // A namespaced connection is its namespace's only.
+        assert_eq!(
+            registry.of("other", Some(&own)).unwrap_err().kind,
+            ProblemKind::NotReady
+        );
+        // The same decision again changes nothing for its resources; a problem does.
+        assert!(!registry.apply(named("secops", "a"), usable(&a, None)));
+        let refused = Entry {
+            conn: Some(a.clone()),
+            problem: Some(Problem::new(
+                ProblemKind::AuthenticationFailed,
+                "AADSTS7000215",
+            )),
+            allowed: None,
+        };
+        assert!(registry.apply(named("secops", "a"), refused));
+        assert_eq!(
+            registry.of("secops", Some(&own)).unwrap_err().kind,
+            ProblemKind::AuthenticationFailed
+        );
+        assert_eq!(
+            registry.all().len(),
+            2,
+            "a refused connection is still built"
+        );
+        assert!(registry.delete(&named("secops", "a")).is_some());
+        assert_eq!(
+            registry.of("secops", Some(&own)).unwrap_err().kind,
+            ProblemKind::NotReady
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cluster_connection_serves_the_namespaces_it_allows_only() {
+        let (_, loaded) = tokio::sync::watch::channel(true);
+        let registry = Connections::new(connection(ConnectionKey::Default), None, loaded);
+        let shared = connection(ConnectionKey::Cluster { name: "s".into() });
+        let allowed = AllowedNamespaces {
+            names: vec!["secops".into()],
+            selector: Some(
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                    match_labels: Some([("team".to_string(), "secops".to_string())].into()),
+                    ..Default::default()
+                },
+            ),
+        };
+        registry.apply(
+            ConnectionKey::Cluster { name: "s".into() },
+            usable(&shared, Some(allowed)),
+        );
+        let r = reference(ConnectionKind::ClusterMdeConnection, "s");
+        assert!(registry.of("secops", Some(&r)).is_ok());
+        // Without the namespaces' labels a selector matches no namespace but the listed ones.
+        let refused = registry.of("finance", Some(&r)).unwrap_err();
+        assert_eq!(refused.kind, ProblemKind::NotAllowed);
+        assert!(refused.message.contains("finance"), "{}", refused.message);
+        // A newly seen connection makes its resources wait, not fail.
+        registry.seen(ConnectionKey::Cluster { name: "t".into() });
+        let t = reference(ConnectionKind::ClusterMdeConnection, "t");
+        assert_eq!(
+            registry.of("secops", Some(&t)).unwrap_err().kind,
+            ProblemKind::Pending
+        );
     }
 }

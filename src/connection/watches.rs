@@ -2,6 +2,7 @@
 //! `ClusterMdeConnection`s and the namespaces' labels (their `spec.namespaces.selector`), and the
 //! controllers over them (see [`super::controller`]).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::ConnectionKey;
 use super::controller::{self, ConnectionObject, Deps};
 use crate::cache;
 use crate::crd::{ClusterMdeConnection, MdeConnection};
@@ -147,6 +149,13 @@ impl ConnectionWatches {
     }
 }
 
+/// A connection deleted: its resources are told, its poller stopped (in the background: the
+/// watch goes on).
+fn gone(ctx: &Arc<crate::reconcile::Context>, key: ConnectionKey) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move { controller::deleted(&ctx, key).await });
+}
+
 /// Waits for a cache's first list (polling: the readiness future wakes one waiter only).
 async fn ready<K: kube::Resource<DynamicType = ()> + Clone>(store: &Store<K>) {
     loop {
@@ -170,18 +179,32 @@ where
     K: ConnectionObject + std::fmt::Debug,
 {
     let ctx = deps.ctx.clone();
+    let scope = w.scope.clone();
+    // The connections of the list in progress (between Init and InitDone): any other of this
+    // scope was deleted while the watch was down, and no delete event comes for it.
+    let mut listing: Option<HashSet<ConnectionKey>> = None;
     let changes = w
         .events
         .inspect(crate::run::crd_notice(w.scope.clone()))
         .inspect(move |event| match event {
-            Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => {
+            Ok(watcher::Event::Apply(obj)) => ctx.connections.seen(obj.key()),
+            Ok(watcher::Event::InitApply(obj)) => {
                 ctx.connections.seen(obj.key());
+                if let Some(seen) = listing.as_mut() {
+                    seen.insert(obj.key());
+                }
             }
-            Ok(watcher::Event::Delete(obj)) => {
-                let (ctx, key) = (ctx.clone(), obj.key());
-                tokio::spawn(async move { controller::deleted(&ctx, key).await });
+            Ok(watcher::Event::Delete(obj)) => gone(&ctx, obj.key()),
+            Ok(watcher::Event::Init) => listing = Some(HashSet::new()),
+            Ok(watcher::Event::InitDone) => {
+                let present = listing.take().unwrap_or_default();
+                for key in ctx.connections.keys() {
+                    if K::covers(&key, scope.as_deref()) && !present.contains(&key) {
+                        gone(&ctx, key);
+                    }
+                }
             }
-            _ => {}
+            Err(_) => {}
         })
         .applied_objects();
     // Nothing else triggers a connection's reconcile: its own changes and its recheck do.

@@ -280,7 +280,8 @@ pub struct AllowedNamespaces {
     /// Namespaces by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names: Vec<String>,
-    /// Namespaces by label.
+    /// Namespaces by label (an empty selector matches every namespace, as Kubernetes selectors
+    /// do).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
 }
