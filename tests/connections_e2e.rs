@@ -762,3 +762,122 @@ async fn the_charts_rbac_serves_connections_under_its_service_account() {
         .delete(&format!("shared-{suffix}"), &Default::default())
         .await;
 }
+
+/// A DeviceIsolationSet selects and acts through its connection: the tenant's tagged devices are
+/// released, the same tag in the operator's own tenant is not touched, and each child carries
+/// the set's connectionRef. An app without the read permission makes its connection Forbidden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_selects_and_releases_in_its_connections_tenant_only() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("conn-set").await;
+    let client = c.client().await;
+    let tagged = |base: u32| -> Vec<Value> {
+        (0..3)
+            .map(|i| {
+                json!({"id": machine_id(base + i), "computerDnsName": format!("t{i}.local"),
+                       "behaviour": "online", "isolated": true, "machineTags": ["incident-88"]})
+            })
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("seed.yaml");
+    let app = |id: &str, roles: &[&str]| json!({"clientId": id, "clientSecret": "s3cret", "roles": roles});
+    std::fs::write(
+        &seed,
+        json!({
+            "machines": tagged(0xd00),
+            "tenants": [
+                {"tenantId": "woodgrove.example", "machines": tagged(0xe00),
+                 "apps": [app("app-w", &["Machine.Isolate", "Machine.Read.All"])]},
+                {"tenantId": "blind.example", "apps": [app("app-b", &["Machine.Isolate"])]},
+            ],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let sim = Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", "60"]);
+    let mut cfg = OperatorConfig::new(&c.kubeconfig, &ns);
+    cfg.time_scale = SCALE;
+    let op = Operator::start(&sim, cfg);
+    put_secret(&client, &ns, "app-secret", "s3cret").await;
+    let conns: Api<MdeConnection> = Api::namespaced(client.clone(), &ns);
+    for (name, tenant, app) in [
+        ("woodgrove", "woodgrove.example", "app-w"),
+        ("blind", "blind.example", "app-b"),
+    ] {
+        let mut spec = connection_spec(&sim, tenant, "app-secret");
+        spec["clientId"] = app.into();
+        let conn: MdeConnection = serde_json::from_value(json!({
+            "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "MdeConnection",
+            "metadata": {"name": name}, "spec": spec,
+        }))
+        .unwrap();
+        conns.create(&PostParams::default(), &conn).await.unwrap();
+    }
+    let sets: Api<mde_isolation_operator::crd::DeviceIsolationSet> =
+        Api::namespaced(client.clone(), &ns);
+    let set = json!({
+        "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "DeviceIsolationSet",
+        "metadata": {"name": "release-88",
+                     "annotations": {"isolation.mde.dev/comment": "INC-88 false positive"}},
+        "spec": {"isolated": false, "selector": {"machineTags": ["incident-88"]},
+                 "connectionRef": {"kind": "MdeConnection", "name": "woodgrove"}},
+    });
+    sets.patch(
+        "release-88",
+        &PatchParams::apply("e2e-test"),
+        &Patch::Apply(&set),
+    )
+    .await
+    .unwrap();
+    eventually(WITHIN, "the set Converged", || async {
+        let set = sets.get("release-88").await.map_err(|e| e.to_string())?;
+        let status = set.status.clone().unwrap_or_default();
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| (c.status.clone(), c.reason.clone()));
+        match ready {
+            Some((s, r)) if s == "True" && r == "Converged" => Ok(()),
+            other => Err(format!("{other:?} {:?}", status.devices)),
+        }
+    })
+    .await;
+    for i in 0..3 {
+        let truth = sim
+            .ground_truth_in("woodgrove.example", &machine_id(0xe00 + i))
+            .await;
+        assert_eq!(truth["isolated"], false, "{truth}");
+        let own = sim.ground_truth(&machine_id(0xd00 + i)).await;
+        assert_eq!(
+            own["isolated"], true,
+            "the operator's own tenant was touched: {own}"
+        );
+    }
+    let children: Api<DeviceIsolation> = Api::namespaced(client.clone(), &ns);
+    let list = children.list(&Default::default()).await.unwrap();
+    assert_eq!(list.items.len(), 3);
+    for child in &list.items {
+        assert_eq!(
+            child.spec.connection_ref,
+            Some(ConnectionRef {
+                kind: ConnectionKind::MdeConnection,
+                name: "woodgrove".into()
+            })
+        );
+    }
+    // No read permission: the connection says which permission is missing.
+    let forbidden = wait_connection(&conns, "blind", "the connection Forbidden", |r| {
+        r.1 == "Forbidden"
+    })
+    .await;
+    assert!(
+        forbidden
+            .2
+            .contains("lacks the Machine.Read.All application permission"),
+        "{forbidden:?}"
+    );
+    drop(op);
+}
