@@ -10,6 +10,9 @@
 //! and the gate learns from 429s what MDE allows beside other tools. The watch caches ([`cache`]) report deletions, so that
 //! what the process remembers per resource ([`reconcile::memory`]) is freed with it.
 //! [`accountability`] tells whether the API server vouches for who asked (requested-by).
+//! Every tenant and app the operator talks to is a [`connection`]: its own client (token cache,
+//! quota gate), poller and view, built from the flags or from an `MdeConnection`, and named by a
+//! resource's `spec.connectionRef`.
 
 pub mod accountability;
 pub mod audit;

@@ -112,6 +112,21 @@ async fn actions_on(sim: &Sim, machine: &str) -> usize {
         .count()
 }
 
+/// A simulator whose default tenant holds `ids`, online and isolated.
+fn isolated_devices(dir: &std::path::Path, ids: &[&String]) -> Sim {
+    let seeds: Vec<SeedMachine> = ids
+        .iter()
+        .map(|id| SeedMachine {
+            id,
+            name: "dev",
+            behaviour: "online",
+            isolated: true,
+        })
+        .collect();
+    let seed = seed_file(dir, &seeds);
+    Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", "60"])
+}
+
 fn stalled_with(reason: &'static str) -> impl Fn(&DeviceIsolation) -> bool {
     move |di| condition(di, "Stalled").is_some_and(|c| c.0 == "True" && c.1 == reason)
 }
@@ -129,17 +144,7 @@ async fn a_connection_is_verified_a_wrong_secret_stalls_only_its_resources_and_a
     let dir = tempfile::tempdir().unwrap();
     let (via_conn, via_flags, via_missing) =
         (machine_id(0xc01), machine_id(0xc02), machine_id(0xc03));
-    let seeds: Vec<SeedMachine> = [&via_conn, &via_flags, &via_missing]
-        .iter()
-        .map(|id| SeedMachine {
-            id,
-            name: "dev",
-            behaviour: "online",
-            isolated: true,
-        })
-        .collect();
-    let seed = seed_file(dir.path(), &seeds);
-    let sim = Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", "60"]);
+    let sim = isolated_devices(dir.path(), &[&via_conn, &via_flags, &via_missing]);
     let mut cfg = OperatorConfig::new(&c.kubeconfig, &ns);
     cfg.time_scale = SCALE;
     let op = Operator::start(&sim, cfg);
@@ -381,17 +386,7 @@ async fn a_cluster_connection_refuses_a_namespace_outside_its_selector() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (inside, outside) = (machine_id(0xc11), machine_id(0xc12));
-    let seeds: Vec<SeedMachine> = [&inside, &outside]
-        .iter()
-        .map(|id| SeedMachine {
-            id,
-            name: "dev",
-            behaviour: "online",
-            isolated: true,
-        })
-        .collect();
-    let seed = seed_file(dir.path(), &seeds);
-    let sim = Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", "60"]);
+    let sim = isolated_devices(dir.path(), &[&inside, &outside]);
     let mut cfg = OperatorConfig::new(&c.kubeconfig, &allowed);
     cfg.namespaces.push(other.clone());
     cfg.time_scale = SCALE;
@@ -682,17 +677,7 @@ async fn the_charts_rbac_serves_connections_under_its_service_account() {
     // Both kinds serve a resource, the operator running as the ServiceAccount.
     let dir = tempfile::tempdir().unwrap();
     let (one, two) = (machine_id(0xc31), machine_id(0xc32));
-    let seeds: Vec<SeedMachine> = [&one, &two]
-        .iter()
-        .map(|id| SeedMachine {
-            id,
-            name: "dev",
-            behaviour: "online",
-            isolated: true,
-        })
-        .collect();
-    let seed = seed_file(dir.path(), &seeds);
-    let sim = Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", "60"]);
+    let sim = isolated_devices(dir.path(), &[&one, &two]);
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
     put_secret(&client, SA_NAMESPACE, "mde-conn", SIM_SECRET).await;
     let conns: Api<MdeConnection> = Api::namespaced(client.clone(), SA_NAMESPACE);

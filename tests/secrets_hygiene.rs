@@ -237,6 +237,23 @@ fn leaks(text: &str, secret: &str) -> bool {
         .any(|w| text.contains(&w.iter().collect::<String>()))
 }
 
+/// The operator binary watching `ns`, with nothing in its environment but the kubeconfig and
+/// `rust_log` (the credential is the caller's to add), its tokens from `authority`.
+fn operator_command(ns: &str, rust_log: &str, api: &str, authority: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mde-isolation-operator"));
+    cmd.env_clear()
+        .env("KUBECONFIG", &cluster().kubeconfig)
+        .env("RUST_LOG", rust_log)
+        .args(["run", "--namespace", ns, "--tenant-id", "test-tenant"])
+        .args(["--client-id", "mde-sim-client", "--time-scale", "60"])
+        .args(["--http-addr", "127.0.0.1:0"])
+        .arg("--api-url")
+        .arg(format!("{api}/"))
+        .arg("--authority")
+        .arg(format!("{authority}/"));
+    cmd
+}
+
 async fn run(cfg: RunCfg) {
     let c = cluster();
     c.install_crds().await;
@@ -284,17 +301,8 @@ async fn run(cfg: RunCfg) {
 
     let log = dir.path().join("operator.log");
     let log_file = std::fs::File::create(&log).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mde-isolation-operator"));
-    cmd.env_clear()
-        .env("KUBECONFIG", &c.kubeconfig)
-        .env("RUST_LOG", cfg.rust_log)
-        .args(["run", "--namespace", &ns, "--tenant-id", "test-tenant"])
-        .args(["--client-id", "mde-sim-client", "--time-scale", "60"])
-        .args(["--http-addr", "127.0.0.1:0", "--log-format", cfg.log_format])
-        .arg("--api-url")
-        .arg(format!("{}/", sim.base_url))
-        .arg("--authority")
-        .arg(format!("{}/", proxy.base));
+    let mut cmd = operator_command(&ns, cfg.rust_log, &sim.base_url, &proxy.base);
+    cmd.args(["--log-format", cfg.log_format]);
     match cfg.from {
         SecretFrom::Env => {
             cmd.env("MDE_CLIENT_SECRET", &operator_secret);
@@ -523,18 +531,13 @@ async fn a_connections_secret_never_appears_in_logs_events_status_or_metrics() {
     let log_file = std::fs::File::create(&log).unwrap();
     // The operator's own connection (flags) is the simulator's default app; the connection's
     // credential is the distinctive one.
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mde-isolation-operator"));
-    cmd.env_clear()
-        .env("KUBECONFIG", &c.kubeconfig)
-        .env("RUST_LOG", "info,mde_isolation_operator=trace")
-        .env("MDE_CLIENT_SECRET", common::operator::SIM_SECRET)
-        .args(["run", "--namespace", &ns, "--tenant-id", "test-tenant"])
-        .args(["--client-id", "mde-sim-client", "--time-scale", "60"])
-        .args(["--http-addr", "127.0.0.1:0"])
-        .arg("--api-url")
-        .arg(format!("{}/", sim.base_url))
-        .arg("--authority")
-        .arg(format!("{}/", sim.base_url));
+    let mut cmd = operator_command(
+        &ns,
+        "info,mde_isolation_operator=trace",
+        &sim.base_url,
+        &sim.base_url,
+    );
+    cmd.env("MDE_CLIENT_SECRET", common::operator::SIM_SECRET);
     let op = OperatorProcess {
         child: cmd
             .stdin(Stdio::null())
