@@ -866,3 +866,98 @@ async fn a_set_selects_and_releases_in_its_connections_tenant_only() {
     );
     drop(op);
 }
+
+/// A certificate credential from a `kubernetes.io/tls` Secret: the connection signs its client
+/// assertions with it, and the key appears nowhere in the operator's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_signs_in_with_the_certificate_of_a_tls_secret() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("conn-cert").await;
+    let client = c.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (crt, key) = (dir.path().join("app.crt"), dir.path().join("app.key"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=mde-conn", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()
+        .expect("the openssl command is needed to make an RSA test certificate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (crt_pem, key_pem) = (
+        std::fs::read_to_string(&crt).unwrap(),
+        std::fs::read_to_string(&key).unwrap(),
+    );
+    let machine = machine_id(0xc41);
+    let sim = isolated_devices(dir.path(), &[]);
+    sim.put_tenant(json!({
+        "tenantId": "certs.example",
+        "apps": [{"clientId": "app-cert", "certificates": [crt_pem],
+                  "roles": ["Machine.Isolate", "Machine.Read.All"]}],
+        "machines": [{"id": machine, "computerDnsName": "c.local", "behaviour": "online",
+                      "isolated": true}],
+    }))
+    .await;
+    let mut cfg = OperatorConfig::new(&c.kubeconfig, &ns);
+    cfg.time_scale = SCALE;
+    let op = Operator::start(&sim, cfg);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let tls = json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": "app-cert"},
+        "stringData": {"tls.crt": crt_pem, "tls.key": key_pem}});
+    secrets
+        .patch(
+            "app-cert",
+            &PatchParams::apply("e2e-test"),
+            &Patch::Apply(&tls),
+        )
+        .await
+        .unwrap();
+    let mut spec = connection_spec(&sim, "certs.example", "unused");
+    spec["clientId"] = "app-cert".into();
+    spec["credential"] = json!({"certificate": {"secretName": "app-cert"}});
+    let conns: Api<MdeConnection> = Api::namespaced(client.clone(), &ns);
+    let conn: MdeConnection = serde_json::from_value(json!({
+        "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "MdeConnection",
+        "metadata": {"name": "certs"}, "spec": spec,
+    }))
+    .unwrap();
+    conns.create(&PostParams::default(), &conn).await.unwrap();
+    create(
+        &client,
+        &ns,
+        &with_connection(
+            device_isolation("by-cert", &machine, false, Some("INC-12")),
+            ConnectionKind::MdeConnection,
+            "certs",
+        ),
+    )
+    .await;
+    wait_for(&client, &ns, "by-cert", WITHIN, &op, "Released", released).await;
+    let tokens: Vec<Value> = sim
+        .admin_calls_in("certs.example")
+        .await
+        .into_iter()
+        .filter(|c| c["api"] == "token")
+        .collect();
+    assert!(!tokens.is_empty());
+    assert!(
+        tokens.iter().all(|t| t["credential"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("certificate:"))),
+        "{tokens:?}"
+    );
+    let log = op.output();
+    assert!(
+        !log.contains("PRIVATE KEY") && !log.contains("eyJ"),
+        "key or assertion logged"
+    );
+}
