@@ -268,7 +268,7 @@ fn lua_literals_keep_strings_exact() {
 }
 
 #[test]
-fn docs_give_both_kinds_the_shipped_script() {
+fn docs_give_every_kind_the_shipped_script() {
     let script = std::fs::read_to_string(script_path()).expect("health.lua");
     let docs = std::fs::read_to_string(repo().join("docs/gitops.md")).expect("docs/gitops.md");
     // The argocd-cm example: the YAML block of docs/gitops.md that holds a ConfigMap.
@@ -281,7 +281,12 @@ fn docs_give_both_kinds_the_shipped_script() {
     let configmap: serde_yaml::Value = serde_yaml::from_str(example)
         .unwrap_or_else(|e| panic!("the argocd-cm example of docs/gitops.md: {e}"));
     assert_eq!(configmap["metadata"]["name"].as_str(), Some("argocd-cm"));
-    for kind in ["DeviceIsolation", "DeviceIsolationSet"] {
+    for kind in [
+        "DeviceIsolation",
+        "DeviceIsolationSet",
+        "MdeConnection",
+        "ClusterMdeConnection",
+    ] {
         let key = format!("resource.customizations.health.isolation.mde.dev_{kind}");
         assert_eq!(
             configmap["data"][key.as_str()].as_str(),
@@ -289,5 +294,42 @@ fn docs_give_both_kinds_the_shipped_script() {
             "the argocd-cm example of docs/gitops.md must give {key} \
              charts/mde-isolation-operator/argocd/health.lua verbatim"
         );
+    }
+}
+
+/// A connection as the connection controller writes it in `phase` (`Ready` reason, and the
+/// condition that goes with it).
+fn connection(reason: &str, extra: Option<&str>) -> Value {
+    let ready = if extra.is_none() { "True" } else { "False" };
+    let mut conditions = vec![serde_json::json!({
+        "type": "Ready", "status": ready, "reason": reason, "message": "m",
+        "observedGeneration": 1, "lastTransitionTime": "2026-12-06T00:00:00Z"})];
+    if let Some(type_) = extra {
+        conditions.push(serde_json::json!({
+            "type": type_, "status": "True", "reason": reason, "message": "m",
+            "observedGeneration": 1, "lastTransitionTime": "2026-12-06T00:00:00Z"}));
+    }
+    serde_json::json!({
+        "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "MdeConnection",
+        "metadata": {"name": "fabrikam", "generation": 1},
+        "status": {"observedGeneration": 1, "conditions": conditions, "callsLastHour": 3},
+    })
+}
+
+#[test]
+fn health_of_a_connection_under_real_lua() {
+    for lua in INTERPRETERS.map(interpreter) {
+        for (object, want) in [
+            (connection("Connected", None), "Healthy"),
+            (connection("Verifying", Some("Reconciling")), "Progressing"),
+            (
+                connection("AuthenticationFailed", Some("Stalled")),
+                "Degraded",
+            ),
+            (connection("CredentialMissing", Some("Stalled")), "Degraded"),
+        ] {
+            let (status, message) = health(&lua, &object);
+            assert_eq!(status, want, "{lua}: {object}: {message}");
+        }
     }
 }

@@ -1,9 +1,12 @@
--- Argo CD health check for isolation.mde.dev/DeviceIsolation and DeviceIsolationSet (see
--- docs/gitops.md): both report the same conditions, and this script reads nothing else.
+-- Argo CD health check for isolation.mde.dev/DeviceIsolation, DeviceIsolationSet, MdeConnection
+-- and ClusterMdeConnection (see docs/gitops.md): all report the same conditions, and this script
+-- reads nothing else.
 --
--- Put this script in the argocd-cm ConfigMap under both keys
+-- Put this script in the argocd-cm ConfigMap under the keys
 -- resource.customizations.health.isolation.mde.dev_DeviceIsolation
 -- resource.customizations.health.isolation.mde.dev_DeviceIsolationSet
+-- resource.customizations.health.isolation.mde.dev_MdeConnection
+-- resource.customizations.health.isolation.mde.dev_ClusterMdeConnection
 --
 --   Healthy      Ready=True, and both status.observedGeneration and the Ready condition's
 --                observedGeneration equal metadata.generation
@@ -11,7 +14,7 @@
 --                is "<reason>: <message>"
 --   Progressing  everything else: no status yet, a spec change the operator has not observed,
 --                Reconciling (an action pending, waiting for quota, a retry scheduled; a set
---                rolling out, in its canary, or paused)
+--                rolling out, in its canary, or paused; a connection being verified)
 --
 -- Argo CD runs health checks with gopher-lua (Lua 5.1): keep to Lua 5.1.
 local hs = {}
