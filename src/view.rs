@@ -149,9 +149,13 @@ impl ActionView {
         (open(&inner).count(), oldest)
     }
 
-    /// Registers that `resource` manages `machine_id` (replacing an earlier machine).
-    pub fn watch(&self, resource: &ResourceRef, machine_id: &str) {
-        if self.read().machine_of.get(resource).map(|m| &**m) == Some(machine_id) {
+    /// Registers that `resource` manages `machine_id` (replacing an earlier machine). The
+    /// reference is kept as given: the reconcile memory's ([`Memory::shared`]), by name and
+    /// namespace.
+    ///
+    /// [`Memory::shared`]: crate::reconcile::Memory::shared
+    pub fn watch(&self, resource: &Arc<ResourceRef>, machine_id: &str) {
+        if self.read().machine_of.get(&**resource).map(|m| &**m) == Some(machine_id) {
             return; // the common case, on every reconcile: no write lock
         }
         let mut inner = self.write();
@@ -160,7 +164,12 @@ impl ActionView {
             Some((shared, _)) => shared.clone(),
             None => Arc::from(machine_id),
         };
-        let resource = Arc::new(bare(resource));
+        let resource = if resource.extra.uid.is_none() && resource.extra.resource_version.is_none()
+        {
+            resource.clone()
+        } else {
+            Arc::new(bare(resource))
+        };
         inner.machine_of.insert(resource.clone(), machine.clone());
         let list = inner.watchers.entry(machine).or_default();
         if !list.contains(&resource) {
@@ -349,9 +358,10 @@ mod tests {
     fn watchers_follow_the_machine_a_resource_manages() {
         let view = ActionView::new();
         let r = ResourceRef::new("a").within("ns");
-        view.watch(&r, "m1");
+        let shared = Arc::new(r.clone());
+        view.watch(&shared, "m1");
         assert_eq!(view.watchers_of([&"m1".to_string()]), vec![r.clone()]);
-        view.watch(&r, "m2");
+        view.watch(&shared, "m2");
         assert!(view.watchers_of([&"m1".to_string()]).is_empty());
         assert_eq!(view.watched(), 1);
         assert_eq!(view.unwatch(&r).as_deref(), Some("m2"));
@@ -367,9 +377,10 @@ mod tests {
             ResourceRef::new("a").within("ns"),
             ResourceRef::new("b").within("ns"),
         );
-        view.watch(&a, "m1");
-        view.watch(&a, "m1");
-        view.watch(&b, "m1");
+        let (shared_a, shared_b) = (Arc::new(a.clone()), Arc::new(b.clone()));
+        view.watch(&shared_a, "m1");
+        view.watch(&shared_a, "m1");
+        view.watch(&shared_b, "m1");
         let m1 = "m1".to_string();
         let mut woken = view.watchers_of([&m1, &m1]);
         woken.sort_by(|x, y| x.name.cmp(&y.name));

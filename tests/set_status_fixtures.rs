@@ -206,7 +206,13 @@ impl Set {
         self.typed_status()
             .conditions
             .iter()
-            .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+            .map(|c| {
+                (
+                    c.type_.to_string(),
+                    c.status.to_string(),
+                    c.reason.to_string(),
+                )
+            })
             .collect()
     }
 

@@ -155,7 +155,8 @@ impl Effects for Live<'_> {
         // Registered first, checked second: the watch removes a deleted object from the cache
         // before it reports the deletion, so either this sees it gone or the deletion, reported
         // later, unregisters it.
-        self.ctx.view.watch(&self.resource, machine);
+        let shared = self.ctx.memory.shared(&self.resource);
+        self.ctx.view.watch(&shared, machine);
         if !self.present() {
             self.ctx.view.unwatch(&self.resource);
             return false;
