@@ -334,11 +334,16 @@ pub async fn reconcile(set: Arc<DeviceIsolationSet>, ctx: Arc<Context>) -> Resul
             Err(wait) => return waiting(&set, &ctx, status, wait).await,
         },
     };
-    let (children, managed_elsewhere) = observe(&set, &selection, &ctx);
-    let states: HashMap<String, ChildState> = children
+    let (ours, managed_elsewhere) = observe(&set, &selection, &ctx);
+    // By machine id, borrowed from the cached children: a set reconciles again after every
+    // burst of its children's changes, and a copy of each id per map was a transient of 10,000
+    // strings each time.
+    let children: HashMap<&str, &DeviceIsolation> = ours
         .iter()
-        .map(|(m, c)| (m.clone(), child_state(c)))
+        .filter_map(|c| Some((c.machine_id()?, &**c)))
         .collect();
+    let states: HashMap<&str, ChildState> =
+        children.iter().map(|(m, c)| (*m, child_state(c))).collect();
     let mut decision = rollout::plan(&rollout::Input {
         generation: set.metadata.generation.unwrap_or(1),
         spec: &set.spec,
@@ -369,7 +374,7 @@ pub async fn reconcile(set: Arc<DeviceIsolationSet>, ctx: Arc<Context>) -> Resul
         // Children that waited for the set go on now (they would also look again by themselves).
         for child in children.values() {
             if held(child) {
-                ctx.waker.wake(&ResourceRef::from_obj(&**child));
+                ctx.waker.wake(&ResourceRef::from_obj(*child));
             }
         }
     }
@@ -480,16 +485,16 @@ async fn waiting(
     Ok(Action::requeue(wait.after))
 }
 
-/// This set's children by machine id, and the selected machines another DeviceIsolation manages.
+/// This set's children, and the selected machines another DeviceIsolation manages.
 fn observe(
     set: &DeviceIsolationSet,
     selection: &Selection,
     ctx: &Context,
-) -> (HashMap<String, Arc<DeviceIsolation>>, HashSet<String>) {
+) -> (Vec<Arc<DeviceIsolation>>, HashSet<String>) {
     let uid = set.metadata.uid.as_deref().unwrap_or_default();
     let namespace = set.namespace();
     let selected: HashSet<&str> = selection.machine_ids.iter().map(String::as_str).collect();
-    let mut children = HashMap::new();
+    let mut children = Vec::new();
     let mut elsewhere = HashSet::new();
     for di in ctx.stores.all() {
         let Some(machine) = di.machine_id() else {
@@ -497,7 +502,7 @@ fn observe(
         };
         let ours = di.owning_set().is_some_and(|(_, u)| u == uid) && di.namespace() == namespace;
         if ours {
-            children.insert(machine.to_string(), di.clone());
+            children.push(di.clone());
         } else if selected.contains(machine) && di.metadata.deletion_timestamp.is_none() {
             elsewhere.insert(machine.to_string());
         }
@@ -511,7 +516,7 @@ async fn write_children(
     set: &DeviceIsolationSet,
     ctx: &Context,
     selection: &Selection,
-    children: &HashMap<String, Arc<DeviceIsolation>>,
+    children: &HashMap<&str, &DeviceIsolation>,
     admit: Vec<String>,
 ) -> Result<(), Error> {
     let namespace = set.namespace().unwrap_or_default();
@@ -522,7 +527,7 @@ async fn write_children(
     let mut writes = admit;
     for (machine, child) in children {
         if !up_to_date(child, set) && child.metadata.deletion_timestamp.is_none() {
-            writes.push(machine.clone());
+            writes.push(machine.to_string());
         }
     }
     let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -560,7 +565,7 @@ async fn write_children(
     }
     let selected: HashSet<&str> = selection.machine_ids.iter().map(String::as_str).collect();
     for (machine, child) in children {
-        if !selected.contains(machine.as_str()) && child.metadata.deletion_timestamp.is_none() {
+        if !selected.contains(machine) && child.metadata.deletion_timestamp.is_none() {
             let name = child.name_any();
             match api.delete(&name, &DeleteParams::background()).await {
                 Ok(_) => {}
