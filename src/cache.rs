@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use kube::Resource;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
@@ -32,11 +32,24 @@ pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration
 pub fn slim<K: Resource>(obj: &mut K) {
     let meta = obj.meta_mut();
     meta.managed_fields = None;
+    // The watch follows the resourceVersions of the events it receives, before this runs; the
+    // operator's writes are patches, which need none. Kept, it would be a string in the object
+    // and another in the store's key.
+    meta.resource_version = None;
     // Labels (a set's child carries `isolation.mde.dev/set`, GitOps tools add their own): the
     // operator never reads them; a child finds its set by its ownerReference.
     meta.labels = None;
     if let Some(annotations) = meta.annotations.as_mut() {
         annotations.remove(LAST_APPLIED);
+    }
+}
+
+/// [`slim`] for a DeviceIsolation, and the texts its conditions repeat held once
+/// ([`conditions::share_texts`]).
+pub fn slim_device(di: &mut DeviceIsolation) {
+    slim(di);
+    if let Some(status) = di.status.as_mut() {
+        conditions::share_texts(&mut status.conditions);
     }
 }
 
@@ -75,6 +88,13 @@ pub enum Gone {
 /// A watch of `api` (`scope`: its namespace, `None` for all) whose objects are slimmed, feeding a
 /// reflector store; deletions are sent to `gone` after the store has dropped them. Returns the
 /// store's reader and the stream of changed objects that drives the controller.
+///
+/// The stream's objects only say which resource to reconcile (the controller reconciles the
+/// cached copy): they carry no uid. The controller's queue keeps a reference taken from the
+/// object for every resource waiting for a requeue, twice (its delay queue and its index), and
+/// a reference copies the uid (and the resourceVersion, which [`slim`] drops). In the
+/// `fleet10000` benchmark, with 8,500 children waiting for quota, those copies of name,
+/// namespace, uid and resourceVersion were 2.1 MB (heaptrack).
 pub fn slim_watch(
     api: Api<DeviceIsolation>,
     config: watcher::Config,
@@ -87,7 +107,7 @@ pub fn slim_watch(
     let (reader, writer) = reflector::store();
     // Objects of the list in progress (between Init and InitDone).
     let mut listing: Option<HashSet<ResourceRef>> = None;
-    let stream = reflector::reflector(writer, watcher(api, config).modify(slim))
+    let stream = reflector::reflector(writer, watcher(api, config).modify(slim_device))
         .inspect(move |event| {
             let Ok(event) = event else { return };
             match event {
@@ -113,6 +133,10 @@ pub fn slim_watch(
             }
         })
         .applied_objects()
+        .map_ok(|mut di| {
+            di.metadata.uid = None;
+            di
+        })
         .boxed();
     (reader, stream)
 }
@@ -195,6 +219,7 @@ mod tests {
             "metadata": {
                 "name": "laptop",
                 "namespace": "soc",
+                "resourceVersion": "4711",
                 "annotations": {
                     LAST_APPLIED: "{\"big\":\"manifest\"}",
                     COMMENT_ANNOTATION: "INC-1",
@@ -208,6 +233,7 @@ mod tests {
         di.metadata.labels = Some([("isolation.mde.dev/set".to_string(), "s".to_string())].into());
         slim(&mut di);
         assert!(di.metadata.managed_fields.is_none());
+        assert!(di.metadata.resource_version.is_none());
         assert!(di.metadata.labels.is_none());
         let annotations = di.metadata.annotations.as_ref().unwrap();
         assert!(!annotations.contains_key(LAST_APPLIED));

@@ -1,9 +1,12 @@
 //! kstatus-compatible conditions: `Ready` (always present), and `Reconciling` / `Stalled`, which
 //! are present only while true ("abnormal-true" conditions, as kstatus expects).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
-use crate::reconcile::Reason;
+use crate::fleet::SetReason;
+use crate::reconcile::{Reason, WAITING_FOR_VIEW};
 
 /// Condition type that is `True` once the device is in the desired state for this generation.
 pub const READY: &str = "Ready";
@@ -18,18 +21,162 @@ pub const STALLED: &str = "Stalled";
 pub struct Condition {
     /// Condition type: Ready, Reconciling or Stalled.
     #[serde(rename = "type")]
-    pub type_: String,
+    #[schemars(with = "String")]
+    pub type_: Text,
     /// True, False or Unknown.
-    pub status: String,
+    #[schemars(with = "String")]
+    pub status: Text,
     /// One-word CamelCase reason, listed in the README.
-    pub reason: String,
+    #[schemars(with = "String")]
+    pub reason: Text,
     /// Human-readable detail.
-    pub message: String,
+    #[schemars(with = "String")]
+    pub message: Text,
     /// The metadata.generation the condition was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// When the condition's status last changed (RFC 3339).
-    pub last_transition_time: String,
+    #[schemars(with = "String")]
+    pub last_transition_time: Text,
+}
+
+/// A condition's text, a string in JSON. Every cached resource carries two or three conditions,
+/// so their text is most of a resource's status: the vocabulary (types, statuses, reasons) is
+/// held as the program's own `&'static str`, and any other text (a message, a time) in one
+/// shared allocation, which the conditions of one resource that say the same thing hold once
+/// ([`share_texts`]). Memory bench `--waiting` (10,000 children waiting for quota, two
+/// conditions each): the reflector store 3,212 → 2,972 bytes per resource in malloc chunks,
+/// 33 → 25 allocations.
+#[derive(Clone)]
+pub enum Text {
+    /// A word of the vocabulary ([`word`]).
+    Word(&'static str),
+    /// Any other text.
+    Shared(Arc<str>),
+}
+
+/// The vocabulary of conditions: their types and statuses, and every reason the operator writes.
+pub fn word(s: &str) -> Option<&'static str> {
+    [
+        READY,
+        RECONCILING,
+        STALLED,
+        "True",
+        "False",
+        "Unknown",
+        WAITING_FOR_VIEW,
+    ]
+    .into_iter()
+    .chain(Reason::ALL.iter().map(|r| r.as_str()))
+    .chain(SetReason::ALL.iter().map(|r| r.as_str()))
+    .find(|w| *w == s)
+}
+
+impl Text {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Text::Word(w) => w,
+            Text::Shared(s) => s,
+        }
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Self {
+        match word(s) {
+            Some(w) => Text::Word(w),
+            None => Text::Shared(Arc::from(s)),
+        }
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        match word(&s) {
+            Some(w) => Text::Word(w),
+            None => Text::Shared(Arc::from(s)),
+        }
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Text) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Text {}
+
+impl PartialEq<str> for Text {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Text {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::fmt::Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Text, E> {
+                Ok(Text::from(s))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+/// Makes the conditions of one resource that carry the same message or time hold one copy of it
+/// (a Reconciling or Stalled condition repeats the Ready condition's message and time). Each
+/// condition is parsed on its own, so the copies are shared here, as a resource enters the cache.
+pub fn share_texts(conditions: &mut [Condition]) {
+    for i in 1..conditions.len() {
+        let (earlier, rest) = conditions.split_at_mut(i);
+        let this = &mut rest[0];
+        for e in earlier.iter() {
+            if e.message == this.message {
+                this.message = e.message.clone();
+            }
+            if e.last_transition_time == this.last_transition_time {
+                this.last_transition_time = e.last_transition_time.clone();
+            }
+        }
+    }
 }
 
 /// A condition's reason: a DeviceIsolation's [`Reason`] or a set's.
@@ -141,12 +288,12 @@ pub fn conditions_for<R: ConditionReason>(
             .iter()
             .find(|c| c.type_ == type_ && c.status == status)
             .map(|c| c.last_transition_time.clone())
-            .unwrap_or_else(|| now.to_string());
+            .unwrap_or_else(|| now.into());
         Condition {
-            type_: type_.to_string(),
-            status: status.to_string(),
-            reason: reason.to_string(),
-            message: message.to_string(),
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
             observed_generation: Some(generation),
             last_transition_time: since,
         }
@@ -155,6 +302,7 @@ pub fn conditions_for<R: ConditionReason>(
     if let Some((type_, reason, message)) = extra {
         out.push(make(type_, "True", reason.as_str(), message));
     }
+    share_texts(&mut out);
     out
 }
 

@@ -134,7 +134,26 @@ mod alloc_stats {
     #[global_allocator]
     static GLOBAL: Counting = Counting;
 
-    /// Prints live and peak heap bytes and VmRSS (KiB) to stderr every `period`.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn malloc_info() -> String {
+        // SAFETY: mallinfo2 only reads the allocator's counters.
+        let m = unsafe { libc::mallinfo2() };
+        format!(
+            " in-use={}KiB free={}KiB mmap={}KiB",
+            m.uordblks / 1024,
+            m.fordblks / 1024,
+            m.hblkhd / 1024
+        )
+    }
+
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    fn malloc_info() -> String {
+        String::new()
+    }
+
+    /// Prints live and peak heap bytes and VmRSS (KiB) to stderr every `period`, and (glibc)
+    /// what malloc holds: `in-use` (the chunks of live allocations, headers and rounding
+    /// included), `free` (free chunks kept in the heap) and `mmap` (large blocks of their own).
     pub fn report_every(period: std::time::Duration) {
         std::thread::spawn(move || {
             loop {
@@ -147,9 +166,10 @@ mod alloc_stats {
                     })
                     .unwrap_or_default();
                 eprintln!(
-                    "alloc-stats live={}KiB peak={}KiB rss={rss}",
+                    "alloc-stats live={}KiB peak={}KiB rss={rss}{}",
                     LIVE.load(Ordering::Relaxed) / 1024,
                     PEAK.load(Ordering::Relaxed) / 1024,
+                    malloc_info(),
                 );
                 std::thread::sleep(period);
             }

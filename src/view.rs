@@ -12,18 +12,93 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::cache::bare;
-use crate::mde::model::MachineAction;
+use crate::mde::model::{ActionStatus, MachineAction};
 use crate::reconcile::{ActionFact, ActionKind, CallFailure, ResourceRef};
 
 /// Finished actions kept per machine beyond the open ones: enough to know the device's current
 /// state, to detect drift, and to find a recent action by its marker.
 const FINISHED_KEPT_PER_MACHINE: usize = 6;
 
-/// A known action, and when this process first saw it (its own monotonic clock). Kept together
-/// so that the sighting goes when the action is pruned.
+/// A known action (an [`ActionFact`] when read), and when this process first saw it (its own
+/// monotonic clock), kept together so that the sighting goes when the action is pruned. The view
+/// holds an action per machine, thousands with a fleet: the requestor and the request source,
+/// a few distinct values in a tenant, are interned ([`Inner::texts`]), and strings are boxed
+/// (no spare capacity). Memory bench `--waiting` (one action per machine, 10,000): 768 → 496
+/// bytes per action in malloc chunks, 6 → 4 allocations.
 struct Known {
-    fact: ActionFact,
+    id: Box<str>,
+    kind: ActionKind,
+    status: ActionStatus,
+    requestor: Option<Arc<str>>,
+    comment: Option<Box<str>>,
+    request_source: Option<Arc<str>>,
+    created_at: Option<DateTime<Utc>>,
+    updated_at: Option<DateTime<Utc>>,
     first_seen: std::time::Instant,
+}
+
+impl Known {
+    fn new(fact: ActionFact, texts: &mut Texts, first_seen: std::time::Instant) -> Self {
+        Known {
+            id: fact.id.into(),
+            kind: fact.kind,
+            status: fact.status,
+            requestor: fact.requestor.map(|r| texts.intern(&r)),
+            comment: fact.comment.map(String::into_boxed_str),
+            request_source: fact.request_source.map(|r| texts.intern(&r)),
+            created_at: fact.created_at,
+            updated_at: fact.updated_at,
+            first_seen,
+        }
+    }
+
+    fn fact(&self) -> ActionFact {
+        ActionFact {
+            id: self.id.to_string(),
+            kind: self.kind,
+            status: self.status.clone(),
+            requestor: self.requestor.as_deref().map(String::from),
+            comment: self.comment.as_deref().map(String::from),
+            request_source: self.request_source.as_deref().map(String::from),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+
+    /// Whether it says what `fact` says.
+    fn is(&self, fact: &ActionFact) -> bool {
+        *self.id == *fact.id
+            && self.kind == fact.kind
+            && self.status == fact.status
+            && self.requestor.as_deref() == fact.requestor.as_deref()
+            && self.comment.as_deref() == fact.comment.as_deref()
+            && self.request_source.as_deref() == fact.request_source.as_deref()
+            && self.created_at == fact.created_at
+            && self.updated_at == fact.updated_at
+    }
+}
+
+/// Interned texts: one allocation per distinct value. Values no action holds any more are
+/// dropped whenever the set has doubled since the last sweep.
+#[derive(Default)]
+struct Texts {
+    set: HashSet<Arc<str>>,
+    sweep_at: usize,
+}
+
+impl Texts {
+    fn intern(&mut self, text: &str) -> Arc<str> {
+        if let Some(shared) = self.set.get(text) {
+            return shared.clone();
+        }
+        if self.set.len() >= self.sweep_at {
+            self.set.retain(|t| Arc::strong_count(t) > 1);
+            self.sweep_at = (self.set.len() * 2).max(64);
+        }
+        let shared: Arc<str> = Arc::from(text);
+        self.set.insert(shared.clone());
+        shared
+    }
 }
 
 /// Sized for thousands of machines and resources: each list is allocated to its exact length
@@ -36,6 +111,8 @@ struct Inner {
     synced: bool,
     load_failure: Option<CallFailure>,
     by_machine: HashMap<String, Vec<Known>>,
+    /// The requestors and request sources of the known actions.
+    texts: Texts,
     /// Resources per machine, without repeats; almost always one. Both maps share each
     /// resource's reference (an `Arc`): with 10,000 resources, a copy of each name and namespace
     /// in each map cost 458 bytes per resource, the shared one 311 (memory bench `--set`).
@@ -86,7 +163,7 @@ impl ActionView {
         self.read()
             .by_machine
             .get(machine_id)
-            .map(|list| list.iter().map(|k| k.fact.clone()).collect())
+            .map(|list| list.iter().map(Known::fact).collect())
             .unwrap_or_default()
     }
 
@@ -97,19 +174,22 @@ impl ActionView {
         I: IntoIterator<Item = (String, ActionFact)>,
     {
         let mut inner = self.write();
+        let Inner {
+            by_machine, texts, ..
+        } = &mut *inner;
         let mut changed = HashSet::new();
         let seen_now = std::time::Instant::now();
         for (machine, action) in actions {
-            let list = inner.by_machine.entry(machine.clone()).or_default();
-            match list.iter_mut().find(|k| k.fact.id == action.id) {
-                Some(existing) if existing.fact == action => continue,
-                Some(existing) => existing.fact = action,
+            let list = by_machine.entry(machine.clone()).or_default();
+            match list.iter_mut().find(|k| *k.id == *action.id) {
+                Some(existing) if existing.is(&action) => continue,
+                Some(existing) => {
+                    let first_seen = existing.first_seen;
+                    *existing = Known::new(action, texts, first_seen);
+                }
                 None => {
                     list.reserve_exact(1);
-                    list.push(Known {
-                        fact: action,
-                        first_seen: seen_now,
-                    });
+                    list.push(Known::new(action, texts, seen_now));
                 }
             }
             prune(list);
@@ -121,9 +201,9 @@ impl ActionView {
     /// Ids of open actions, oldest first.
     pub fn open_action_ids(&self) -> Vec<String> {
         let inner = self.read();
-        let mut open: Vec<&ActionFact> = open(&inner).map(|k| &k.fact).collect();
-        open.sort_by_key(|a| a.created_at);
-        open.into_iter().map(|a| a.id.clone()).collect()
+        let mut open: Vec<&Known> = open(&inner).collect();
+        open.sort_by_key(|k| k.created_at);
+        open.into_iter().map(|k| k.id.to_string()).collect()
     }
 
     /// The newest creation time MDE stamped on any action in the view (MDE's clock).
@@ -133,7 +213,7 @@ impl ActionView {
             .by_machine
             .values()
             .flatten()
-            .filter_map(|k| k.fact.created_at)
+            .filter_map(|k| k.created_at)
             .max()
     }
 
@@ -149,9 +229,13 @@ impl ActionView {
         (open(&inner).count(), oldest)
     }
 
-    /// Registers that `resource` manages `machine_id` (replacing an earlier machine).
-    pub fn watch(&self, resource: &ResourceRef, machine_id: &str) {
-        if self.read().machine_of.get(resource).map(|m| &**m) == Some(machine_id) {
+    /// Registers that `resource` manages `machine_id` (replacing an earlier machine). The
+    /// reference is kept as given: the reconcile memory's ([`Memory::shared`]), by name and
+    /// namespace.
+    ///
+    /// [`Memory::shared`]: crate::reconcile::Memory::shared
+    pub fn watch(&self, resource: &Arc<ResourceRef>, machine_id: &str) {
+        if self.read().machine_of.get(&**resource).map(|m| &**m) == Some(machine_id) {
             return; // the common case, on every reconcile: no write lock
         }
         let mut inner = self.write();
@@ -160,7 +244,12 @@ impl ActionView {
             Some((shared, _)) => shared.clone(),
             None => Arc::from(machine_id),
         };
-        let resource = Arc::new(bare(resource));
+        let resource = if resource.extra.uid.is_none() && resource.extra.resource_version.is_none()
+        {
+            resource.clone()
+        } else {
+            Arc::new(bare(resource))
+        };
         inner.machine_of.insert(resource.clone(), machine.clone());
         let list = inner.watchers.entry(machine).or_default();
         if !list.contains(&resource) {
@@ -214,7 +303,6 @@ impl ActionView {
 /// reads.
 fn age(known: &Known, now: DateTime<Utc>) -> Duration {
     let by_stamp = known
-        .fact
         .created_at
         .and_then(|c| (now - c).to_std().ok())
         .unwrap_or_default();
@@ -242,7 +330,7 @@ fn open(inner: &Inner) -> impl Iterator<Item = &Known> {
         .by_machine
         .values()
         .flatten()
-        .filter(|k| !k.fact.status.is_final())
+        .filter(|k| !k.status.is_final())
 }
 
 /// The planner's view of an MDE action with its machine id; `None` for other action types or an
@@ -267,14 +355,14 @@ pub fn fact_of(action: &MachineAction) -> Option<(String, ActionFact)> {
 
 /// Keeps every open action and the latest finished ones, newest last.
 fn prune(list: &mut Vec<Known>) {
-    list.sort_by_key(|k| (k.fact.created_at, k.fact.id.clone()));
-    let finished = list.iter().filter(|k| k.fact.status.is_final()).count();
+    list.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    let finished = list.iter().filter(|k| k.status.is_final()).count();
     if finished <= FINISHED_KEPT_PER_MACHINE {
         return;
     }
     let mut drop = finished - FINISHED_KEPT_PER_MACHINE;
     list.retain(|k| {
-        if drop > 0 && k.fact.status.is_final() {
+        if drop > 0 && k.status.is_final() {
             drop -= 1;
             false
         } else {
@@ -325,6 +413,21 @@ mod tests {
     }
 
     #[test]
+    fn requestors_and_sources_are_kept_once_and_read_back_as_given() {
+        let view = ActionView::new();
+        let mut a = fact("a", ActionStatus::Pending, 0);
+        a.requestor = Some("app".into());
+        a.request_source = Some("PublicApi".into());
+        a.comment = Some("why [mde-isolation-operator ns/x gen=1 uid=1 try=1]".into());
+        let mut b = a.clone();
+        b.id = "b".into();
+        view.upsert([("m1".to_string(), a.clone()), ("m2".to_string(), b.clone())]);
+        assert_eq!(view.actions_for("m1"), vec![a]);
+        assert_eq!(view.actions_for("m2"), vec![b]);
+        assert_eq!(view.read().texts.set.len(), 2, "one copy of each value");
+    }
+
+    #[test]
     fn open_actions_are_never_pruned_and_finished_ones_are_bounded() {
         let view = ActionView::new();
         let m = "m1".to_string();
@@ -349,9 +452,10 @@ mod tests {
     fn watchers_follow_the_machine_a_resource_manages() {
         let view = ActionView::new();
         let r = ResourceRef::new("a").within("ns");
-        view.watch(&r, "m1");
+        let shared = Arc::new(r.clone());
+        view.watch(&shared, "m1");
         assert_eq!(view.watchers_of([&"m1".to_string()]), vec![r.clone()]);
-        view.watch(&r, "m2");
+        view.watch(&shared, "m2");
         assert!(view.watchers_of([&"m1".to_string()]).is_empty());
         assert_eq!(view.watched(), 1);
         assert_eq!(view.unwatch(&r).as_deref(), Some("m2"));
@@ -367,9 +471,10 @@ mod tests {
             ResourceRef::new("a").within("ns"),
             ResourceRef::new("b").within("ns"),
         );
-        view.watch(&a, "m1");
-        view.watch(&a, "m1");
-        view.watch(&b, "m1");
+        let (shared_a, shared_b) = (Arc::new(a.clone()), Arc::new(b.clone()));
+        view.watch(&shared_a, "m1");
+        view.watch(&shared_a, "m1");
+        view.watch(&shared_b, "m1");
         let m1 = "m1".to_string();
         let mut woken = view.watchers_of([&m1, &m1]);
         woken.sort_by(|x, y| x.name.cmp(&y.name));

@@ -154,7 +154,13 @@ fn ready_reason(set: &DeviceIsolationSet) -> Option<(String, String, String)> {
         .iter()
         .find(|c| c.type_ == "Ready")
         .filter(|c| c.observed_generation == set.metadata.generation)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        .map(|c| {
+            (
+                c.status.to_string(),
+                c.reason.to_string(),
+                c.message.to_string(),
+            )
+        })
 }
 
 /// Polls the set until `pred` holds.

@@ -176,9 +176,9 @@ impl Set {
     fn step(&mut self, children: &[(usize, ChildState)], now: DateTime<Utc>) -> Decision {
         let status = self.typed_status();
         let selection = status.selection.clone().expect("a resolved selection");
-        let children: HashMap<String, ChildState> = children
+        let children: HashMap<&str, ChildState> = children
             .iter()
-            .map(|(i, state)| (MACHINES[*i].0.to_string(), *state))
+            .map(|(i, state)| (MACHINES[*i].0, *state))
             .collect();
         let decision = rollout::plan(&rollout::Input {
             generation: self.generation,
@@ -206,7 +206,13 @@ impl Set {
         self.typed_status()
             .conditions
             .iter()
-            .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+            .map(|c| {
+                (
+                    c.type_.to_string(),
+                    c.status.to_string(),
+                    c.reason.to_string(),
+                )
+            })
             .collect()
     }
 

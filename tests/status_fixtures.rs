@@ -162,7 +162,13 @@ fn conditions_of(status: &DeviceIsolationStatus) -> Vec<(String, String, String)
     status
         .conditions
         .iter()
-        .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+        .map(|c| {
+            (
+                c.type_.to_string(),
+                c.status.to_string(),
+                c.reason.to_string(),
+            )
+        })
         .collect()
 }
 

@@ -35,7 +35,7 @@ pub struct Input<'a> {
     /// The snapshot for the current selector.
     pub selection: &'a Selection,
     /// This set's children, by machine id.
-    pub children: &'a HashMap<String, ChildState>,
+    pub children: &'a HashMap<&'a str, ChildState>,
     /// Selected machines another DeviceIsolation manages.
     pub managed_elsewhere: &'a HashSet<String>,
     /// The generation whose canary passed, if any.
@@ -118,7 +118,7 @@ pub fn plan(input: &Input<'_>) -> Decision {
         ..DeviceCounts::default()
     };
     for m in &eligible {
-        let Some(state) = input.children.get(*m) else {
+        let Some(state) = input.children.get(m.as_str()) else {
             continue;
         };
         devices.requested += 1;
@@ -192,7 +192,7 @@ pub fn plan(input: &Input<'_>) -> Decision {
         let canary = (spec.rollout.canary as usize).min(eligible.len());
         let canary_ready = eligible[..canary]
             .iter()
-            .all(|m| input.children.get(*m) == Some(&ChildState::Ready));
+            .all(|m| input.children.get(m.as_str()) == Some(&ChildState::Ready));
         if canary > 0 && canary_passed.is_none() && canary_ready {
             canary_passed = Some(input.generation);
             events.push(SetEvent {
@@ -208,7 +208,7 @@ pub fn plan(input: &Input<'_>) -> Decision {
         };
         admit = admitted
             .iter()
-            .filter(|m| !input.children.contains_key(**m))
+            .filter(|m| !input.children.contains_key(m.as_str()))
             .map(|m| (*m).clone())
             .collect();
         let settled = devices.ready + devices.failed + devices.stalled;
@@ -219,7 +219,7 @@ pub fn plan(input: &Input<'_>) -> Decision {
                     "canary: {} of {canary} devices Ready; the rest follow when all are",
                     eligible[..canary]
                         .iter()
-                        .filter(|m| input.children.get(**m) == Some(&ChildState::Ready))
+                        .filter(|m| input.children.get(m.as_str()) == Some(&ChildState::Ready))
                         .count()
                 ),
             )

@@ -1,8 +1,6 @@
 //! The pieces of the set driver that need no API server: children as the set wants them, where a
 //! child stands, and when a set holds its children.
 
-use std::borrow::Cow;
-
 use kube::runtime::reflector;
 use kube::runtime::watcher::Event;
 use serde_json::json;
@@ -208,9 +206,10 @@ fn a_written_selection_stands_until_the_cache_shows_it() {
         criteria: "c1".into(),
         ..Selection::default()
     };
-    let current = |cached: Option<&Selection>| memo.current("u", cached).map(Cow::into_owned);
+    let current =
+        |cached: Option<&Selection>| memo.current("u", cached).map(|c| Selection::clone(&c));
     assert_eq!(current(None), None);
-    memo.written("u", &first);
+    memo.written("u", Arc::new(first.clone()));
     // The cache is older than the write: the written selection, not a new resolution.
     assert_eq!(current(None), Some(first.clone()));
     let older = Selection {
@@ -223,7 +222,7 @@ fn a_written_selection_stands_until_the_cache_shows_it() {
     // The cache caught up: the copy goes, and the cached selection is lent, not copied.
     assert!(matches!(
         memo.current("u", Some(&first)),
-        Some(Cow::Borrowed(s)) if *s == first
+        Some(Current::Cached(s)) if *s == first
     ));
     assert!(memo.is_empty());
     assert_eq!(current(Some(&first)), Some(first));

@@ -182,7 +182,8 @@ impl Effects for Live<'_> {
         let Ok(conn) = self.conn() else {
             return self.present();
         };
-        conn.view.watch(&self.resource, machine);
+        let shared = self.ctx.memory.shared(&self.resource);
+        conn.view.watch(&shared, machine);
         if !self.present() {
             conn.view.unwatch(&self.resource);
             return false;

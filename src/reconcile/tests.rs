@@ -197,7 +197,7 @@ impl Effects for Fake {
     }
     async fn write_status(&self, status: &DeviceIsolationStatus) -> Result<(), kube::Error> {
         let reason = conditions::find(&status.conditions, READY)
-            .map(|c| c.reason.clone())
+            .map(|c| c.reason.to_string())
             .unwrap_or_default();
         let marker = status.intent.as_ref().map(|i| i.marker.clone());
         self.log(Call::Write(marker, reason));
@@ -219,7 +219,7 @@ async fn run(fake: &Fake, di: &DeviceIsolation, memory: &Memory) -> Action {
 }
 
 fn reason_of(status: &DeviceIsolationStatus, type_: &str) -> Option<String> {
-    conditions::find(&status.conditions, type_).map(|c| c.reason.clone())
+    conditions::find(&status.conditions, type_).map(|c| c.reason.to_string())
 }
 
 #[tokio::test]
@@ -638,7 +638,7 @@ fn forgetting_a_deleted_resource_frees_every_owner_and_wakes_its_partners() {
     );
     for r in [&a, &b] {
         memory.track(r);
-        view.watch(r, MACHINE);
+        view.watch(&memory.shared(r), MACHINE);
     }
     gate.set_priority("secops/b", Priority::Low);
     let now = tokio::time::Instant::now();
@@ -672,7 +672,7 @@ fn a_relist_frees_what_it_no_longer_holds_in_its_own_scope_only() {
     let elsewhere = ResourceRef::new("x").within("other");
     for r in [&kept, &gone, &elsewhere] {
         memory.track(r);
-        view.watch(r, MACHINE);
+        view.watch(&memory.shared(r), MACHINE);
     }
     owners.relisted(Some("secops"), &[kept.clone()].into());
     assert_eq!(owners.tracked(), [("memory", 2), ("view", 2), ("quota", 0)]);

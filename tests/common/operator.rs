@@ -320,7 +320,13 @@ pub fn condition(di: &DeviceIsolation, type_: &str) -> Option<(String, String, S
         .conditions
         .iter()
         .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        .map(|c| {
+            (
+                c.status.to_string(),
+                c.reason.to_string(),
+                c.message.to_string(),
+            )
+        })
 }
 
 /// Polls `name` until `pred` holds, failing with the operator's log tail after `timeout`.

@@ -77,10 +77,10 @@ fn row(name: &'static str, spec: DeviceIsolationSetSpec, selected: usize) -> Row
 
 fn decide(r: &Row) -> Decision {
     let sel = selection(r.selected);
-    let children: HashMap<String, ChildState> = r
+    let children: HashMap<&str, ChildState> = r
         .children
         .iter()
-        .map(|(i, s)| (sel.machine_ids[*i].clone(), *s))
+        .map(|(i, s)| (sel.machine_ids[*i].as_str(), *s))
         .collect();
     let elsewhere: HashSet<String> = r
         .elsewhere
@@ -317,8 +317,11 @@ fn events_mark_the_transitions() {
 
     // The same decision again: the conditions say it already, no second event.
     let sel = selection(3);
-    let children: HashMap<String, ChildState> =
-        sel.machine_ids.iter().map(|m| (m.clone(), Ready)).collect();
+    let children: HashMap<&str, ChildState> = sel
+        .machine_ids
+        .iter()
+        .map(|m| (m.as_str(), Ready))
+        .collect();
     let again = plan(&Input {
         generation: 2,
         spec: &spec(false, 0, 0, 100),

@@ -55,7 +55,7 @@ impl Planner<'_> {
         }
         let reason = Reason::parse(&cond.reason)?;
         if reason.is_sticky() {
-            return Some(stalled(reason, cond.message.clone()));
+            return Some(stalled(reason, cond.message.to_string()));
         }
         // A refused credential or permission is tried again at its recheck time, not on every
         // event (our own status write is one).
@@ -64,7 +64,7 @@ impl Planner<'_> {
             && due > self.input.now
         {
             let wait = (due - self.input.now).to_std().unwrap_or_default();
-            return Some(stalled_until(reason, cond.message.clone(), wait));
+            return Some(stalled_until(reason, cond.message.to_string(), wait));
         }
         None
     }

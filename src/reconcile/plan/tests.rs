@@ -125,7 +125,7 @@ impl Case {
 }
 
 fn reason(plan: &Plan, type_: &str) -> Option<String> {
-    conditions::find(&plan.status.conditions, type_).map(|c| c.reason.clone())
+    conditions::find(&plan.status.conditions, type_).map(|c| c.reason.to_string())
 }
 
 fn ready_reason(plan: &Plan) -> String {
