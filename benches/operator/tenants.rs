@@ -937,8 +937,9 @@ pub(super) fn render(r: &Report, line: &mut dyn FnMut(&str)) {
          holding its tenant's Secret, one MdeConnection (`quotaBudget: 1`) and, once the three \
          connections are Ready ({}), {} DeviceIsolations releasing the devices through \
          `connectionRef`: {} created {} at once, interleaved across the tenants, in {:.1} real \
-         seconds ({:.0} simulated), time scale {}. {}. The simulator creates a second action for \
-         a repeated POST (`--duplicate-mode allow`), so one would show in the ground truth. \
+         seconds ({:.0} simulated), time scale {}. Foreign load: {}. The simulator creates a \
+         second action for a repeated POST (`--duplicate-mode allow`), so one would show in the \
+         ground truth. \
          Times are simulated seconds from the simulator's call log of every tenant \
          (`/sim/calls?tenant=*`, whose calls carry the tenant and app of their token). T(300) = \
          {:.0} s. The foreign load's share is over the span from just before the apply to the \
@@ -959,13 +960,7 @@ pub(super) fn render(r: &Report, line: &mut dyn FnMut(&str)) {
         s.apply.as_ref().map_or(0.0, |a| a.real_seconds),
         s.apply.as_ref().map_or(0.0, |a| a.sim_seconds),
         s.time_scale,
-        {
-            let mut f = m.foreign_load.clone();
-            if let Some(first) = f.get(..1) {
-                f = first.to_uppercase() + &f[1..];
-            }
-            f
-        },
+        m.foreign_load,
         m.quota_bound,
         if m.other_calls.is_empty() {
             "none".to_string()
