@@ -690,7 +690,7 @@ pub(super) async fn tenants3() -> ScenarioResult {
         };
         eprintln!(
             "[{NAME}] {}: first POST {} s after the apply, last − first {} s (ratio {}), \
-             {} × 429 in {} episodes, {}/{DEVICES} released",
+             {} × 429 ({} unisolate 429 episodes), {}/{DEVICES} released",
             f.tenant,
             opt(f.first_post_after_apply, 1),
             opt(f.last_post_after_first, 1),
@@ -873,7 +873,7 @@ pub(super) fn targets(r: &Report) -> Vec<Target> {
         out.push(Target {
             what: format!("tenants3, {} (flooded): converged, 429s noted", t.tenant),
             measured: format!(
-                "{}/{} Ready; {} × 429 ({} on unisolate in {} episodes: {}); ratio to T(300) {}; \
+                "{}/{} Ready; {} × 429 ({} on unisolate; unisolate 429 episodes: {}, sizes {}); ratio to T(300) {}; \
                  the foreign load took {} of the unisolates admitted on its key",
                 t.ready,
                 m.devices_per_tenant,
