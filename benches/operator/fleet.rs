@@ -575,6 +575,7 @@ async fn fleet(name: &'static str, nominal: usize) -> ScenarioResult {
         churn: None,
         sharing: None,
         fleet: Some(metrics),
+        tenants: None,
         notes,
     }
 }

@@ -465,6 +465,7 @@ fn result(
         churn: None,
         sharing: Some(sharing),
         fleet: None,
+        tenants: None,
         notes,
     }
 }
