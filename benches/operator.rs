@@ -11,7 +11,7 @@
 //! `cargo build --release -p mde-sim`.)
 //!
 //! Scenarios: `latency`, `n100`, `n1000`, `n3000`, `restart`, `restart-storm`,
-//! `restart-failover`, `offline`, `keyapp`, `foreign`, `tenants3`, `rss`, `rss10k`, `churn`,
+//! `restart-failover`, `offline`, `keyapp`, `foreign`, `tenants3`, `tenants3-quiet`, `rss`, `rss10k`, `churn`,
 //! `fleet3000`, `fleet10000` (the quota-sharing ones of issue 12 live in `operator/sharing.rs`,
 //! the DeviceIsolationSet ones of issue 13 in `operator/fleet.rs`, the several-tenants one of
 //! issue 15 in `operator/tenants.rs`). Each one gets its own namespace,
@@ -67,7 +67,7 @@ use common::sim::Sim;
 
 /// Scenarios in the order a full run executes them: the latency probe first, while the API
 /// server holds nothing yet, and the 5,000-resource memory runs last.
-const SCENARIOS: [&str; 16] = [
+const SCENARIOS: [&str; 17] = [
     "latency",
     "n100",
     "n1000",
@@ -79,6 +79,7 @@ const SCENARIOS: [&str; 16] = [
     "keyapp",
     "foreign",
     "tenants3",
+    "tenants3-quiet",
     "rss",
     "rss10k",
     "churn",
@@ -573,7 +574,7 @@ fn time_scale(scenario: &str) -> f64 {
         // 81d41e9, quiet machine), a figure of the scale, not of the operator. At 1 the run
         // takes about ten real minutes (the flooded tenant's 300 at the 40 a minute its flood
         // leaves take about 8).
-        "tenants3" => 1.0,
+        "tenants3" | "tenants3-quiet" => 1.0,
         // As n3000: T(3,000) = 4,440 simulated seconds in under four real minutes.
         "fleet3000" => 20.0,
         // T(10,000) = 22,140 simulated seconds in about twelve real minutes; each minute's burst
@@ -612,7 +613,8 @@ async fn run(selected: Vec<&'static str>) {
             "keyapp" => sharing::keyapp().await,
             "fleet3000" => vec![fleet::fleet3000().await],
             "fleet10000" => vec![fleet::fleet10000().await],
-            "tenants3" => vec![tenants::tenants3().await],
+            "tenants3" => vec![tenants::tenants3(true).await],
+            "tenants3-quiet" => vec![tenants::tenants3(false).await],
             _ => unreachable!("validated in selected_scenarios"),
         };
         for r in &out {

@@ -35,6 +35,9 @@ use mde_isolation_operator::crd::{ConnectionKind, ConnectionRef, MdeConnection};
 /// Scenario name.
 const NAME: &str = "tenants3";
 
+/// The same three tenants, none flooded: each must release within the ratio on its own.
+pub(super) const QUIET: &str = "tenants3-quiet";
+
 /// Devices (and DeviceIsolations) per tenant.
 const DEVICES: usize = 300;
 
@@ -52,6 +55,7 @@ const SECRET: &str = "mde";
 const CONNECTION_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One tenant of the simulator.
+#[derive(Clone, Copy)]
 struct TenantSpec {
     id: &'static str,
     app: &'static str,
@@ -85,6 +89,13 @@ const TENANTS: [TenantSpec; 3] = [
         flooded: true,
     },
 ];
+
+/// The tenants of a run: with `flood`, the third one is flooded.
+fn specs(flood: bool) -> [TenantSpec; 3] {
+    let mut tenants = TENANTS;
+    tenants[2].flooded = flood;
+    tenants
+}
 
 impl TenantSpec {
     fn devices(&self) -> Vec<Device> {
@@ -260,8 +271,8 @@ fn foreign_tally(stats: &Value) -> (usize, usize) {
 // The scenario.
 
 /// The seed: three named tenants; the default one (the operator's flags) holds nothing.
-fn write_seed(dir: &Path) -> PathBuf {
-    let tenants: Vec<Value> = TENANTS
+fn write_seed(dir: &Path, specs: &[TenantSpec]) -> PathBuf {
+    let tenants: Vec<Value> = specs
         .iter()
         .map(|t| {
             let machines: Vec<Value> = t
@@ -382,8 +393,11 @@ async fn released_ready(kube: &kube::Client, ns: &str) -> usize {
     })
 }
 
-pub(super) async fn tenants3() -> ScenarioResult {
-    let scale = time_scale(NAME);
+/// The scenario, with the third tenant flooded (`tenants3`) or not (`tenants3-quiet`).
+pub(super) async fn tenants3(flood: bool) -> ScenarioResult {
+    let name = if flood { NAME } else { QUIET };
+    let tenants = specs(flood);
+    let scale = time_scale(name);
     let run = run_info();
     let started = Instant::now();
     let c = cluster();
@@ -396,7 +410,7 @@ pub(super) async fn tenants3() -> ScenarioResult {
             "diagnostic run: extra simulator arguments {extra:?}"
         ));
     }
-    let seed = write_seed(dir.path());
+    let seed = write_seed(dir.path(), &tenants);
     let scale_arg = scale.to_string();
     let mut sim_args = vec![
         "--seed",
@@ -411,10 +425,10 @@ pub(super) async fn tenants3() -> ScenarioResult {
     let clock = SimClock::read(&sim).await;
 
     let mut namespaces = Vec::new();
-    for t in &TENANTS {
+    for t in &tenants {
         namespaces.push(c.namespace(&format!("bench-{}", t.id)).await);
     }
-    let devices: Vec<Vec<Device>> = TENANTS.iter().map(TenantSpec::devices).collect();
+    let devices: Vec<Vec<Device>> = tenants.iter().map(TenantSpec::devices).collect();
     let watches: Vec<(Arc<Mutex<Tracker>>, tokio::task::JoinHandle<()>)> = namespaces
         .iter()
         .zip(&devices)
@@ -435,12 +449,12 @@ pub(super) async fn tenants3() -> ScenarioResult {
     );
     if !op.wait_synced(1, Duration::from_secs(60)).await {
         notes.push("operator did not report synced caches within 60 s".into());
-        eprintln!("[{NAME}] operator not synced:\n{}", op.tail());
+        eprintln!("[{name}] operator not synced:\n{}", op.tail());
     }
 
     // The connections, then (once Ready) the resources.
     let connected_at = Instant::now();
-    for (t, ns) in TENANTS.iter().zip(&namespaces) {
+    for (t, ns) in tenants.iter().zip(&namespaces) {
         if let Err(e) = connect(&kube, ns, t, &sim).await {
             notes.push(format!("creating the connection failed: {e}"));
         }
@@ -463,16 +477,16 @@ pub(super) async fn tenants3() -> ScenarioResult {
         ));
     }
 
-    let flooded = TENANTS
-        .iter()
-        .position(|t| t.flooded)
-        .expect("a flooded tenant");
-    let foreign_before = foreign_tally(&sim.admin_stats_in(TENANTS[flooded].id).await);
+    let flooded = tenants.iter().position(|t| t.flooded);
+    let foreign_before = match flooded {
+        Some(f) => foreign_tally(&sim.admin_stats_in(tenants[f].id).await),
+        None => (0, 0),
+    };
     let foreign_before_at = clock.sim_at(Utc::now());
 
     // 900 creations, interleaved across the tenants so that all three start together.
     let order: Vec<(usize, Device)> = (0..DEVICES)
-        .flat_map(|i| (0..TENANTS.len()).map(move |k| (k, i)))
+        .flat_map(|i| (0..tenants.len()).map(move |k| (k, i)))
         .map(|(k, i)| (k, devices[k][i].clone()))
         .collect();
     let apis: Vec<Api<DeviceIsolation>> = namespaces
@@ -499,14 +513,14 @@ pub(super) async fn tenants3() -> ScenarioResult {
     }
     let real = seconds_between(apply_start, apply_end);
     let apply = ApplyInfo {
-        objects: TENANTS.len() * DEVICES - failed.len(),
+        objects: tenants.len() * DEVICES - failed.len(),
         concurrency: CREATE_CONCURRENCY,
         real_seconds: real,
         sim_seconds: real * scale,
     };
     let bound = quota_bound(DEVICES);
     eprintln!(
-        "[{NAME}] created {} objects in {:.1} s real ({:.0} simulated; T(300) = {bound:.0})",
+        "[{name}] created {} objects in {:.1} s real ({:.0} simulated; T(300) = {bound:.0})",
         apply.objects, apply.real_seconds, apply.sim_seconds
     );
     if apply.sim_seconds > bound {
@@ -518,35 +532,38 @@ pub(super) async fn tenants3() -> ScenarioResult {
     }
 
     // The flooded tenant first (its settling ends the foreign span), then the others.
-    let mut settled: Vec<Option<DateTime<Utc>>> = vec![None; TENANTS.len()];
+    let mut settled: Vec<Option<DateTime<Utc>>> = vec![None; tenants.len()];
     // 300 unisolates at the 40 a minute the flood leaves take about 450 simulated seconds.
     let flooded_timeout = timeout_for(900.0, scale, 0.0);
-    settled[flooded] = wait_settled(
-        &watches[flooded].0,
-        &format!("{NAME} {}", TENANTS[flooded].id),
-        flooded_timeout,
-    )
-    .await;
-    let foreign_after = foreign_tally(&sim.admin_stats_in(TENANTS[flooded].id).await);
+    let mut foreign_after = (0, 0);
+    if let Some(f) = flooded {
+        settled[f] = wait_settled(
+            &watches[f].0,
+            &format!("{name} {}", tenants[f].id),
+            flooded_timeout,
+        )
+        .await;
+        foreign_after = foreign_tally(&sim.admin_stats_in(tenants[f].id).await);
+    }
     let foreign_after_at = clock.sim_at(Utc::now());
-    for (k, t) in TENANTS.iter().enumerate() {
-        if k == flooded {
+    for (k, t) in tenants.iter().enumerate() {
+        if Some(k) == flooded {
             continue;
         }
         settled[k] = wait_settled(
             &watches[k].0,
-            &format!("{NAME} {}", t.id),
+            &format!("{name} {}", t.id),
             timeout_for(bound + 300.0, scale, 0.0),
         )
         .await;
     }
-    for (k, t) in TENANTS.iter().enumerate() {
+    for (k, t) in tenants.iter().enumerate() {
         if settled[k].is_none() {
             notes.push(format!("{}: not every resource settled", t.id));
         }
     }
     if settled.iter().any(Option::is_none) {
-        eprintln!("[{NAME}] operator log tail:\n{}", op.tail());
+        eprintln!("[{name}] operator log tail:\n{}", op.tail());
     }
 
     // The figures.
@@ -561,7 +578,7 @@ pub(super) async fn tenants3() -> ScenarioResult {
     let mut figures = Vec::new();
     let mut calls_by_api: BTreeMap<String, ApiCalls> = BTreeMap::new();
     let mut throttled_total = 0;
-    for (k, t) in TENANTS.iter().enumerate() {
+    for (k, t) in tenants.iter().enumerate() {
         let mine: Vec<&TenantCall> = log
             .iter()
             .filter(|c| c.tenant.as_deref() == Some(t.id))
@@ -689,7 +706,7 @@ pub(super) async fn tenants3() -> ScenarioResult {
             foreign,
         };
         eprintln!(
-            "[{NAME}] {}: first POST {} s after the apply, last − first {} s (ratio {}), \
+            "[{name}] {}: first POST {} s after the apply, last − first {} s (ratio {}), \
              {} × 429 ({} unisolate 429 episodes), {}/{DEVICES} released",
             f.tenant,
             opt(f.first_post_after_apply, 1),
@@ -701,7 +718,7 @@ pub(super) async fn tenants3() -> ScenarioResult {
         );
         figures.push(f);
     }
-    let n_all = TENANTS.len() * DEVICES;
+    let n_all = tenants.len() * DEVICES;
     for e in calls_by_api.values_mut() {
         e.per_resource = e.calls as f64 / n_all as f64;
     }
@@ -709,17 +726,20 @@ pub(super) async fn tenants3() -> ScenarioResult {
     for c in log.iter().filter(|c| {
         c.tenant
             .as_deref()
-            .is_none_or(|id| TENANTS.iter().all(|t| t.id != id))
+            .is_none_or(|id| tenants.iter().all(|t| t.id != id))
     }) {
         *other_calls.entry(c.call.api.clone()).or_default() += 1;
     }
     let metrics = TenantsMetrics {
         devices_per_tenant: DEVICES,
         quota_bound: bound,
-        foreign_load: format!(
-            "{}: unisolate {FLOOD_PER_MINUTE} a simulated minute, burst (all at the minute's start)",
-            TENANTS[flooded].id
-        ),
+        foreign_load: flooded.map_or("none".into(), |f| {
+            format!(
+                "{}: unisolate {FLOOD_PER_MINUTE} a simulated minute, burst (all at the minute's \
+                 start)",
+                tenants[f].id
+            )
+        }),
         connections_ready_seconds,
         tenants: figures,
         other_calls,
@@ -730,9 +750,9 @@ pub(super) async fn tenants3() -> ScenarioResult {
     let operator = op.total_usage();
     let logs = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-logs");
     if std::fs::create_dir_all(&logs).is_ok() {
-        let _ = std::fs::copy(&op.log, logs.join(format!("{NAME}.log")));
+        let _ = std::fs::copy(&op.log, logs.join(format!("{name}.log")));
         let v = sim.admin_get_in("*", "calls").await;
-        let _ = std::fs::write(logs.join(format!("{NAME}-calls.json")), v.to_string());
+        let _ = std::fs::write(logs.join(format!("{name}-calls.json")), v.to_string());
     }
     for (_, w) in &watches {
         w.abort();
@@ -751,11 +771,18 @@ pub(super) async fn tenants3() -> ScenarioResult {
     drop(sim);
     drop(dir);
     ScenarioResult {
-        name: NAME.into(),
-        title: format!(
-            "Three tenants, one MdeConnection each, {DEVICES} devices each released; one flooded \
-             by a foreign load"
-        ),
+        name: name.into(),
+        title: if flood {
+            format!(
+                "Three tenants, one MdeConnection each, {DEVICES} devices each released; one \
+                 flooded by a foreign load"
+            )
+        } else {
+            format!(
+                "Three tenants, one MdeConnection each, {DEVICES} devices each released; none \
+                 flooded"
+            )
+        },
         run,
         time_scale: scale,
         mix: Mix {
@@ -781,8 +808,8 @@ pub(super) async fn tenants3() -> ScenarioResult {
 // ---------------------------------------------------------------------------------------------
 // Targets and the Markdown section.
 
-fn tenants_of(r: &Report) -> Option<(&ScenarioResult, &TenantsMetrics)> {
-    let s = find(r, NAME)?;
+fn tenants_of<'a>(r: &'a Report, name: &str) -> Option<(&'a ScenarioResult, &'a TenantsMetrics)> {
+    let s = find(r, name)?;
     Some((s, s.tenants.as_ref()?))
 }
 
@@ -791,10 +818,75 @@ fn secs(v: Option<f64>) -> String {
     v.map_or("none".into(), |x| format!("{x:.1} s"))
 }
 
-/// Issue 15's rows of the Targets table.
+/// Issue 15's rows of the Targets table: the run with a flooded tenant, then the quiet one.
 pub(super) fn targets(r: &Report) -> Vec<Target> {
+    let mut out = flooded_targets(r);
+    match tenants_of(r, QUIET) {
+        Some((_, m)) => per_tenant(QUIET, m, &mut out),
+        None => out.push(Target {
+            what: format!("{QUIET}, each of the three tenants: (last − first POST) / T(300)"),
+            measured: "not measured".into(),
+            limit: format!("≤ {RATIO_LIMIT}"),
+            pass: None,
+        }),
+    }
+    out
+}
+
+/// Each tenant not flooded: its ratio and its 429s; every tenant: its ground truth.
+fn per_tenant(name: &str, m: &TenantsMetrics, out: &mut Vec<Target>) {
+    let limit_s = RATIO_LIMIT * m.quota_bound;
+    for t in m.tenants.iter().filter(|t| !t.flooded) {
+        out.push(Target {
+            what: format!(
+                "{name}, {}: (last − first accepted unisolate) / T(300)",
+                t.tenant
+            ),
+            measured: format!(
+                "{} ({} / {:.0} s)",
+                opt(t.ratio, 3),
+                secs(t.last_post_after_first),
+                m.quota_bound
+            ),
+            limit: format!("≤ {RATIO_LIMIT} (≤ {limit_s:.0} s)"),
+            pass: Some(t.within_ratio() && t.accepted == m.devices_per_tenant),
+        });
+        out.push(Target {
+            what: format!("{name}, {}: 429 answers", t.tenant),
+            measured: t.throttled.to_string(),
+            limit: "0".into(),
+            pass: Some(t.throttled == 0),
+        });
+    }
+    for t in &m.tenants {
+        out.push(Target {
+            what: format!(
+                "{name}, {}{}: ground truth (released by exactly one action; own app, own \
+                 machines only)",
+                t.tenant,
+                if t.flooded { " (flooded)" } else { "" }
+            ),
+            measured: format!(
+                "{}/{} released, {} Ready; {} / {} without exactly one accepted POST / action; \
+                 {} calls with another app, {} on another tenant's machine",
+                t.released,
+                m.devices_per_tenant,
+                t.ready,
+                t.devices_not_one_accepted,
+                t.devices_not_one_action,
+                t.wrong_app_calls,
+                t.other_tenant_machine_calls
+            ),
+            limit: "exact, 0, 0".into(),
+            pass: Some(t.ground_truth_exact()),
+        });
+    }
+}
+
+/// The rows of the run with a flooded tenant.
+fn flooded_targets(r: &Report) -> Vec<Target> {
     let mut out = Vec::new();
-    let Some((_, m)) = tenants_of(r) else {
+    let Some((_, m)) = tenants_of(r, NAME) else {
         for (what, limit) in [
             (
                 "tenants3, each tenant not flooded: (last − first POST) / T(300)",
@@ -823,52 +915,7 @@ pub(super) fn targets(r: &Report) -> Vec<Target> {
         }
         return out;
     };
-    let limit_s = RATIO_LIMIT * m.quota_bound;
-    for t in m.tenants.iter().filter(|t| !t.flooded) {
-        out.push(Target {
-            what: format!(
-                "tenants3, {}: (last − first accepted unisolate) / T(300)",
-                t.tenant
-            ),
-            measured: format!(
-                "{} ({} / {:.0} s)",
-                opt(t.ratio, 3),
-                secs(t.last_post_after_first),
-                m.quota_bound
-            ),
-            limit: format!("≤ {RATIO_LIMIT} (≤ {limit_s:.0} s)"),
-            pass: Some(t.within_ratio() && t.accepted == m.devices_per_tenant),
-        });
-        out.push(Target {
-            what: format!("tenants3, {}: 429 answers", t.tenant),
-            measured: t.throttled.to_string(),
-            limit: "0".into(),
-            pass: Some(t.throttled == 0),
-        });
-    }
-    for t in &m.tenants {
-        out.push(Target {
-            what: format!(
-                "tenants3, {}{}: ground truth (released by exactly one action; own app, own \
-                 machines only)",
-                t.tenant,
-                if t.flooded { " (flooded)" } else { "" }
-            ),
-            measured: format!(
-                "{}/{} released, {} Ready; {} / {} without exactly one accepted POST / action; \
-                 {} calls with another app, {} on another tenant's machine",
-                t.released,
-                m.devices_per_tenant,
-                t.ready,
-                t.devices_not_one_accepted,
-                t.devices_not_one_action,
-                t.wrong_app_calls,
-                t.other_tenant_machine_calls
-            ),
-            limit: "exact, 0, 0".into(),
-            pass: Some(t.ground_truth_exact()),
-        });
-    }
+    per_tenant(NAME, m, &mut out);
     if let Some(t) = m.tenants.iter().find(|t| t.flooded) {
         out.push(Target {
             what: format!("tenants3, {} (flooded): converged, 429s noted", t.tenant),
@@ -924,12 +971,22 @@ fn show_sizes(sizes: &[usize]) -> String {
 /// One cell of the tenants table.
 type Cell = dyn Fn(&ScenarioResult, &TenantsMetrics, &TenantFigures) -> String;
 
-/// Issue 15's section of docs/benchmarks.md.
+/// Issue 15's section of docs/benchmarks.md: the run with a flooded tenant, then the quiet one.
 pub(super) fn render(r: &Report, line: &mut dyn FnMut(&str)) {
-    let Some((s, m)) = tenants_of(r) else {
+    render_run(r, NAME, "## Several tenants (MdeConnection)", line);
+    render_run(
+        r,
+        QUIET,
+        "### The same, none flooded (`tenants3-quiet`)",
+        line,
+    );
+}
+
+fn render_run(r: &Report, name: &str, title: &str, line: &mut dyn FnMut(&str)) {
+    let Some((s, m)) = tenants_of(r, name) else {
         return;
     };
-    line("## Several tenants (MdeConnection)");
+    line(title);
     line("");
     line(&format!(
         "One simulator holds three named tenants, each with its own app registration and {} \
