@@ -1211,16 +1211,25 @@ async fn create_one(api: &Api<DeviceIsolation>, d: &Device) -> Result<(), String
         false,
         Some("Released after clean re-image (bench)"),
     );
+    create_retrying(api, &di).await
+}
+
+/// Creates `di`, retrying a failed create; a 409 after a first attempt means that attempt
+/// created it.
+async fn create_retrying(api: &Api<DeviceIsolation>, di: &DeviceIsolation) -> Result<(), String> {
     let mut last = String::new();
     for attempt in 0..10 {
-        match api.create(&PostParams::default(), &di).await {
+        match api.create(&PostParams::default(), di).await {
             Ok(_) => return Ok(()),
             Err(kube::Error::Api(s)) if s.code == 409 && attempt > 0 => return Ok(()),
             Err(e) => last = e.to_string(),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(format!("{}: {last}", d.name))
+    Err(format!(
+        "{}: {last}",
+        di.metadata.name.as_deref().unwrap_or("?")
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -304,7 +304,7 @@ fn write_seed(dir: &Path, specs: &[TenantSpec]) -> PathBuf {
 }
 
 /// Creates a DeviceIsolation releasing `d` through the namespace's connection; retried like
-/// [`create_one`].
+/// [`create_one`](super::create_one).
 async fn create_with_ref(api: &Api<DeviceIsolation>, d: &Device) -> Result<(), String> {
     let mut di = device_isolation(
         &d.name,
@@ -316,16 +316,7 @@ async fn create_with_ref(api: &Api<DeviceIsolation>, d: &Device) -> Result<(), S
         kind: ConnectionKind::MdeConnection,
         name: CONNECTION.into(),
     });
-    let mut last = String::new();
-    for attempt in 0..10 {
-        match api.create(&PostParams::default(), &di).await {
-            Ok(_) => return Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 409 && attempt > 0 => return Ok(()),
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Err(format!("{}: {last}", d.name))
+    super::create_retrying(api, &di).await
 }
 
 /// The Secret and the MdeConnection of a tenant in its namespace.
