@@ -63,6 +63,16 @@ fn with_connection(mut di: DeviceIsolation, kind: ConnectionKind, name: &str) ->
     di
 }
 
+/// Creates MdeConnection `name` with `spec` where `conns` points.
+async fn create_connection(conns: &Api<MdeConnection>, name: impl Into<String>, spec: Value) {
+    let conn: MdeConnection = serde_json::from_value(json!({
+        "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "MdeConnection",
+        "metadata": {"name": name.into()}, "spec": spec,
+    }))
+    .unwrap();
+    conns.create(&PostParams::default(), &conn).await.unwrap();
+}
+
 /// The Ready condition of connection `name` as (status, reason, message).
 async fn connection_ready<K>(api: &Api<K>, name: &str) -> Result<(String, String, String), String>
 where
@@ -153,13 +163,12 @@ async fn a_connection_is_verified_a_wrong_secret_stalls_only_its_resources_and_a
     const WRONG: &str = "not-the-secret-7f3a9c";
     put_secret(&client, &ns, "tenant-a-credential", WRONG).await;
     let conns: Api<MdeConnection> = Api::namespaced(client.clone(), &ns);
-    let conn: MdeConnection = serde_json::from_value(json!({
-        "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "MdeConnection",
-        "metadata": {"name": "tenant-a"},
-        "spec": connection_spec(&sim, "tenant-a", "tenant-a-credential"),
-    }))
-    .unwrap();
-    conns.create(&PostParams::default(), &conn).await.unwrap();
+    create_connection(
+        &conns,
+        "tenant-a",
+        connection_spec(&sim, "tenant-a", "tenant-a-credential"),
+    )
+    .await;
     let comment = Some("INC-9 false positive");
     let mk = |name: &str, id: &str| device_isolation(name, id, false, comment);
     create(
@@ -295,13 +304,12 @@ async fn a_connection_is_verified_a_wrong_secret_stalls_only_its_resources_and_a
 
     // The missing connection appears: its resource goes on by itself.
     put_secret(&client, &ns, "nobody-credential", SIM_SECRET).await;
-    let nobody: MdeConnection = serde_json::from_value(json!({
-        "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "MdeConnection",
-        "metadata": {"name": "nobody"},
-        "spec": connection_spec(&sim, "tenant-a", "nobody-credential"),
-    }))
-    .unwrap();
-    conns.create(&PostParams::default(), &nobody).await.unwrap();
+    create_connection(
+        &conns,
+        "nobody",
+        connection_spec(&sim, "tenant-a", "nobody-credential"),
+    )
+    .await;
     wait_for(
         &client,
         &ns,
@@ -681,13 +689,12 @@ async fn the_charts_rbac_serves_connections_under_its_service_account() {
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
     put_secret(&client, SA_NAMESPACE, "mde-conn", SIM_SECRET).await;
     let conns: Api<MdeConnection> = Api::namespaced(client.clone(), SA_NAMESPACE);
-    let conn: MdeConnection = serde_json::from_value(json!({
-        "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "MdeConnection",
-        "metadata": {"name": format!("own-{suffix}")},
-        "spec": connection_spec(&sim, "tenant-o", "mde-conn"),
-    }))
-    .unwrap();
-    conns.create(&PostParams::default(), &conn).await.unwrap();
+    create_connection(
+        &conns,
+        format!("own-{suffix}"),
+        connection_spec(&sim, "tenant-o", "mde-conn"),
+    )
+    .await;
     let cluster_conns: Api<ClusterMdeConnection> = Api::all(client.clone());
     let mut spec = connection_spec(&sim, "tenant-c", "mde-conn");
     spec["namespaces"] = json!({"names": [SA_NAMESPACE]});
@@ -793,12 +800,7 @@ async fn a_set_selects_and_releases_in_its_connections_tenant_only() {
     ] {
         let mut spec = connection_spec(&sim, tenant, "app-secret");
         spec["clientId"] = app.into();
-        let conn: MdeConnection = serde_json::from_value(json!({
-            "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "MdeConnection",
-            "metadata": {"name": name}, "spec": spec,
-        }))
-        .unwrap();
-        conns.create(&PostParams::default(), &conn).await.unwrap();
+        create_connection(&conns, name, spec).await;
     }
     let sets: Api<mde_isolation_operator::crd::DeviceIsolationSet> =
         Api::namespaced(client.clone(), &ns);
@@ -925,12 +927,7 @@ async fn a_connection_signs_in_with_the_certificate_of_a_tls_secret() {
     spec["clientId"] = "app-cert".into();
     spec["credential"] = json!({"certificate": {"secretName": "app-cert"}});
     let conns: Api<MdeConnection> = Api::namespaced(client.clone(), &ns);
-    let conn: MdeConnection = serde_json::from_value(json!({
-        "apiVersion": "isolation.mde.dev/v1alpha1", "kind": "MdeConnection",
-        "metadata": {"name": "certs"}, "spec": spec,
-    }))
-    .unwrap();
-    conns.create(&PostParams::default(), &conn).await.unwrap();
+    create_connection(&conns, "certs", spec).await;
     create(
         &client,
         &ns,
