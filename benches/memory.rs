@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kube::runtime::reflector;
 use kube::runtime::watcher;
-use mde_isolation_operator::cache::slim_device;
+use mde_isolation_operator::cache::{Cached, Interner, slim_device};
 use mde_isolation_operator::crd::DeviceIsolation;
 use mde_isolation_operator::mde::model::ActionStatus;
 use mde_isolation_operator::reconcile::{ActionFact, ActionKind, Memory, ResourceRef};
@@ -179,8 +179,9 @@ fn main() {
         Shape::Single
     };
     println!(
-        "size_of DeviceIsolation = {} B, ObjectMeta = {} B, ResourceRef = {} B",
+        "size_of DeviceIsolation = {} B, Cached = {} B, ObjectMeta = {} B, ResourceRef = {} B",
         std::mem::size_of::<DeviceIsolation>(),
+        std::mem::size_of::<Cached>(),
         std::mem::size_of::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>(),
         std::mem::size_of::<ResourceRef>()
     );
@@ -197,19 +198,21 @@ fn main() {
         .collect();
     objects.shrink_to_fit();
     let b = report("DeviceIsolation as parsed (managedFields kept)", b);
-    for o in objects.iter_mut() {
-        slim_device(o);
-    }
-    let b = report("  ... after slim_device()", b);
-    drop(objects);
+    let mut interner = Interner::default();
+    let cached: Vec<Cached> = objects
+        .into_iter()
+        .map(|o| slim_device(o, &mut interner))
+        .collect();
+    let b = report("  ... as cached (slim_device)", b);
+    drop(cached);
     let b0 = live();
     let _ = b;
 
-    let (reader, mut writer) = reflector::store::<DeviceIsolation>();
+    let (reader, mut writer) = reflector::store::<Cached>();
     writer.apply_watcher_event(&watcher::Event::Init);
     for j in &json {
-        let mut o: DeviceIsolation = serde_json::from_str(j).unwrap();
-        slim_device(&mut o);
+        let o: DeviceIsolation = serde_json::from_str(j).unwrap();
+        let o = slim_device(o, &mut interner);
         writer.apply_watcher_event(&watcher::Event::InitApply(o));
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);

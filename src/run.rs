@@ -21,6 +21,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::Cached;
 use crate::cache::{self, Stores};
 use crate::config::{CLIENT_SECRET_ENV, RunArgs};
 use crate::connection::{self, Connection, ConnectionKey, ConnectionWatches, Connections};
@@ -73,7 +74,7 @@ const SET_DEBOUNCE: Duration = Duration::from_millis(500);
 
 /// Routes wake-ups to the controller that watches the object's namespace.
 struct Router {
-    resources: Route<DeviceIsolation>,
+    resources: Route<Cached>,
     sets: Route<DeviceIsolationSet>,
 }
 
@@ -154,7 +155,7 @@ fn lease_config(args: &RunArgs) -> Result<LeaseConfig, RunError> {
 /// leads. A standby runs its controllers only to keep the watch caches warm; when it starts
 /// leading, `reconcile_all_on` reconciles every cached resource from its state at that moment.
 async fn reconcile_when_leading(
-    di: Arc<DeviceIsolation>,
+    di: Arc<Cached>,
     ctx: Arc<Context>,
     leading: Leading,
 ) -> Result<Action, reconcile::Error> {

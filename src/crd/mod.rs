@@ -258,66 +258,60 @@ pub const APPROVED_BY_ANNOTATION: &str = "isolation.mde.dev/approved-by";
 /// Annotation naming the generation the approval is for: a spec change needs a new approval.
 pub const APPROVED_GENERATION_ANNOTATION: &str = "isolation.mde.dev/approved-generation";
 
-/// Who approved generation `generation` of the object with `meta`: `approved-by` when it is set,
-/// is not the requester, and `approved-generation` is that generation. `None` otherwise.
-pub fn approver(meta: &ObjectMeta, generation: i64) -> Option<&str> {
-    let by = trimmed_annotation(meta, APPROVED_BY_ANNOTATION)?;
-    let approved_generation = trimmed_annotation(meta, APPROVED_GENERATION_ANNOTATION)?;
-    let requester = trimmed_annotation(meta, REQUESTED_BY_ANNOTATION);
+/// Who approved generation `generation` of the object annotated so: `approved-by` when it is
+/// set, is not the requester, and `approved-generation` is that generation. `None` otherwise.
+pub fn approver<A: Annotations + ?Sized>(annotations: &A, generation: i64) -> Option<&str> {
+    let by = annotations.trimmed(APPROVED_BY_ANNOTATION)?;
+    let approved_generation = annotations.trimmed(APPROVED_GENERATION_ANNOTATION)?;
+    let requester = annotations.trimmed(REQUESTED_BY_ANNOTATION);
     (approved_generation.parse::<i64>() == Ok(generation) && requester != Some(by)).then_some(by)
 }
 
-/// An annotation's value.
-fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
-    meta.annotations.as_ref()?.get(key).map(String::as_str)
+/// The annotations the operator reads of a DeviceIsolation (its watch cache keeps these and no
+/// other, [`crate::cache::Notes`]).
+pub const READ_ANNOTATIONS: [&str; 5] = [
+    COMMENT_ANNOTATION,
+    REQUESTED_BY_ANNOTATION,
+    RETRY_ANNOTATION,
+    APPROVED_BY_ANNOTATION,
+    APPROVED_GENERATION_ANNOTATION,
+];
+
+/// Where an object's annotations are read: its metadata, or what the watch cache keeps of them.
+pub trait Annotations {
+    /// The annotation's value, as written.
+    fn annotation(&self, key: &str) -> Option<&str>;
+
+    /// The annotation's value, trimmed; `None` when missing or blank.
+    fn trimmed(&self, key: &str) -> Option<&str> {
+        self.annotation(key)
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    }
 }
 
-/// An annotation's value, trimmed; `None` when missing or blank.
-fn trimmed_annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
-    annotation(meta, key)
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
+impl Annotations for ObjectMeta {
+    fn annotation(&self, key: &str) -> Option<&str> {
+        self.annotations.as_ref()?.get(key).map(String::as_str)
+    }
 }
 
 impl DeviceIsolation {
-    /// The requested-by annotation, trimmed; `None` when missing or blank.
-    pub fn requested_by(&self) -> Option<&str> {
-        trimmed_annotation(&self.metadata, REQUESTED_BY_ANNOTATION)
-    }
-
-    /// The comment annotation, trimmed; `None` when missing or blank.
-    pub fn comment(&self) -> Option<&str> {
-        trimmed_annotation(&self.metadata, COMMENT_ANNOTATION)
-    }
-
-    /// The set that owns this resource (its controller ownerReference of kind
-    /// DeviceIsolationSet): its name and uid.
-    pub fn owning_set(&self) -> Option<(&str, &str)> {
-        self.metadata
-            .owner_references
-            .as_ref()?
-            .iter()
-            .find(|o| o.controller == Some(true) && o.kind == "DeviceIsolationSet")
-            .map(|o| (o.name.as_str(), o.uid.as_str()))
-    }
-
     /// The machine acted on: spec.machineId, else the id resolved from spec.deviceName.
     pub fn machine_id(&self) -> Option<&str> {
-        self.spec
-            .machine_id
-            .as_deref()
-            .or_else(|| self.status.as_ref()?.machine_id.as_deref())
+        machine_of(&self.spec, self.status.as_ref())
     }
+}
 
-    /// The retry-request annotation value, if any.
-    pub fn retry_request(&self) -> Option<&str> {
-        self.metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(RETRY_ANNOTATION))
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
-    }
+/// The machine a DeviceIsolation with `spec` and `status` acts on: spec.machineId, else the id
+/// resolved from spec.deviceName.
+pub fn machine_of<'a>(
+    spec: &'a DeviceIsolationSpec,
+    status: Option<&'a DeviceIsolationStatus>,
+) -> Option<&'a str> {
+    spec.machine_id
+        .as_deref()
+        .or_else(|| status?.machine_id.as_deref())
 }
 
 /// The operator's CRDs, by kind.
@@ -566,10 +560,10 @@ mod tests {
                 connection_ref: None,
             },
         );
-        assert_eq!(di.comment(), None);
+        assert_eq!(di.metadata.trimmed(COMMENT_ANNOTATION), None);
         di.metadata.annotations = Some([(COMMENT_ANNOTATION.to_string(), "  ".into())].into());
-        assert_eq!(di.comment(), None);
+        assert_eq!(di.metadata.trimmed(COMMENT_ANNOTATION), None);
         di.metadata.annotations = Some([(COMMENT_ANNOTATION.to_string(), " ok ".into())].into());
-        assert_eq!(di.comment(), Some("ok"));
+        assert_eq!(di.metadata.trimmed(COMMENT_ANNOTATION), Some("ok"));
     }
 }

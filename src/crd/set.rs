@@ -4,7 +4,7 @@
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::{DriftPolicy, is_zero};
+use super::{Annotations, DriftPolicy, is_zero};
 use crate::conditions::Condition;
 use crate::mde::model::IsolationType;
 
@@ -312,16 +312,18 @@ pub struct DeviceCounts {
 impl DeviceIsolationSet {
     /// The comment annotation, trimmed; `None` when missing or blank.
     pub fn comment(&self) -> Option<&str> {
-        super::trimmed_annotation(&self.metadata, super::COMMENT_ANNOTATION)
+        self.metadata.trimmed(super::COMMENT_ANNOTATION)
     }
 
     /// The requested-by annotation, trimmed; `None` when missing or blank.
     pub fn requested_by(&self) -> Option<&str> {
-        super::trimmed_annotation(&self.metadata, super::REQUESTED_BY_ANNOTATION)
+        self.metadata.trimmed(super::REQUESTED_BY_ANNOTATION)
     }
 
     /// The refresh-request annotation value, if any.
     pub fn refresh_request(&self) -> Option<&str> {
-        super::annotation(&self.metadata, REFRESH_ANNOTATION).filter(|v| !v.is_empty())
+        self.metadata
+            .annotation(REFRESH_ANNOTATION)
+            .filter(|v| !v.is_empty())
     }
 }

@@ -25,6 +25,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
+use crate::cache::Cached;
 use crate::conditions::{self, Phase, ReasonPhase};
 use crate::crd::{
     COMMENT_ANNOTATION, DeviceIsolation, DeviceIsolationSet, DeviceIsolationSetStatus,
@@ -212,7 +213,7 @@ impl SetStores {
 
 /// Why `child`'s set lets it request nothing new; `None` for a resource of no set, or a set that
 /// is rolling out.
-pub fn hold_of(child: &DeviceIsolation, sets: &SetStores) -> Option<String> {
+pub fn hold_of(child: &Cached, sets: &SetStores) -> Option<String> {
     let (name, uid) = child.owning_set()?;
     let namespace = child.namespace().unwrap_or_default();
     let set = sets
@@ -237,7 +238,7 @@ pub fn hold_of(child: &DeviceIsolation, sets: &SetStores) -> Option<String> {
 }
 
 /// Where a child stands, from its conditions.
-pub fn child_state(child: &DeviceIsolation) -> ChildState {
+pub fn child_state(child: &Cached) -> ChildState {
     let Some(status) = child.status.as_ref() else {
         return ChildState::Pending;
     };
@@ -299,7 +300,7 @@ pub fn child_for(set: &DeviceIsolationSet, machine_id: &str) -> DeviceIsolation 
 
 /// Whether `child` carries what `set` wants (its spec and comment); compared in place, since a
 /// set reconciles often while thousands of children change.
-fn up_to_date(child: &DeviceIsolation, set: &DeviceIsolationSet) -> bool {
+fn up_to_date(child: &Cached, set: &DeviceIsolationSet) -> bool {
     let (want, have) = (&set.spec, &child.spec);
     have.isolated == want.isolated
         && have.isolation_type == want.isolation_type
@@ -348,7 +349,7 @@ pub async fn reconcile(set: Arc<DeviceIsolationSet>, ctx: Arc<Context>) -> Resul
     // By machine id, borrowed from the cached children: a set reconciles again after every
     // burst of its children's changes, and a copy of each id per map was a transient of 10,000
     // strings each time.
-    let children: HashMap<&str, &DeviceIsolation> = ours
+    let children: HashMap<&str, &Cached> = ours
         .iter()
         .filter_map(|c| Some((c.machine_id()?, &**c)))
         .collect();
@@ -530,7 +531,7 @@ fn observe(
     set: &DeviceIsolationSet,
     selection: &Selection,
     ctx: &Context,
-) -> (Vec<Arc<DeviceIsolation>>, HashSet<String>) {
+) -> (Vec<Arc<Cached>>, HashSet<String>) {
     let uid = set.metadata.uid.as_deref().unwrap_or_default();
     let namespace = set.namespace();
     let selected: HashSet<&str> = selection.machine_ids.iter().map(String::as_str).collect();
@@ -556,7 +557,7 @@ async fn write_children(
     set: &DeviceIsolationSet,
     ctx: &Context,
     selection: &Selection,
-    children: &HashMap<&str, &DeviceIsolation>,
+    children: &HashMap<&str, &Cached>,
     admit: Vec<String>,
 ) -> Result<(), Error> {
     let namespace = set.namespace().unwrap_or_default();
@@ -618,7 +619,7 @@ async fn write_children(
 }
 
 /// Whether `child` waits for its set.
-fn held(child: &DeviceIsolation) -> bool {
+fn held(child: &Cached) -> bool {
     child
         .status
         .as_ref()

@@ -39,7 +39,8 @@ const M: &str = "1e5bc9d7e413ddd7902c2932e418702b84d0cc07";
 #[test]
 fn a_child_carries_the_sets_wish_label_comment_and_controller_reference() {
     let s = set(false, None);
-    let child = child_for(&s, M);
+    let created = child_for(&s, M);
+    let child = Cached::from(created.clone());
     assert_eq!(
         child.metadata.name.as_deref(),
         Some(format!("release-inc-4711-{M}").as_str())
@@ -49,11 +50,11 @@ fn a_child_carries_the_sets_wish_label_comment_and_controller_reference() {
     assert!(!child.spec.isolated);
     assert_eq!(child.comment(), Some("False positive (INC-4711)"));
     assert_eq!(
-        child.metadata.labels.as_ref().unwrap()[SET_LABEL],
+        created.metadata.labels.as_ref().unwrap()[SET_LABEL],
         "release-inc-4711"
     );
     assert_eq!(child.owning_set(), Some(("release-inc-4711", "set-uid")));
-    let owner = &child.metadata.owner_references.as_ref().unwrap()[0];
+    let owner = &created.metadata.owner_references.as_ref().unwrap()[0];
     assert_eq!(owner.block_owner_deletion, Some(true));
     assert!(up_to_date(&child, &s));
     let mut isolate = s.clone();
@@ -72,11 +73,11 @@ fn a_child_carries_the_sets_wish_label_comment_and_controller_reference() {
     assert!(!up_to_date(&child, &recommented));
     let mut timed = isolate.clone();
     timed.spec.release_at = Some(chrono::Utc::now());
-    let timed_child = child_for(&timed, M);
+    let timed_child = Cached::from(child_for(&timed, M));
     assert_eq!(timed_child.spec.release_at, timed.spec.release_at);
     assert!(up_to_date(&timed_child, &timed));
     assert!(
-        !up_to_date(&child_for(&isolate, M), &timed),
+        !up_to_date(&Cached::from(child_for(&isolate, M)), &timed),
         "releaseAt edits reach the children"
     );
     let mut taken_over = s.clone();
@@ -86,13 +87,17 @@ fn a_child_carries_the_sets_wish_label_comment_and_controller_reference() {
         .as_mut()
         .unwrap()
         .insert(crate::crd::REQUESTED_BY_ANNOTATION.into(), "user-b".into());
-    assert_eq!(child_for(&taken_over, M).requested_by(), Some("user-b"));
+    assert_eq!(
+        Cached::from(child_for(&taken_over, M)).requested_by(),
+        Some("user-b")
+    );
     assert!(!up_to_date(&child, &taken_over), "so does a new requester");
 }
 
 #[test]
 fn a_child_is_held_while_its_set_is_paused_stopped_deleted_or_gone() {
-    let child = child_for(&set(false, None), M);
+    let created = child_for(&set(false, None), M);
+    let child = Cached::from(created.clone());
     let stopped = |reason: &str| {
         set(
             false,
@@ -132,9 +137,9 @@ fn a_child_is_held_while_its_set_is_paused_stopped_deleted_or_gone() {
             .ends_with("is gone")
     );
     // A resource of no set is never held.
-    let mut single = child.clone();
+    let mut single = created;
     single.metadata.owner_references = None;
-    assert_eq!(hold_of(&single, &stores(&[])), None);
+    assert_eq!(hold_of(&Cached::from(single), &stores(&[])), None);
 }
 
 #[test]
@@ -148,7 +153,7 @@ fn a_childs_conditions_say_where_it_stands() {
             )
             .unwrap(),
         );
-        c
+        Cached::from(c)
     };
     let cond = |t: &str, s: &str, r: &str| json!({"type": t, "status": s, "reason": r, "message": "", "lastTransitionTime": "t"});
     let ready = json!([cond("Ready", "True", "Released")]);
@@ -178,7 +183,7 @@ fn a_childs_conditions_say_where_it_stands() {
     assert_eq!(child_state(&with(pending, 1)), ChildState::Pending);
     let mut fresh = child_for(&set(false, None), M);
     fresh.status = None;
-    assert_eq!(child_state(&fresh), ChildState::Pending);
+    assert_eq!(child_state(&Cached::from(fresh)), ChildState::Pending);
 }
 
 #[test]

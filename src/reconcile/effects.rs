@@ -14,6 +14,7 @@ use kube::{Resource, ResourceExt};
 use super::memory::MachineGuard;
 use super::vocab::*;
 use super::{Context, FIELD_MANAGER};
+use crate::cache::Cached;
 use crate::connection::Connection;
 use crate::crd::{DeviceIsolation, DeviceIsolationStatus};
 use crate::events::EventKind;
@@ -91,7 +92,7 @@ pub struct Live<'a> {
     /// The resource's MDE connection, or why it cannot be used (then the planner asks for no
     /// call, and nothing here reaches MDE).
     conn: Result<Arc<Connection>, ConnectionProblem>,
-    di: &'a DeviceIsolation,
+    di: &'a Cached,
     resource: ResourceRef,
     key: String,
     /// Held from the first POST of this reconcile to its end.
@@ -103,7 +104,7 @@ impl<'a> Live<'a> {
     pub fn new(
         ctx: &'a Context,
         conn: Result<Arc<Connection>, ConnectionProblem>,
-        di: &'a DeviceIsolation,
+        di: &'a Cached,
     ) -> Self {
         let resource = ResourceRef::from_obj(di);
         Live {

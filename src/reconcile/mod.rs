@@ -28,9 +28,9 @@ pub use memory::Memory;
 pub use plan::plan;
 pub use vocab::*;
 
-use crate::cache::{Gone, Stores};
+use crate::cache::{Cached, Gone, Stores};
 use crate::connection::Connections;
-use crate::crd::{DeviceIsolation, DeviceIsolationStatus};
+use crate::crd::DeviceIsolationStatus;
 use crate::events::EventPublisher;
 use crate::metrics::Metrics;
 use crate::poller::Wake;
@@ -84,7 +84,7 @@ pub struct Context {
 }
 
 /// Reconciles one DeviceIsolation.
-pub async fn reconcile(di: Arc<DeviceIsolation>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(di: Arc<Cached>, ctx: Arc<Context>) -> Result<Action, Error> {
     let resource = ResourceRef::from_obj(&*di);
     let conn = ctx.connections.of(
         resource.namespace.as_deref().unwrap_or_default(),
@@ -115,7 +115,7 @@ pub async fn reconcile(di: Arc<DeviceIsolation>, ctx: Arc<Context>) -> Result<Ac
 
 /// One reconcile: plan → perform → feed back, until the plan asks for nothing.
 pub async fn drive<E: Effects>(
-    di: &DeviceIsolation,
+    di: &Cached,
     fx: &E,
     memory: &Memory,
     timing: &Timing,
@@ -192,7 +192,7 @@ struct Pass {
 
 impl Pass {
     /// `None` when the resource is gone.
-    fn start<E: Effects>(di: &DeviceIsolation, fx: &E) -> Option<Self> {
+    fn start<E: Effects>(di: &Cached, fx: &E) -> Option<Self> {
         let machine = di.machine_id().map(str::to_string);
         let present = match &machine {
             Some(m) => fx.watch(m),
@@ -230,7 +230,7 @@ impl Pass {
     /// The planner's next step, from the resource, the facts and the process's memory.
     fn plan(
         &mut self,
-        di: &DeviceIsolation,
+        di: &Cached,
         memory: &Memory,
         timing: &Timing,
         dry_run: bool,
@@ -250,7 +250,7 @@ impl Pass {
             comment: di.comment(),
             retry_request: di.retry_request(),
             requested_by: di.requested_by(),
-            approved_by: crate::crd::approver(&di.metadata, di.metadata.generation.unwrap_or(1)),
+            approved_by: di.approver(),
             status: &self.status,
             siblings: &self.siblings,
             facts: &self.facts,
@@ -266,7 +266,7 @@ impl Pass {
     /// reconcile from a watch cache that does not show the written result yet reuses it.
     async fn resolve<E: Effects>(
         &self,
-        di: &DeviceIsolation,
+        di: &Cached,
         fx: &E,
         memory: &Memory,
         device_name: &str,
@@ -426,7 +426,7 @@ impl Context {
 
 /// Exponential backoff for reconciles that failed on the Kubernetes side (a flat requeue would
 /// hammer an API server that is already in trouble).
-pub fn error_policy(di: Arc<DeviceIsolation>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(di: Arc<Cached>, error: &Error, ctx: Arc<Context>) -> Action {
     let resource = ResourceRef::from_obj(&*di);
     let failures = ctx.memory.failed(&resource);
     let delay = ctx

@@ -12,6 +12,7 @@ use serde_json::json;
 use super::*;
 use crate::audit::carries_marker;
 use crate::conditions::{self, READY, RECONCILING, STALLED};
+use crate::crd::DeviceIsolation;
 use crate::mde::model::ActionStatus;
 
 const MACHINE: &str = "1e5bc9d7e413ddd7902c2932e418702b84d0cc07";
@@ -23,7 +24,16 @@ fn t0() -> DateTime<Utc> {
 }
 
 /// A DeviceIsolation as the watch cache holds it.
-fn resource(name: &str, isolated: bool, status: Option<DeviceIsolationStatus>) -> DeviceIsolation {
+fn resource(name: &str, isolated: bool, status: Option<DeviceIsolationStatus>) -> Cached {
+    Cached::from(resource_as_sent(name, isolated, status))
+}
+
+/// A DeviceIsolation as the API server sends it.
+fn resource_as_sent(
+    name: &str,
+    isolated: bool,
+    status: Option<DeviceIsolationStatus>,
+) -> DeviceIsolation {
     let mut di: DeviceIsolation = serde_json::from_value(json!({
         "apiVersion": "isolation.mde.dev/v1alpha1",
         "kind": "DeviceIsolation",
@@ -105,7 +115,7 @@ impl Fake {
     }
 
     /// The resource as the watch cache shows it after the last write.
-    fn cached(&self, name: &str, isolated: bool) -> DeviceIsolation {
+    fn cached(&self, name: &str, isolated: bool) -> Cached {
         resource(name, isolated, self.written.lock().unwrap().clone())
     }
 
@@ -214,7 +224,7 @@ fn timing() -> Timing {
     Timing::default()
 }
 
-async fn run(fake: &Fake, di: &DeviceIsolation, memory: &Memory) -> Action {
+async fn run(fake: &Fake, di: &Cached, memory: &Memory) -> Action {
     drive(di, fake, memory, &timing(), false).await.unwrap()
 }
 
@@ -309,7 +319,7 @@ async fn a_rejected_request_is_not_sent_again_from_a_stale_cache() {
 async fn a_device_name_is_not_resolved_again_from_a_stale_cache_only_on_a_retry_request() {
     let (fake, memory) = (Fake::new(), Memory::default());
     let by_name = |retry: Option<&str>| {
-        let mut di = resource("ghost", false, None);
+        let mut di = resource_as_sent("ghost", false, None);
         di.spec.machine_id = None;
         di.spec.device_name = Some("ghost.contoso.local".into());
         if let Some(at) = retry {
@@ -318,7 +328,7 @@ async fn a_device_name_is_not_resolved_again_from_a_stale_cache_only_on_a_retry_
                 .get_or_insert_default()
                 .insert(crate::crd::RETRY_ANNOTATION.into(), at.into());
         }
-        di
+        Cached::from(di)
     };
     let resolves = |calls: &[Call]| {
         calls

@@ -6,13 +6,13 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use kube::runtime::reflector::ObjectRef;
 
-use crate::crd::{DeviceIsolation, DeviceIsolationSpec, DeviceIsolationStatus, TrackedAction};
+use crate::crd::{DeviceIsolationSpec, DeviceIsolationStatus, TrackedAction};
 use crate::mde::model::{ActionStatus, ActionType, IsolationType};
 use crate::quota::{Api as QuotaApi, Priority};
 
 /// The one identity of a DeviceIsolation inside the process: the view's watchers, the
 /// per-resource memory, the poller's wake-ups and the controller's queue all use it.
-pub type ResourceRef = ObjectRef<DeviceIsolation>;
+pub type ResourceRef = ObjectRef<crate::cache::Cached>;
 
 /// `namespace/name`: the resource's key at the quota gate and in logs.
 pub fn key_of(resource: &ResourceRef) -> String {

@@ -6,8 +6,14 @@
 //! (server-side apply bookkeeping, a JSON tree per field manager that grows with every status
 //! field) and the client-side `kubectl apply` copy of the whole manifest in the
 //! `kubectl.kubernetes.io/last-applied-configuration` annotation. Both are dropped as objects
-//! arrive, before the store and the reconciler see them; every write the operator makes is a
-//! patch of its own fields, so nothing it sends depends on them.
+//! arrive, before the store and the reconciler see them ([`slim`] for the sets); every write the
+//! operator makes is a patch of its own fields, so nothing it sends depends on them. Of a
+//! DeviceIsolation the store keeps a [`Cached`]: only the metadata the operator reads, the
+//! annotations and owner shared by every resource that carries the same.
+
+mod cached;
+
+pub use cached::{Cached, Interner, Notes};
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -44,13 +50,13 @@ pub fn slim<K: Resource>(obj: &mut K) {
     }
 }
 
-/// [`slim`] for a DeviceIsolation, and the texts its conditions repeat held once
-/// ([`conditions::share_texts`]).
-pub fn slim_device(di: &mut DeviceIsolation) {
-    slim(di);
+/// A DeviceIsolation as the cache keeps it ([`Cached`]), the texts its conditions repeat held
+/// once ([`conditions::share_texts`]).
+pub fn slim_device(mut di: DeviceIsolation, interner: &mut Interner) -> Cached {
     if let Some(status) = di.status.as_mut() {
         conditions::share_texts(&mut status.conditions);
     }
+    Cached::new(di, interner)
 }
 
 /// `resource` by its identity alone, name and namespace: a reference taken from an object
@@ -92,7 +98,7 @@ pub enum Gone {
 /// The stream's objects only say which resource to reconcile (the controller reconciles the
 /// cached copy): they carry no uid. The controller's queue keeps a reference taken from the
 /// object for every resource waiting for a requeue, twice (its delay queue and its index), and
-/// a reference copies the uid (and the resourceVersion, which [`slim`] drops). In the
+/// a reference copies the uid (and the resourceVersion, which [`Cached`] drops). In the
 /// `fleet10000` benchmark, with 8,500 children waiting for quota, those copies of name,
 /// namespace, uid and resourceVersion were 2.1 MB (heaptrack).
 pub fn slim_watch(
@@ -101,13 +107,24 @@ pub fn slim_watch(
     scope: Option<String>,
     gone: mpsc::UnboundedSender<Gone>,
 ) -> (
-    Store<DeviceIsolation>,
-    impl Stream<Item = Result<DeviceIsolation, watcher::Error>> + Send + 'static,
+    Store<Cached>,
+    impl Stream<Item = Result<Cached, watcher::Error>> + Send + 'static,
 ) {
     let (reader, writer) = reflector::store();
     // Objects of the list in progress (between Init and InitDone).
     let mut listing: Option<HashSet<ResourceRef>> = None;
-    let stream = reflector::reflector(writer, watcher(api, config).modify(slim_device))
+    let mut interner = Interner::default();
+    let cached = watcher(api, config).map_ok(move |event| {
+        let mut cache = |di| slim_device(di, &mut interner);
+        match event {
+            watcher::Event::Apply(di) => watcher::Event::Apply(cache(di)),
+            watcher::Event::Delete(di) => watcher::Event::Delete(cache(di)),
+            watcher::Event::Init => watcher::Event::Init,
+            watcher::Event::InitApply(di) => watcher::Event::InitApply(cache(di)),
+            watcher::Event::InitDone => watcher::Event::InitDone,
+        }
+    });
+    let stream = reflector::reflector(writer, cached)
         .inspect(move |event| {
             let Ok(event) = event else { return };
             match event {
@@ -143,21 +160,21 @@ pub fn slim_watch(
 
 /// The watch caches of every watched scope: what the operator knows of all DeviceIsolations.
 #[derive(Clone, Default)]
-pub struct Stores(Vec<Store<DeviceIsolation>>);
+pub struct Stores(Vec<Store<Cached>>);
 
 impl Stores {
     /// The caches of the given scopes.
-    pub fn new(stores: Vec<Store<DeviceIsolation>>) -> Self {
+    pub fn new(stores: Vec<Store<Cached>>) -> Self {
         Stores(stores)
     }
 
     /// The resource as cached now; `None` once it is deleted.
-    pub fn get(&self, resource: &ResourceRef) -> Option<Arc<DeviceIsolation>> {
+    pub fn get(&self, resource: &ResourceRef) -> Option<Arc<Cached>> {
         self.0.iter().find_map(|s| s.get(resource))
     }
 
     /// Every cached resource of every scope.
-    pub fn all(&self) -> impl Iterator<Item = Arc<DeviceIsolation>> + '_ {
+    pub fn all(&self) -> impl Iterator<Item = Arc<Cached>> + '_ {
         self.0.iter().flat_map(|s| s.state())
     }
 
@@ -237,7 +254,10 @@ mod tests {
         assert!(di.metadata.labels.is_none());
         let annotations = di.metadata.annotations.as_ref().unwrap();
         assert!(!annotations.contains_key(LAST_APPLIED));
-        assert_eq!(di.comment(), Some("INC-1"));
+        assert_eq!(
+            di.metadata.annotations.as_ref().unwrap()[COMMENT_ANNOTATION],
+            "INC-1"
+        );
         assert_eq!(di.spec.machine_id.as_deref(), Some("m1"));
     }
 }
