@@ -338,6 +338,9 @@ struct LatencyMetrics {
 #[serde(rename_all = "camelCase")]
 struct Tracked {
     memory: Option<i64>,
+    /// Resources waiting for a requeue (since the operator kept its own requeues).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    requeue: Option<i64>,
     view: Option<i64>,
     quota: Option<i64>,
 }
@@ -348,6 +351,7 @@ impl Tracked {
         [self.memory, self.view, self.quota]
             .iter()
             .all(|v| *v == Some(0))
+            && self.requeue.is_none_or(|v| v == 0)
     }
 
     /// The memory and the view track exactly `n` resources.
@@ -2229,6 +2233,7 @@ async fn read_tracked(http: &reqwest::Client, addr: &str) -> Option<Tracked> {
         let value = value.split_whitespace().next().and_then(|v| v.parse().ok());
         match owner {
             "memory" => t.memory = value,
+            "requeue" => t.requeue = value,
             "view" => t.view = value,
             "quota" => t.quota = value,
             _ => {}

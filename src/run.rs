@@ -36,7 +36,7 @@ use crate::mde::token::{ClientSecret, CredentialError, CredentialSources, Secret
 use crate::metrics::Metrics;
 use crate::poller::{PollTiming, Wake};
 use crate::quota::{QuotaConfig, QuotaGate};
-use crate::reconcile::{self, Context, Memory, ResourceRef, Timing};
+use crate::reconcile::{self, Context, Memory, Requeues, ResourceRef, Timing};
 
 /// Why the operator could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -465,6 +465,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         accountability: accountability.clone(),
         approval_threshold: args.approval_threshold,
         memory: Memory::default(),
+        requeues: Requeues::default(),
         events,
         metrics: metrics.clone(),
         timing,
@@ -478,6 +479,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 ctx.gone(gone);
             }
         }
+    });
+    // Wakes each resource when its requeue comes (the reconciles set them).
+    tokio::spawn({
+        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+        async move { ctx.requeues.run(&*ctx.waker, &shutdown).await }
     });
 
     let mut runs = Vec::new();

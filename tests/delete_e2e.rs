@@ -32,11 +32,16 @@ async fn tracked(addr: &str) -> Vec<(String, i64)> {
         .collect()
 }
 
-/// Waits until the memory and the view track `want` resources and the quota gate none (the
-/// resources are settled or gone, so none waits for a slot).
+/// Waits until the memory and the view track `want` resources and the quota gate and the
+/// requeues none (the resources are settled or gone, so none waits for a slot or a time).
 async fn wait_tracked(addr: &str, op: &Operator, want: i64) {
-    let expected =
-        [("memory", want), ("quota", 0), ("view", want)].map(|(o, n)| (o.to_string(), n));
+    let expected = [
+        ("memory", want),
+        ("quota", 0),
+        ("requeue", 0),
+        ("view", want),
+    ]
+    .map(|(o, n)| (o.to_string(), n));
     let waited = poll(
         Duration::from_secs(60),
         Duration::from_millis(200),

@@ -12,6 +12,7 @@
 pub mod effects;
 pub mod memory;
 pub mod plan;
+pub mod requeue;
 pub mod vocab;
 
 #[cfg(test)]
@@ -26,6 +27,7 @@ use kube::runtime::controller::Action;
 pub use effects::{Effects, Live, Request, failure_of};
 pub use memory::Memory;
 pub use plan::plan;
+pub use requeue::Requeues;
 pub use vocab::*;
 
 use crate::cache::{Cached, Gone, Stores};
@@ -71,6 +73,8 @@ pub struct Context {
     pub accountability: Arc<crate::accountability::Accountability>,
     /// Per-resource process memory.
     pub memory: Memory,
+    /// When each resource is reconciled again without a change.
+    pub requeues: Requeues,
     /// Event publisher.
     pub events: EventPublisher,
     /// Metrics.
@@ -83,7 +87,8 @@ pub struct Context {
     pub waker: Arc<dyn Wake>,
 }
 
-/// Reconciles one DeviceIsolation.
+/// Reconciles one DeviceIsolation. Its next reconcile without a change goes to
+/// [`Context::requeues`], not to the controller's queue (see [`requeue`]).
 pub async fn reconcile(di: Arc<Cached>, ctx: Arc<Context>) -> Result<Action, Error> {
     let resource = ResourceRef::from_obj(&*di);
     let conn = ctx.connections.of(
@@ -92,42 +97,39 @@ pub async fn reconcile(di: Arc<Cached>, ctx: Arc<Context>) -> Result<Action, Err
     );
     // A connection being read or verified: wait for it (it wakes its resources when it is
     // decided) without a status write in between.
-    if let Err(p) = &conn
+    let next = if let Err(p) = &conn
         && p.kind == crate::connection::ProblemKind::Pending
     {
-        return Ok(Action::requeue(ctx.timing.view_not_synced_retry));
-    }
-    let conn = conn.map_err(|p| ConnectionProblem::of(&p));
-    let result = drive(
-        &di,
-        &Live::new(&ctx, conn, &di),
-        &ctx.memory,
-        &ctx.timing,
-        ctx.dry_run,
-    )
-    .await;
-    ctx.metrics.reconciled(result.is_ok());
-    if result.is_ok() {
+        Some(ctx.timing.view_not_synced_retry)
+    } else {
+        let conn = conn.map_err(|p| ConnectionProblem::of(&p));
+        let fx = Live::new(&ctx, conn, &di);
+        let result = drive(&di, &fx, &ctx.memory, &ctx.timing, ctx.dry_run).await;
+        ctx.metrics.reconciled(result.is_ok());
+        let next = result?;
         ctx.memory.succeeded(&resource);
-    }
-    result
+        next
+    };
+    ctx.requeue(&resource, next);
+    Ok(Action::await_change())
 }
 
-/// One reconcile: plan → perform → feed back, until the plan asks for nothing.
+/// One reconcile: plan → perform → feed back, until the plan asks for nothing. Returns when to
+/// reconcile again without a change (`None`: only on a change).
 pub async fn drive<E: Effects>(
     di: &Cached,
     fx: &E,
     memory: &Memory,
     timing: &Timing,
     dry_run: bool,
-) -> Result<Action, Error> {
+) -> Result<Option<Duration>, Error> {
     let resource = ResourceRef::from_obj(di);
     // Remembered first, checked second (see `Live::watch`): a deletion reported meanwhile
     // cannot leave an entry behind, and a deleted resource requests nothing.
     memory.track(&resource);
     let Some(mut pass) = Pass::start(di, fx) else {
         memory.forget(&resource);
-        return Ok(Action::await_change());
+        return Ok(None);
     };
     for _ in 0..MAX_ROUNDS {
         let plan = pass.plan(di, memory, timing, dry_run, fx.now());
@@ -174,7 +176,7 @@ pub async fn drive<E: Effects>(
     }
     tracing::error!(resource = %key_of(&pass.resource), "planner did not settle; retrying later");
     pass.write(fx).await?;
-    Ok(Action::requeue(timing.transient_retry))
+    Ok(Some(timing.transient_retry))
 }
 
 /// What one reconcile knows and has written so far.
@@ -314,15 +316,14 @@ impl Pass {
         Ok(fx.post(request).await)
     }
 
-    async fn finish<E: Effects>(&mut self, fx: &E, plan: &Plan) -> Result<Action, Error> {
+    async fn finish<E: Effects>(&mut self, fx: &E, plan: &Plan) -> Result<Option<Duration>, Error> {
         self.write(fx).await?;
         if plan.settled() {
             fx.release_quota();
         }
-        Ok(match plan.requeue {
-            Some(after) => Action::requeue(after.max(Duration::from_millis(50))),
-            None => Action::await_change(),
-        })
+        Ok(plan
+            .requeue
+            .map(|after| after.max(Duration::from_millis(50))))
     }
 
     /// Writes the status when it differs from what was last written.
@@ -345,6 +346,8 @@ pub struct Owners<'a> {
     /// resource holds them in its own connection's only, but which one is not known once it is
     /// deleted).
     pub connections: &'a [(&'a ActionView, &'a QuotaGate)],
+    /// When resources are reconciled again.
+    pub requeues: &'a Requeues,
     /// Wakes other resources.
     pub waker: &'a dyn Wake,
 }
@@ -355,6 +358,7 @@ impl Owners<'_> {
     /// may proceed now.
     pub fn forget(&self, resource: &ResourceRef, machine: Option<&str>) {
         self.memory.forget(resource);
+        self.requeues.forget(resource);
         for (view, gate) in self.connections {
             let watched = view.unwatch(resource);
             gate.forget(&key_of(resource));
@@ -378,9 +382,10 @@ impl Owners<'_> {
     }
 
     /// Resources each owner holds state for.
-    pub fn tracked(&self) -> [(&'static str, usize); 3] {
+    pub fn tracked(&self) -> [(&'static str, usize); 4] {
         [
             ("memory", self.memory.len()),
+            ("requeue", self.requeues.len()),
             (
                 "view",
                 self.connections.iter().map(|(v, _)| v.watched()).sum(),
@@ -398,7 +403,7 @@ impl Owners<'_> {
 
 impl Context {
     /// Resources each per-resource owner still holds state for.
-    pub fn tracked(&self) -> [(&'static str, usize); 3] {
+    pub fn tracked(&self) -> [(&'static str, usize); 4] {
         let live = self.connections.all();
         let parts: Vec<_> = live.iter().map(|c| (&*c.view, &**c.mde.gate())).collect();
         self.owners(&parts).tracked()
@@ -407,9 +412,17 @@ impl Context {
     fn owners<'a>(&'a self, connections: &'a [(&'a ActionView, &'a QuotaGate)]) -> Owners<'a> {
         Owners {
             memory: &self.memory,
+            requeues: &self.requeues,
             connections,
             waker: &*self.waker,
         }
+    }
+
+    /// Sets when `resource` is reconciled again without a change ([`Requeues`]), under the
+    /// reference its memory holds.
+    fn requeue(&self, resource: &ResourceRef, after: Option<Duration>) {
+        let now = tokio::time::Instant::now();
+        self.requeues.set(self.memory.shared(resource), after, now);
     }
 
     /// Frees what the watches report gone (the gauges follow on the next 5 s tick).
@@ -435,5 +448,6 @@ pub fn error_policy(di: Arc<Cached>, error: &Error, ctx: Arc<Context>) -> Action
         .saturating_mul(1u32 << (failures - 1).min(5))
         .min(ctx.timing.backoff_max);
     tracing::warn!(resource = %key_of(&resource), %error, failures, retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
+    ctx.requeue(&resource, Some(delay));
+    Action::await_change()
 }

@@ -224,7 +224,7 @@ fn timing() -> Timing {
     Timing::default()
 }
 
-async fn run(fake: &Fake, di: &Cached, memory: &Memory) -> Action {
+async fn run(fake: &Fake, di: &Cached, memory: &Memory) -> Option<Duration> {
     drive(di, fake, memory, &timing(), false).await.unwrap()
 }
 
@@ -237,7 +237,7 @@ async fn a_request_that_must_wait_writes_its_intent_once_and_sends_without_a_loo
     let (fake, memory) = (Fake::new(), Memory::default());
     let wait = fake.quota_waits_once();
     let action = run(&fake, &resource("a", false, None), &memory).await;
-    assert_eq!(action, Action::requeue(wait));
+    assert_eq!(action, Some(wait));
     let calls = fake.calls();
     assert_eq!(Fake::posts_made(&calls), 0, "{calls:?}");
     let writes: Vec<_> = calls
@@ -306,7 +306,7 @@ async fn a_rejected_request_is_not_sent_again_from_a_stale_cache() {
     let calls = fake.calls();
     assert_eq!(Fake::posts_made(&calls), 0, "{calls:?}");
     assert!(!calls.contains(&Call::Lookup), "{calls:?}");
-    assert_eq!(action, Action::await_change());
+    assert_eq!(action, None);
     let again = fake.written.lock().unwrap().clone().unwrap();
     assert_eq!(
         reason_of(&again, STALLED).as_deref(),
@@ -347,7 +347,7 @@ async fn a_device_name_is_not_resolved_again_from_a_stale_cache_only_on_a_retry_
     // A watch cache that does not show the stall yet: the same answer, no second read.
     let action = run(&fake, &by_name(None), &memory).await;
     assert_eq!(resolves(&fake.calls()), 0);
-    assert_eq!(action, Action::await_change());
+    assert_eq!(action, None);
     let again = fake.written.lock().unwrap().clone().unwrap();
     assert_eq!(
         reason_of(&again, STALLED).as_deref(),
@@ -382,7 +382,7 @@ async fn a_resource_whose_connection_is_refused_calls_nothing_and_goes_on_when_i
             .all(|c| !matches!(c, Call::Post(_) | Call::Lookup | Call::Hold)),
         "{calls:?}"
     );
-    assert_eq!(action, Action::requeue(timing().credential_recheck));
+    assert_eq!(action, Some(timing().credential_recheck));
     let stalled = fake.written.lock().unwrap().clone().unwrap();
     assert_eq!(
         reason_of(&stalled, STALLED).as_deref(),
@@ -410,7 +410,7 @@ async fn a_resource_whose_set_holds_it_requests_nothing_and_goes_on_when_release
     fake.advance(wait);
     for _ in 0..3 {
         let action = run(&fake, &fake.cached("a", false), &memory).await;
-        assert_eq!(action, Action::requeue(timing().transient_retry));
+        assert_eq!(action, Some(timing().transient_retry));
     }
     let calls = fake.calls();
     assert_eq!(Fake::posts_made(&calls), 0, "{calls:?}");
@@ -439,7 +439,7 @@ async fn an_ambiguous_post_is_looked_up_after_the_settle_time_and_never_sent_twi
         .push_back(CallFailure::Ambiguous("timed out".into()));
     let first = resource("a", false, None);
     let settle = timing().ambiguous_settle;
-    assert_eq!(run(&fake, &first, &memory).await, Action::requeue(settle));
+    assert_eq!(run(&fake, &first, &memory).await, Some(settle));
     let calls = fake.calls();
     assert_eq!(Fake::posts_made(&calls), 1);
     assert!(
@@ -540,10 +540,7 @@ async fn a_deleted_partner_lets_a_conflicting_resource_proceed_and_a_deleted_res
         key: "secops/b".into(),
         isolated: true,
     });
-    assert_eq!(
-        run(&fake, &resource("a", false, None), &memory).await,
-        Action::await_change()
-    );
+    assert_eq!(run(&fake, &resource("a", false, None), &memory).await, None);
     let status = fake.written.lock().unwrap().clone().unwrap();
     assert_eq!(reason_of(&status, STALLED).as_deref(), Some("Conflict"));
     assert_eq!(Fake::posts_made(&fake.calls()), 0);
@@ -559,7 +556,7 @@ async fn a_deleted_partner_lets_a_conflicting_resource_proceed_and_a_deleted_res
     fake.present.store(false, Ordering::SeqCst);
     fake.siblings.lock().unwrap().clear();
     let last = fake.cached("a", false);
-    assert_eq!(run(&fake, &last, &memory).await, Action::await_change());
+    assert_eq!(run(&fake, &last, &memory).await, None);
     assert!(fake.calls().is_empty());
     assert!(memory.is_empty());
 }
@@ -569,7 +566,7 @@ async fn before_the_view_is_loaded_nothing_is_requested_and_the_poller_is_asked_
     let (fake, memory) = (Fake::new(), Memory::default());
     fake.synced.store(false, Ordering::SeqCst);
     let action = run(&fake, &resource("a", false, None), &memory).await;
-    assert_eq!(action, Action::requeue(timing().view_not_synced_retry));
+    assert_eq!(action, Some(timing().view_not_synced_retry));
     let calls = fake.calls();
     assert!(calls.contains(&Call::Nudge), "{calls:?}");
     assert_eq!(Fake::posts_made(&calls), 0, "{calls:?}");
@@ -598,7 +595,7 @@ async fn after_a_restart_following_an_action_asks_for_the_view_and_converged_one
     fake.synced.store(false, Ordering::SeqCst);
     *fake.written.lock().unwrap() = Some(sent);
     let action = run(&fake, &fake.cached("a", false), &Memory::default()).await;
-    assert_ne!(action, Action::await_change());
+    assert_ne!(action, None);
     let calls = fake.calls();
     assert!(calls.contains(&Call::Nudge), "{calls:?}");
     assert_eq!(Fake::posts_made(&calls), 0, "{calls:?}");
@@ -637,8 +634,10 @@ fn forgetting_a_deleted_resource_frees_every_owner_and_wakes_its_partners() {
     use crate::quota::{Api, Priority, QuotaConfig};
     let (memory, view, woken) = (Memory::default(), ActionView::new(), Woken::default());
     let gate = QuotaGate::new(QuotaConfig::from_budget(1.0, 1.0));
+    let requeues = Requeues::default();
     let owners = Owners {
         memory: &memory,
+        requeues: &requeues,
         connections: &[(&view, &gate)],
         waker: &woken,
     };
@@ -652,6 +651,11 @@ fn forgetting_a_deleted_resource_frees_every_owner_and_wakes_its_partners() {
     }
     gate.set_priority("secops/b", Priority::Low);
     let now = tokio::time::Instant::now();
+    requeues.set(
+        memory.shared(&b),
+        Some(std::time::Duration::from_secs(60)),
+        now,
+    );
     for _ in 0..100 {
         gate.reserve(Api::Unisolate, "secops/other", now);
     }
@@ -659,36 +663,59 @@ fn forgetting_a_deleted_resource_frees_every_owner_and_wakes_its_partners() {
         gate.reserve(Api::Unisolate, "secops/b", now),
         crate::quota::Admission::WaitUntil(_)
     ));
-    assert_eq!(owners.tracked(), [("memory", 2), ("view", 2), ("quota", 1)]);
+    assert_eq!(
+        owners.tracked(),
+        [("memory", 2), ("requeue", 1), ("view", 2), ("quota", 1)]
+    );
 
     owners.forget(&b, Some(MACHINE));
     assert_eq!(*woken.0.lock().unwrap(), vec![a.clone()]);
-    assert_eq!(owners.tracked(), [("memory", 1), ("view", 1), ("quota", 0)]);
+    assert_eq!(
+        owners.tracked(),
+        [("memory", 1), ("requeue", 0), ("view", 1), ("quota", 0)]
+    );
     owners.forget(&a, Some(MACHINE));
-    assert_eq!(owners.tracked(), [("memory", 0), ("view", 0), ("quota", 0)]);
+    assert_eq!(
+        owners.tracked(),
+        [("memory", 0), ("requeue", 0), ("view", 0), ("quota", 0)]
+    );
 }
 
 #[test]
 fn a_relist_frees_what_it_no_longer_holds_in_its_own_scope_only() {
     let (memory, view, woken) = (Memory::default(), ActionView::new(), Woken::default());
     let gate = QuotaGate::new(crate::quota::QuotaConfig::from_budget(1.0, 1.0));
+    let requeues = Requeues::default();
     let owners = Owners {
         memory: &memory,
+        requeues: &requeues,
         connections: &[(&view, &gate)],
         waker: &woken,
     };
     let kept = ResourceRef::new("kept").within("secops");
     let gone = ResourceRef::new("gone").within("secops");
     let elsewhere = ResourceRef::new("x").within("other");
+    let now = tokio::time::Instant::now();
     for r in [&kept, &gone, &elsewhere] {
         memory.track(r);
         view.watch(&memory.shared(r), MACHINE);
+        requeues.set(
+            memory.shared(r),
+            Some(std::time::Duration::from_secs(60)),
+            now,
+        );
     }
     owners.relisted(Some("secops"), &[kept.clone()].into());
-    assert_eq!(owners.tracked(), [("memory", 2), ("view", 2), ("quota", 0)]);
+    assert_eq!(
+        owners.tracked(),
+        [("memory", 2), ("requeue", 2), ("view", 2), ("quota", 0)]
+    );
     assert!(!memory.forget(&gone), "freed by the relist");
     memory.track(&gone);
     owners.relisted(None, &[kept.clone()].into());
-    assert_eq!(owners.tracked(), [("memory", 1), ("view", 1), ("quota", 0)]);
+    assert_eq!(
+        owners.tracked(),
+        [("memory", 1), ("requeue", 1), ("view", 1), ("quota", 0)]
+    );
     assert!(memory.forget(&kept));
 }
