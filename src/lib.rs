@@ -7,8 +7,9 @@
 //! gate, and the API server. The [`poller`] keeps the view fresh with a few batched reads per
 //! cycle, whatever the number of resources; its first load also rebuilds the gate's ledger from
 //! MDE's record ([`recall`]), so a restart does not start with a full budget in a spent window,
-//! and the gate learns from 429s what MDE allows beside other tools. The watch caches ([`cache`]) report deletions, so that
-//! what the process remembers per resource ([`reconcile::memory`]) is freed with it.
+//! and the gate learns from 429s what MDE allows beside other tools. The watch caches ([`cache`])
+//! keep a compact form of each resource and report deletions, so that what the process remembers
+//! per resource ([`reconcile::memory`], its requeues in [`reconcile::requeue`]) is freed with it.
 //! [`accountability`] tells whether the API server vouches for who asked (requested-by).
 //! Every tenant and app the operator talks to is a [`connection`]: its own client (token cache,
 //! quota gate), poller and view, built from the flags or from an `MdeConnection`, and named by a

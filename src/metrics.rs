@@ -168,7 +168,7 @@ impl Metrics {
         let tracked_resources = Family::<OwnerLabels, Gauge>::default();
         registry.register(
             "tracked_resources",
-            "DeviceIsolations the process holds state for, per owner: memory, view, quota",
+            "DeviceIsolations the process holds state for, per owner: memory, requeue, view, quota",
             tracked_resources.clone(),
         );
         // Series that alerts watch with increase() exist from the start at 0, so the first
