@@ -419,10 +419,15 @@ impl Context {
     }
 
     /// Sets when `resource` is reconciled again without a change ([`Requeues`]), under the
-    /// reference its memory holds.
+    /// reference its memory holds; `None`: only on a change.
     fn requeue(&self, resource: &ResourceRef, after: Option<Duration>) {
-        let now = tokio::time::Instant::now();
-        self.requeues.set(self.memory.shared(resource), after, now);
+        match after {
+            Some(after) => {
+                let now = tokio::time::Instant::now();
+                self.requeues.set(self.memory.shared(resource), after, now);
+            }
+            None => self.requeues.forget(resource),
+        }
     }
 
     /// Frees what the watches report gone (the gauges follow on the next 5 s tick).

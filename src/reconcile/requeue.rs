@@ -71,15 +71,10 @@ impl Ord for Due {
 }
 
 impl Requeues {
-    /// The resource's next reconcile: `after` from `now`, or only on a change (`None`). Replaces
-    /// what was set before.
-    pub fn set(&self, resource: Arc<ResourceRef>, after: Option<Duration>, now: Instant) {
+    /// The resource's next reconcile: `after` from `now`. Replaces what was set before (a
+    /// reconcile that asks for none [`forget`](Self::forget)s it).
+    pub fn set(&self, resource: Arc<ResourceRef>, after: Duration, now: Instant) {
         let mut inner = self.lock();
-        let Some(after) = after else {
-            inner.at.remove(&*resource);
-            inner.tidy();
-            return;
-        };
         let at = now + after;
         if inner.at.get(&*resource) == Some(&at) {
             return;
@@ -94,7 +89,7 @@ impl Requeues {
         }
     }
 
-    /// Forgets the resource (deleted).
+    /// Forgets the resource's next reconcile (it asked for none, or it was deleted).
     pub fn forget(&self, resource: &ResourceRef) {
         let mut inner = self.lock();
         inner.at.remove(resource);
@@ -207,9 +202,9 @@ mod tests {
     #[test]
     fn resources_come_due_in_order_of_their_instants_once() {
         let (q, t0) = (Requeues::default(), Instant::now());
-        q.set(r("c"), Some(3 * S), t0);
-        q.set(r("a"), Some(S), t0);
-        q.set(r("b"), Some(2 * S), t0);
+        q.set(r("c"), 3 * S, t0);
+        q.set(r("a"), S, t0);
+        q.set(r("b"), 2 * S, t0);
         assert_eq!(q.next(), Some(t0 + S));
         assert!(q.due(t0).is_empty());
         assert_eq!(names(q.due(t0 + 2 * S)), ["a", "b"]);
@@ -220,27 +215,27 @@ mod tests {
     #[test]
     fn the_last_reconciles_result_replaces_the_requeue() {
         let (q, t0) = (Requeues::default(), Instant::now());
-        q.set(r("a"), Some(S), t0);
-        q.set(r("a"), Some(5 * S), t0);
+        q.set(r("a"), S, t0);
+        q.set(r("a"), 5 * S, t0);
         assert!(
             q.due(t0 + 2 * S).is_empty(),
             "the earlier instant was replaced"
         );
         assert_eq!(names(q.due(t0 + 5 * S)), ["a"]);
-        q.set(r("b"), Some(5 * S), t0);
-        q.set(r("b"), Some(S), t0);
+        q.set(r("b"), 5 * S, t0);
+        q.set(r("b"), S, t0);
         assert_eq!(names(q.due(t0 + S)), ["b"]);
         assert!(q.due(t0 + 5 * S).is_empty(), "nor twice");
-        q.set(r("c"), Some(S), t0);
-        q.set(r("c"), None, t0);
+        q.set(r("c"), S, t0);
+        q.forget(&r("c"));
         assert!(q.due(t0 + 5 * S).is_empty() && q.is_empty());
     }
 
     #[test]
     fn a_deleted_resource_is_never_woken() {
         let (q, t0) = (Requeues::default(), Instant::now());
-        q.set(r("a"), Some(S), t0);
-        q.set(r("b"), Some(S), t0);
+        q.set(r("a"), S, t0);
+        q.set(r("b"), S, t0);
         q.forget(&ResourceRef::new("a").within("soc"));
         assert_eq!(names(q.due(t0 + S)), ["b"]);
     }
@@ -250,7 +245,7 @@ mod tests {
         let (q, t0) = (Requeues::default(), Instant::now());
         let a = r("a");
         for i in 0..10_000u32 {
-            q.set(a.clone(), Some(S * (i + 1)), t0);
+            q.set(a.clone(), S * (i + 1), t0);
         }
         assert!(
             q.lock().queue.len() <= 2 + 64 + 1,
@@ -259,7 +254,7 @@ mod tests {
         );
         let many: Vec<_> = (0..10_000).map(|i| r(&format!("r{i}"))).collect();
         for m in &many {
-            q.set(m.clone(), Some(S), t0);
+            q.set(m.clone(), S, t0);
         }
         assert_eq!(q.due(t0 + S).len(), 10_000);
         let inner = q.lock();
@@ -284,10 +279,10 @@ mod tests {
             async move { q.run(&*woken, &shutdown).await }
         });
         let t0 = Instant::now();
-        q.set(r("late"), Some(60 * S), t0);
+        q.set(r("late"), 60 * S, t0);
         tokio::time::sleep(S).await;
         // An earlier one set while the task sleeps for the later one.
-        q.set(r("early"), Some(S), Instant::now());
+        q.set(r("early"), S, Instant::now());
         tokio::time::sleep(2 * S).await;
         assert_eq!(*woken.0.lock().unwrap(), ["early"]);
         tokio::time::sleep(60 * S).await;

@@ -651,11 +651,7 @@ fn forgetting_a_deleted_resource_frees_every_owner_and_wakes_its_partners() {
     }
     gate.set_priority("secops/b", Priority::Low);
     let now = tokio::time::Instant::now();
-    requeues.set(
-        memory.shared(&b),
-        Some(std::time::Duration::from_secs(60)),
-        now,
-    );
+    requeues.set(memory.shared(&b), std::time::Duration::from_secs(60), now);
     for _ in 0..100 {
         gate.reserve(Api::Unisolate, "secops/other", now);
     }
@@ -699,11 +695,7 @@ fn a_relist_frees_what_it_no_longer_holds_in_its_own_scope_only() {
     for r in [&kept, &gone, &elsewhere] {
         memory.track(r);
         view.watch(&memory.shared(r), MACHINE);
-        requeues.set(
-            memory.shared(r),
-            Some(std::time::Duration::from_secs(60)),
-            now,
-        );
+        requeues.set(memory.shared(r), std::time::Duration::from_secs(60), now);
     }
     owners.relisted(Some("secops"), &[kept.clone()].into());
     assert_eq!(
