@@ -442,8 +442,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         metrics: metrics.clone(),
         health: health.clone(),
         poll: poll_timing,
-        // Names asked for within a hundredth of the transient retry delay share one call.
-        resolver_window: timing.transient_retry / 100,
+        resolver_window: crate::resolver::WINDOW,
         leading: leading.clone(),
         shutdown: shutdown.clone(),
     };

@@ -99,7 +99,12 @@ async fn device_names_resolve_exactly_in_batches_and_refuse_ambiguity() {
     // Three names, resolved together: at most two machine reads (one batch, maybe split by
     // timing), never one per name per pass.
     let lookups = machines_list_calls(&sim).await;
-    assert!((1..=2).contains(&lookups), "{lookups} machine lookups");
+    assert!(
+        (1..=2).contains(&lookups),
+        "{lookups} machine lookups: {:#?}\noperator log:\n{}",
+        sim.admin_calls().await,
+        op.output()
+    );
 
     // The resolved id is reused: a restart resolves nothing again.
     op.restart();
