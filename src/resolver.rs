@@ -19,10 +19,7 @@ pub const RESOLVER_KEY: &str = "device-resolver";
 
 /// How long the first name of a batch waits for others. Real time, never divided by the time
 /// scale: it gathers reconciles that start together (a watch's initial list, a restart, names
-/// applied one after another), and those take the same real time to run at any scale. Scaled (a
-/// hundredth of the transient retry, 1.7 ms at the tests' scale of 60), three names applied one
-/// after another were resolved in one read or in three depending on the scheduling of the
-/// moment.
+/// applied one after another), and those take the same real time to run at any scale.
 pub const WINDOW: Duration = Duration::from_millis(100);
 
 /// Names per call: keeps the URL well under common limits.

@@ -69,7 +69,8 @@ pub struct Shared {
     pub health: Arc<Health>,
     /// Poll timings.
     pub poll: PollTiming,
-    /// Names asked for within this window share one lookup.
+    /// Names asked for within this window share one lookup ([`crate::resolver::WINDOW`]; tests
+    /// set their own).
     pub resolver_window: Duration,
     /// Pollers start once this replica leads.
     pub leading: Leading,
