@@ -413,14 +413,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         sets: Route::default(),
     };
     // The watches first: the context holds their caches, the controllers their streams.
-    let (gone_tx, mut gone_rx) = mpsc::unbounded_channel();
+    let (report_tx, mut report_rx) = mpsc::unbounded_channel();
     let mut watches = Vec::new();
     for ((namespace, api), set_watch) in scopes.into_iter().zip(&set_watches) {
         let (tx, rx) = mpsc::unbounded_channel();
         router.resources.add(&namespace, tx);
         router.sets.add(&namespace, set_watch.2.clone());
-        let (store, changes) =
-            cache::slim_watch(api, watcher::Config::default(), namespace, gone_tx.clone());
+        let (store, machines, changes) = cache::slim_watch(
+            api,
+            watcher::Config::default(),
+            namespace,
+            report_tx.clone(),
+        );
         // A child's change brings its set up to date (counts, the canary, the failure budget).
         let to_set = set_watch.2.clone();
         let changes = changes.inspect(move |changed| {
@@ -431,9 +435,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 let _ = to_set.send(set);
             }
         });
-        watches.push((store, changes, rx));
+        watches.push((store, machines, changes, rx));
     }
     let stores: Vec<_> = watches.iter().map(|(store, ..)| store.clone()).collect();
+    let indexed: Vec<_> = (watches.iter())
+        .map(|(store, machines, ..)| (store.clone(), machines.clone()))
+        .collect();
     let waker = Arc::new(router);
     // The connections: the operator's own (its flags), and those the connection controllers
     // build from MdeConnections and ClusterMdeConnections, whose watches start here.
@@ -458,7 +465,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let ctx = Arc::new(Context {
         kube: kube.clone(),
         connections: connections.clone(),
-        stores: Stores::new(stores.clone()),
+        stores: Stores::new(indexed),
         sets: set_stores.clone(),
         selections: fleet::Selections::default(),
         accountability: accountability.clone(),
@@ -474,8 +481,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     tokio::spawn({
         let ctx = ctx.clone();
         async move {
-            while let Some(gone) = gone_rx.recv().await {
-                ctx.gone(gone);
+            while let Some(report) = report_rx.recv().await {
+                ctx.report(report);
             }
         }
     });
@@ -487,7 +494,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 
     let mut runs = Vec::new();
     let elected = lease.is_some();
-    for (store, changes, rx) in watches {
+    for (store, _, changes, rx) in watches {
         let config = ControllerConfig::default().concurrency(args.concurrency);
         let controller = controller(changes, store, rx, config, elected, &leading, &shutdown);
         let gate = leading.clone();

@@ -89,23 +89,26 @@ async fn deleting_a_conflicting_partner_lets_the_other_proceed_without_a_restart
         }],
     );
     let sim = Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", "60"]);
-    // Both exist before the operator starts, so its first reconcile sees the conflict. Applied
-    // to a running operator one after the other, the first could be released before the second
-    // arrives (that is correct: nothing conflicted yet), and CI saw it once.
-    apply(
-        &client,
-        &ns,
-        &device_isolation("release", &m, false, Some("INC-1")),
-    )
-    .await;
+    let op = Operator::start(&sim, OperatorConfig::new(&c.kubeconfig, &ns));
+    let addr = op.http_addr(Duration::from_secs(60));
+
+    // The operator has seen `isolate` (it is Ready: the machine is isolated) before `release`
+    // arrives, so `release` meets the conflict on its first reconcile. Applied one right after the
+    // other, `release` could be acted on before `isolate` arrived (correct: nothing conflicted
+    // yet), and CI saw that once.
     apply(
         &client,
         &ns,
         &device_isolation("isolate", &m, true, Some("INC-2")),
     )
     .await;
-    let op = Operator::start(&sim, OperatorConfig::new(&c.kubeconfig, &ns));
-    let addr = op.http_addr(Duration::from_secs(60));
+    wait_ready(&client, &ns, "isolate", &op).await;
+    apply(
+        &client,
+        &ns,
+        &device_isolation("release", &m, false, Some("INC-1")),
+    )
+    .await;
     let (reason, message) = wait_stalled(&client, &ns, "release", &op).await;
     assert_eq!(reason, "Conflict", "{message}");
     assert_eq!(

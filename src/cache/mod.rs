@@ -12,8 +12,10 @@
 //! annotations and owner shared by every resource that carries the same.
 
 mod cached;
+mod machines;
 
 pub use cached::{Cached, Interner, Notes};
+pub use machines::Machines;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use tokio::sync::mpsc;
 use futures::{Stream, StreamExt, TryStreamExt};
 use kube::Resource;
 use kube::api::Api;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::Store;
 use kube::runtime::{WatchStreamExt, watcher};
 
 use crate::conditions::{self, READY, RECONCILING, STALLED};
@@ -69,10 +71,19 @@ pub fn bare(resource: &ResourceRef) -> ResourceRef {
     bare
 }
 
-/// What a watch reports besides changed objects, so that per-resource process state can be
-/// freed: every object that is applied can also be deleted.
+/// What a watch reports besides changed objects: deletions, so that per-resource process state
+/// can be freed (every object that is applied can also be deleted), and changes that concern
+/// other resources than the changed one.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Gone {
+pub enum Report {
+    /// What rule 6 (conflicts) reads of `resource` changed on `machines` (it arrived, changed
+    /// its desired state or is being deleted): the other resources there decide it again.
+    Siblings {
+        /// The changed resource.
+        resource: ResourceRef,
+        /// The machines it left or joined or manages.
+        machines: Vec<String>,
+    },
     /// The resource was deleted; it managed `machine` (when known).
     Deleted {
         /// The resource.
@@ -92,8 +103,9 @@ pub enum Gone {
 }
 
 /// A watch of `api` (`scope`: its namespace, `None` for all) whose objects are slimmed, feeding a
-/// reflector store; deletions are sent to `gone` after the store has dropped them. Returns the
-/// store's reader and the stream of changed objects that drives the controller.
+/// reflector store and its index of machines; deletions and changes among a machine's resources
+/// are sent to `report` after the store holds them. Returns the store's reader, the index and the stream of changed objects that
+/// drives the controller.
 ///
 /// The stream's objects only say which resource to reconcile (the controller reconciles the
 /// cached copy): they carry no uid. The controller's queue keeps a reference taken from the
@@ -105,12 +117,13 @@ pub fn slim_watch(
     api: Api<DeviceIsolation>,
     config: watcher::Config,
     scope: Option<String>,
-    gone: mpsc::UnboundedSender<Gone>,
+    report: mpsc::UnboundedSender<Report>,
 ) -> (
     Store<Cached>,
+    Machines,
     impl Stream<Item = Result<Cached, watcher::Error>> + Send + 'static,
 ) {
-    let (reader, writer) = reflector::store();
+    let (mut writer, reader, machines) = machines::Writer::new();
     // Objects of the list in progress (between Init and InitDone).
     let mut listing: Option<HashSet<ResourceRef>> = None;
     let mut interner = Interner::default();
@@ -124,12 +137,24 @@ pub fn slim_watch(
             watcher::Event::InitDone => watcher::Event::InitDone,
         }
     });
-    let stream = reflector::reflector(writer, cached)
+    let stream = cached
+        .map_ok(move |event| {
+            let machines = writer.apply(&event);
+            (event, machines)
+        })
         .inspect(move |event| {
-            let Ok(event) = event else { return };
+            let Ok((event, machines)) = event else { return };
             match event {
+                watcher::Event::Apply(di) => {
+                    if !machines.is_empty() {
+                        let _ = report.send(Report::Siblings {
+                            resource: ResourceRef::from_obj(di),
+                            machines: machines.clone(),
+                        });
+                    }
+                }
                 watcher::Event::Delete(di) => {
-                    let _ = gone.send(Gone::Deleted {
+                    let _ = report.send(Report::Deleted {
                         resource: ResourceRef::from_obj(di),
                         machine: di.machine_id().map(String::from),
                     });
@@ -143,47 +168,46 @@ pub fn slim_watch(
                 watcher::Event::InitDone => {
                     if let Some(present) = listing.take() {
                         let scope = scope.clone();
-                        let _ = gone.send(Gone::Relisted { scope, present });
+                        let _ = report.send(Report::Relisted { scope, present });
                     }
                 }
-                watcher::Event::Apply(_) => {}
             }
         })
+        .map_ok(|(event, _)| event)
         .applied_objects()
         .map_ok(|mut di| {
             di.metadata.uid = None;
             di
         })
         .boxed();
-    (reader, stream)
+    (reader, machines, stream)
 }
 
 /// The watch caches of every watched scope: what the operator knows of all DeviceIsolations.
 #[derive(Clone, Default)]
-pub struct Stores(Vec<Store<Cached>>);
+pub struct Stores(Vec<(Store<Cached>, Machines)>);
 
 impl Stores {
-    /// The caches of the given scopes.
-    pub fn new(stores: Vec<Store<Cached>>) -> Self {
+    /// The caches of the given scopes, each with its index.
+    pub fn new(stores: Vec<(Store<Cached>, Machines)>) -> Self {
         Stores(stores)
     }
 
     /// The resource as cached now; `None` once it is deleted.
     pub fn get(&self, resource: &ResourceRef) -> Option<Arc<Cached>> {
-        self.0.iter().find_map(|s| s.get(resource))
+        self.0.iter().find_map(|(s, _)| s.get(resource))
     }
 
     /// Every cached resource of every scope.
     pub fn all(&self) -> impl Iterator<Item = Arc<Cached>> + '_ {
-        self.0.iter().flat_map(|s| s.state())
+        self.0.iter().flat_map(|(s, _)| s.state())
     }
 
     /// The other live resources managing `machine`, across every scope (rule 6: conflicts).
     pub fn siblings(&self, me: &ResourceRef, machine: &str) -> Vec<Sibling> {
         self.0
             .iter()
-            .flat_map(|s| s.state())
-            .filter(|o| o.machine_id() == Some(machine))
+            .flat_map(|(_, m)| m.managing(machine))
             .filter(|o| o.metadata.deletion_timestamp.is_none())
             .map(|o| (ResourceRef::from_obj(&*o), o.spec.isolated))
             .filter(|(r, _)| r != me)
@@ -197,7 +221,7 @@ impl Stores {
     /// Resources by phase (ready, reconciling, stalled, unknown), for the gauges.
     pub fn count_phases(&self) -> [(&'static str, i64); 4] {
         let (mut ready, mut reconciling, mut stalled, mut unknown) = (0, 0, 0, 0);
-        for di in self.0.iter().flat_map(|s| s.state()) {
+        for di in self.all() {
             let conds = di
                 .status
                 .as_ref()

@@ -30,7 +30,7 @@ pub use plan::plan;
 pub use requeue::Requeues;
 pub use vocab::*;
 
-use crate::cache::{Cached, Gone, Stores};
+use crate::cache::{Cached, Report, Stores};
 use crate::connection::Connections;
 use crate::crd::DeviceIsolationStatus;
 use crate::events::EventPublisher;
@@ -83,7 +83,7 @@ pub struct Context {
     pub timing: Timing,
     /// Plan only.
     pub dry_run: bool,
-    /// Wakes resources (those sharing a machine with a deleted one).
+    /// Wakes resources (those sharing a machine with a deleted or changed one).
     pub waker: Arc<dyn Wake>,
 }
 
@@ -430,14 +430,24 @@ impl Context {
         }
     }
 
-    /// Frees what the watches report gone (the gauges follow on the next 5 s tick).
-    pub fn gone(&self, gone: Gone) {
+    /// Frees what the watches report gone (the gauges follow on the next 5 s tick); wakes the
+    /// resources whose siblings changed.
+    pub fn report(&self, report: Report) {
         let live = self.connections.all();
         let parts: Vec<_> = live.iter().map(|c| (&*c.view, &**c.mde.gate())).collect();
         let owners = self.owners(&parts);
-        match gone {
-            Gone::Deleted { resource, machine } => owners.forget(&resource, machine.as_deref()),
-            Gone::Relisted { scope, present } => owners.relisted(scope.as_deref(), &present),
+        match report {
+            Report::Siblings { resource, machines } => {
+                for (view, _) in &parts {
+                    for other in view.watchers_of(machines.iter()) {
+                        if other != resource {
+                            self.waker.wake(&other);
+                        }
+                    }
+                }
+            }
+            Report::Deleted { resource, machine } => owners.forget(&resource, machine.as_deref()),
+            Report::Relisted { scope, present } => owners.relisted(scope.as_deref(), &present),
         }
     }
 }
