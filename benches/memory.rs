@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kube::runtime::reflector;
 use kube::runtime::watcher;
-use mde_isolation_operator::cache::{Cached, Interner, slim_device};
+use mde_isolation_operator::cache::{Cached, Interner, Machines, slim_device};
 use mde_isolation_operator::crd::DeviceIsolation;
 use mde_isolation_operator::mde::model::ActionStatus;
 use mde_isolation_operator::reconcile::{ActionFact, ActionKind, Memory, ResourceRef};
@@ -217,6 +217,9 @@ fn main() {
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);
     let b = report("reflector store (slimmed objects, keys, Arc, map)", b0);
+    let machines = Machines::default();
+    machines.reset(reader.state());
+    let b = report("  its index of machines (Machines)", b);
     let refs: Vec<ResourceRef> = reader
         .state()
         .iter()
@@ -258,5 +261,5 @@ fn main() {
         view.watch(&memory.shared(r), o.spec.machine_id.as_deref().unwrap());
     }
     let _ = report("ActionView watchers + machine_of", b);
-    std::hint::black_box((&reader, &view, &memory, &refs));
+    std::hint::black_box((&reader, &machines, &view, &memory, &refs));
 }

@@ -1,5 +1,6 @@
-//! Deletions reach the operator (issue 11): against a real kube-apiserver and `mde-sim`, with
-//! real kubectl, and no operator restart.
+//! Deletions reach the operator (issue 11), and so does a change to a machine's other resources
+//! (rule 6): against a real kube-apiserver and `mde-sim`, with real kubectl, and no operator
+//! restart.
 
 mod common;
 
@@ -186,4 +187,64 @@ async fn resources_created_and_deleted_three_times_leave_nothing_tracked() {
             .items
             .is_empty()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aligning_a_conflicting_partner_lets_both_settle_without_a_call() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("align").await;
+    let client = c.client().await;
+    let m = machine_id(0xa11);
+    let dir = tempfile::tempdir().unwrap();
+    let seed = seed_file(
+        dir.path(),
+        &[SeedMachine {
+            id: &m,
+            name: "aligned.contoso.local",
+            behaviour: "online",
+            isolated: true,
+        }],
+    );
+    let sim = Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", "60"]);
+    let op = Operator::start(&sim, OperatorConfig::new(&c.kubeconfig, &ns));
+
+    apply(
+        &client,
+        &ns,
+        &device_isolation("isolate", &m, true, Some("INC-2")),
+    )
+    .await;
+    wait_ready(&client, &ns, "isolate", &op).await;
+    apply(
+        &client,
+        &ns,
+        &device_isolation("release", &m, false, Some("INC-1")),
+    )
+    .await;
+    assert_eq!(
+        wait_stalled(&client, &ns, "release", &op).await.0,
+        "Conflict"
+    );
+    assert_eq!(
+        wait_stalled(&client, &ns, "isolate", &op).await.0,
+        "Conflict"
+    );
+
+    // `release` is aligned with `isolate`: the partner learns it from the watch, not a restart.
+    apply(
+        &client,
+        &ns,
+        &device_isolation("release", &m, true, Some("INC-1")),
+    )
+    .await;
+    wait_ready(&client, &ns, "release", &op).await;
+    let partner = wait_ready(&client, &ns, "isolate", &op).await;
+    assert_ne!(
+        condition(&partner, "Stalled").map(|c| c.0).as_deref(),
+        Some("True")
+    );
+    let calls = sim.admin_calls().await;
+    assert_eq!(unisolates(&calls, &m), 0);
+    assert_eq!(sim.ground_truth(&m).await["isolated"], true);
 }
