@@ -18,6 +18,8 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
+step "cargo doc (broken doc links fail)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --lib --document-private-items --quiet
 step "local control plane"
 scripts/build-control-plane.sh >/dev/null
 step "kubectl and helm"

@@ -4,7 +4,7 @@
 //!
 //! With `--leader-election` the controllers start at once, so a standby's watch caches are warm,
 //! but their reconciles do nothing and the poller does not start until this replica holds the
-//! [`leader`](crate::leader) Lease. Then everything in the caches is reconciled afresh.
+//! [`leader`] Lease. Then everything in the caches is reconciled afresh.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 //! The connection controller: turns each `MdeConnection` and `ClusterMdeConnection` into a live
-//! [`Connection`] in the [`Connections`] registry, or into the reason it cannot be one.
+//! [`Connection`] in the [`Connections`](super::Connections) registry, or into the reason it cannot be one.
 //!
 //! One reconcile reads as its steps:
 //! 1. [`endpoints`]: the cloud, region and URLs (`InvalidSettings`);

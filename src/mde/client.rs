@@ -1,7 +1,7 @@
 //! The MDE API client: one `reqwest` client, one token source, and the shared quota gate.
 //!
 //! Every HTTP call first asks the [`QuotaGate`]; when it must wait, the call fails with
-//! [`ErrorClass::QuotaWait`](super::error::ErrorClass::QuotaWait) without touching the network,
+//! [`ErrorClass::QuotaWait`] without touching the network,
 //! so a worker is never blocked. A 429 pauses the API in the gate for everyone. A 401 gets one
 //! retry with a fresh token (the retry needs its own admission). Errors are classified so that a
 //! POST whose outcome is unknown is reported as ambiguous and never retried blindly.

@@ -1,7 +1,7 @@
 //! Reconciling one DeviceIsolation: plan → perform → feed back.
 //!
 //! - [`vocab`]: the types every part speaks (actions, facts, effects, plans, reasons).
-//! - [`plan`]: the pure decision, table-tested.
+//! - [`plan`](mod@plan): the pure decision, table-tested.
 //! - [`effects`]: the one place that calls MDE, the quota gate and the API server.
 //! - [`memory`]: what the process remembers per resource, freed on delete.
 //!

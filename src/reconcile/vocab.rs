@@ -1,4 +1,4 @@
-//! The reconciler's vocabulary: one type per concept, shared by the pure rules ([`super::plan`]),
+//! The reconciler's vocabulary: one type per concept, shared by the pure rules ([`super::plan`](mod@super::plan)),
 //! the driver ([`super`]), the effects ([`super::effects`]) and the shared view.
 
 use std::time::Duration;
