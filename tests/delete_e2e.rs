@@ -72,13 +72,23 @@ fn unisolates(calls: &[serde_json::Value], machine: &str) -> usize {
         .count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleting_a_conflicting_partner_lets_the_other_proceed_without_a_restart() {
+/// A machine, isolated, managed by two resources in a new namespace: `isolate` (Ready) and then
+/// `release`, which meets the conflict; both are Stalled in `Conflict` and nothing was called.
+struct Conflicted {
+    ns: String,
+    client: kube::Client,
+    machine: String,
+    sim: Sim,
+    op: Operator,
+    _seed: tempfile::TempDir,
+}
+
+async fn conflicted(prefix: &str, machine: u32) -> Conflicted {
     let c = cluster();
     c.install_crds().await;
-    let ns = c.namespace("delete").await;
+    let ns = c.namespace(prefix).await;
     let client = c.client().await;
-    let m = machine_id(0xde1);
+    let m = machine_id(machine);
     let dir = tempfile::tempdir().unwrap();
     let seed = seed_file(
         dir.path(),
@@ -91,12 +101,11 @@ async fn deleting_a_conflicting_partner_lets_the_other_proceed_without_a_restart
     );
     let sim = Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", "60"]);
     let op = Operator::start(&sim, OperatorConfig::new(&c.kubeconfig, &ns));
-    let addr = op.http_addr(Duration::from_secs(60));
 
     // The operator has seen `isolate` (it is Ready: the machine is isolated) before `release`
     // arrives, so `release` meets the conflict on its first reconcile. Applied one right after the
     // other, `release` could be acted on before `isolate` arrived (correct: nothing conflicted
-    // yet), and CI saw that once.
+    // yet), and CI saw that once. `isolate`, already Ready, is told by the watch.
     apply(
         &client,
         &ns,
@@ -117,6 +126,28 @@ async fn deleting_a_conflicting_partner_lets_the_other_proceed_without_a_restart
         "Conflict"
     );
     assert_eq!(unisolates(&sim.admin_calls().await, &m), 0);
+    Conflicted {
+        ns,
+        client,
+        machine: m,
+        sim,
+        op,
+        _seed: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_conflicting_partner_lets_the_other_proceed_without_a_restart() {
+    let Conflicted {
+        ns,
+        client,
+        machine: m,
+        sim,
+        op,
+        _seed,
+    } = conflicted("delete", 0xde1).await;
+    let c = cluster();
+    let addr = op.http_addr(Duration::from_secs(60));
 
     let out = c
         .kubectl()
@@ -191,45 +222,14 @@ async fn resources_created_and_deleted_three_times_leave_nothing_tracked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aligning_a_conflicting_partner_lets_both_settle_without_a_call() {
-    let c = cluster();
-    c.install_crds().await;
-    let ns = c.namespace("align").await;
-    let client = c.client().await;
-    let m = machine_id(0xa11);
-    let dir = tempfile::tempdir().unwrap();
-    let seed = seed_file(
-        dir.path(),
-        &[SeedMachine {
-            id: &m,
-            name: "aligned.contoso.local",
-            behaviour: "online",
-            isolated: true,
-        }],
-    );
-    let sim = Sim::start(&["--seed", seed.to_str().unwrap(), "--time-scale", "60"]);
-    let op = Operator::start(&sim, OperatorConfig::new(&c.kubeconfig, &ns));
-
-    apply(
-        &client,
-        &ns,
-        &device_isolation("isolate", &m, true, Some("INC-2")),
-    )
-    .await;
-    wait_ready(&client, &ns, "isolate", &op).await;
-    apply(
-        &client,
-        &ns,
-        &device_isolation("release", &m, false, Some("INC-1")),
-    )
-    .await;
-    assert_eq!(
-        wait_stalled(&client, &ns, "release", &op).await.0,
-        "Conflict"
-    );
-    assert_eq!(
-        wait_stalled(&client, &ns, "isolate", &op).await.0,
-        "Conflict"
-    );
+    let Conflicted {
+        ns,
+        client,
+        machine: m,
+        sim,
+        op,
+        _seed,
+    } = conflicted("align", 0xa11).await;
 
     // `release` is aligned with `isolate`: the partner learns it from the watch, not a restart.
     apply(
