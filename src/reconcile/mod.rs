@@ -366,7 +366,27 @@ impl Owners<'_> {
                 .into_iter()
                 .chain(machine.map(String::from))
                 .collect();
-            for other in view.watchers_of(machines.iter()) {
+            self.wake_others(view, &machines, resource);
+        }
+    }
+
+    /// What rule 6 reads of `resource` changed on `machines`: wakes the others there, in every
+    /// connection.
+    pub fn siblings_changed(&self, resource: &ResourceRef, machines: &[String]) {
+        for (view, _) in self.connections {
+            self.wake_others(view, machines, resource);
+        }
+    }
+
+    /// Wakes the resources other than `resource` that watch any of `machines` in `view`.
+    fn wake_others<'m>(
+        &self,
+        view: &ActionView,
+        machines: impl IntoIterator<Item = &'m String>,
+        resource: &ResourceRef,
+    ) {
+        for other in view.watchers_of(machines) {
+            if other != *resource {
                 self.waker.wake(&other);
             }
         }
@@ -438,13 +458,7 @@ impl Context {
         let owners = self.owners(&parts);
         match report {
             Report::Siblings { resource, machines } => {
-                for (view, _) in &parts {
-                    for other in view.watchers_of(machines.iter()) {
-                        if other != resource {
-                            self.waker.wake(&other);
-                        }
-                    }
-                }
+                owners.siblings_changed(&resource, &machines)
             }
             Report::Deleted { resource, machine } => owners.forget(&resource, machine.as_deref()),
             Report::Relisted { scope, present } => owners.relisted(scope.as_deref(), &present),
